@@ -1,5 +1,287 @@
-"""ANY /v1/connections/{id}/invoke/{path} (stub; filled in by the tunnel owner)."""
+"""``ANY /v1/connections/{id}/invoke/{path}``: authorize the caller, pick a member of the
+connector's gateway, and stream the request through its tunnel and the response back.
 
-from fastapi import APIRouter
+Headers: hop-by-hop fields (RFC 9110 §7.6.1) and the caller's own ``Authorization``,
+``Cookie`` and ``Proxy-Authorization`` are never forwarded — they identify the caller to
+the relay, not to the internal API. The path is checked on the *raw* request target, before
+any decoding, so ``..``, ``%2e%2e`` and encoded slashes can't climb above the base path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import unquote
+
+import structlog
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
+from backhaul.keys import b64e
+from backhaul.wire import ErrorCode, StreamUnavailable
+from relay import metrics
+from relay.hub import Hub, LiveTunnel
+from relay.identity import CurrentUser
+from relay.problems import ProblemError
+from relay.store import Forbidden, NotFound, queries
 
 router = APIRouter()
+log = structlog.get_logger("backhaul.relay.invoke")
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+CALLER_ONLY = frozenset({"authorization", "cookie", "host", "x-backhaul-timeout"})
+TIMEOUT_HEADER = "x-backhaul-timeout"
+_FORBIDDEN_RAW = re.compile(rb"%(2f|5c|00)|\\", re.IGNORECASE)
+
+#: How each reset code reaches the caller: (status, title).
+_RESET_STATUS: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.TARGET_DENIED: (502, "Target not allowed"),
+    ErrorCode.UPSTREAM_UNREACHABLE: (502, "Internal API unreachable"),
+    ErrorCode.UPSTREAM_ERROR: (502, "Internal API error"),
+    ErrorCode.CREDENTIALS_INVALID: (502, "Credentials unusable"),
+    ErrorCode.DEADLINE_EXCEEDED: (504, "Gateway timeout"),
+    ErrorCode.BAD_REQUEST: (400, "Bad request"),
+    ErrorCode.HEADERS_TOO_LARGE: (431, "Request header fields too large"),
+    ErrorCode.REFUSED_STREAM: (503, "Gateway busy"),
+}
+
+
+def _problem_for(exc: StreamError) -> ProblemError:
+    status, title = _RESET_STATUS.get(exc.code, (502, "Bad gateway"))
+    detail = exc.reason or f"the agent reset the request ({exc.code.name})"
+    return ProblemError(status, title, detail)
+
+
+def _sub_path(request: Request, connection_id: str) -> str:
+    """The raw path under the connector's base URL, refused if it could climb out."""
+    raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    prefix = f"/v1/connections/{connection_id}/invoke".encode()
+    if not raw.startswith(prefix):
+        raise ProblemError(400, "Bad request", "the invoke path could not be parsed")
+    tail = raw[len(prefix) :].lstrip(b"/")
+    if _FORBIDDEN_RAW.search(tail):
+        raise ProblemError(400, "Bad request", "encoded slashes, backslashes and NUL are refused")
+    text = tail.decode("latin-1")
+    once = unquote(text)
+    for segment in once.split("/"):
+        if segment in (".", "..") or unquote(segment) in (".", ".."):
+            raise ProblemError(400, "Bad request", "the path may not climb above the base URL")
+    if "%2e" in once.lower() or "%2f" in once.lower():
+        raise ProblemError(400, "Bad request", "doubly encoded path segments are refused")
+    return text
+
+
+def _deadline(request: Request) -> float:
+    config = request.app.state.config
+    maximum = float(config.invoke_timeout_max_seconds)
+    default = min(float(config.invoke_timeout_seconds), maximum)
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ProblemError(400, "Bad request", "X-Backhaul-Timeout must be seconds") from None
+    if not 0 < value < float("inf"):
+        raise ProblemError(400, "Bad request", "X-Backhaul-Timeout must be positive")
+    return min(value, maximum)
+
+
+def _forward_headers(request: Request) -> list[list[str]]:
+    named_by_connection = {
+        token.strip().lower()
+        for value in request.headers.getlist("connection")
+        for token in value.split(",")
+    }
+    out = []
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in CALLER_ONLY or lname in named_by_connection:
+            continue
+        out.append([lname, value])
+    return out
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    if length is not None:
+        return length.strip() != "0"
+    return "transfer-encoding" in request.headers
+
+
+@router.api_route(
+    "/v1/connections/{connection_id}/invoke/{path:path}",
+    methods=METHODS,
+    summary="Call the connection's API through its gateway",
+    response_class=Response,
+)
+async def invoke(connection_id: str, path: str, request: Request, user: CurrentUser) -> Response:
+    del path  # the decoded form is unsafe to use; _sub_path reads the raw target
+    started = time.monotonic()
+    try:
+        response = await _invoke(connection_id, request, user.id, user.is_admin, started)
+    except ProblemError as exc:
+        metrics.REQUESTS.labels(code=str(exc.status)).inc()
+        log.info(
+            "invoke.refused", connection_id=connection_id, status=exc.status, detail=exc.detail
+        )
+        raise
+    metrics.REQUESTS.labels(code=str(response.status_code)).inc()
+    metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+    return response
+
+
+async def _invoke(
+    connection_id: str, request: Request, user_id: str, is_admin: bool, started: float
+) -> Response:
+    sub_path = _sub_path(request, connection_id)
+    deadline = _deadline(request)
+    async with request.app.state.db() as session:
+        try:
+            target = await queries.invoke_target(session, connection_id, user_id, is_admin)
+        except NotFound as exc:
+            raise ProblemError(404, "Not found", str(exc)) from None
+        except Forbidden as exc:
+            raise ProblemError(403, "Forbidden", str(exc)) from None
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    url = target.base_url + sub_path + (f"?{query}" if query else "")
+    head: dict[str, Any] = {
+        "method": request.method,
+        "url": url,
+        "headers": _forward_headers(request),
+        "connection_id": target.connection_id,
+        "base_url": target.base_url,
+        "auth": {
+            "type": target.auth_type,
+            "api_key_name": target.api_key_name,
+            "api_key_in": target.api_key_in,
+        },
+        "suite": target.seal_suite,
+        "sealed": b64e(target.sealed_credentials),
+        "timeout_ms": int(deadline * 1000),
+    }
+    hub: Hub = request.app.state.hub
+    has_body = _has_body(request)
+    tried: set[str] = set()
+    while True:
+        live = hub.pick(target.gateway_id, frozenset(tried))
+        if live is None:
+            detail = f"no member of gateway {target.gateway_id} is online"
+            if tried:
+                detail = f"every online member of gateway {target.gateway_id} refused the request"
+            raise ProblemError(503, "Gateway offline", detail, {"Retry-After": "5"})
+        tried.add(live.member_id)
+        try:
+            return await _exchange(live, head, request, has_body, deadline, started)
+        except StreamError as exc:
+            if exc.code is ErrorCode.REFUSED_STREAM and not has_body:
+                continue  # never processed: safe to try another member
+            raise _problem_for(exc) from None
+        except StreamUnavailable:
+            continue
+
+
+async def _exchange(
+    live: LiveTunnel,
+    head: dict[str, Any],
+    request: Request,
+    has_body: bool,
+    deadline: float,
+    started: float,
+) -> Response:
+    stream = await live.tunnel.open_stream(head, end_stream=not has_body)
+    live.total += 1
+    pump = asyncio.create_task(_pump_request(stream, request)) if has_body else None
+    try:
+        remaining = max(0.0, deadline - (time.monotonic() - started))
+        try:
+            async with asyncio.timeout(remaining + 0.5):
+                response_head = await stream.response()
+        except TimeoutError:
+            await stream.reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+            raise ProblemError(
+                504, "Gateway timeout", f"no response from the internal API within {deadline:g}s"
+            ) from None
+    except BaseException:
+        if pump is not None:
+            pump.cancel()
+        await stream.reset(ErrorCode.CANCEL, "request abandoned")
+        raise
+    status = int(response_head.get("status", 502))
+    headers = [
+        (str(k), str(v))
+        for k, v in response_head.get("headers", [])
+        if str(k).lower() not in HOP_BY_HOP
+    ]
+    return StreamingResponse(
+        _relay_body(stream, pump, request.method == "HEAD"),
+        status_code=status,
+        headers=_header_dict(headers),
+    )
+
+
+def _header_dict(headers: list[tuple[str, str]]) -> Any:
+    # Starlette takes a mapping; keep repeated fields (Set-Cookie) by building raw headers.
+    from starlette.datastructures import MutableHeaders
+
+    mutable = MutableHeaders()
+    for name, value in headers:
+        mutable.append(name, value)
+    return mutable
+
+
+async def _pump_request(stream: TunnelStream, request: Request) -> None:
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                metrics.BYTES.labels(direction="request").inc(len(chunk))
+                await stream.write(chunk)
+        await stream.end()
+    except (StreamError, TransportClosed):
+        return
+    except Exception as exc:  # the caller went away mid-upload
+        log.info("invoke.upload_aborted", error=type(exc).__name__)
+        await stream.reset(ErrorCode.CANCEL, "caller aborted the upload")
+
+
+async def _relay_body(
+    stream: TunnelStream, pump: asyncio.Task[None] | None, is_head: bool
+) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        while True:
+            chunk = await stream.read()
+            if not chunk:
+                finished = True
+                return
+            metrics.BYTES.labels(direction="response").inc(len(chunk))
+            if not is_head:
+                yield chunk
+    except StreamError as exc:
+        log.warning("invoke.body_aborted", stream_id=stream.id, reason=str(exc))
+        raise
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        if not finished:
+            await stream.reset(ErrorCode.CANCEL, "caller went away")

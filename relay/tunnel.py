@@ -1,5 +1,145 @@
-"""The /v1/tunnel WebSocket endpoint (stub; filled in by the tunnel owner)."""
+"""The ``/v1/tunnel`` WebSocket endpoint: authenticate an agent, then serve its tunnel.
 
-from fastapi import APIRouter
+Binary messages only (RFC 6455 §5.6), subprotocol ``backhaul.v1``, no compression (secrets
+travel inside; compression would expose them to length side channels, as CRIME did for TLS).
+A member is refused before any stream exists when it is unknown, revoked, or fails the
+signature check; the close code is ``4000 + ErrorCode`` with a reason the agent logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+
+import structlog
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from backhaul import handshake
+from backhaul.aio.tunnel import TransportClosed, Tunnel
+from backhaul.keys import verify_signature
+from backhaul.version import SUBPROTOCOL
+from backhaul.wire import CLOSE_CODE_BASE, Connection, ErrorCode, HelloReceived, Role
+from relay.hub import Hub, LiveTunnel
+from relay.store import queries
 
 router = APIRouter()
+log = structlog.get_logger("backhaul.relay.tunnel")
+
+
+class StarletteTransport:
+    """A Starlette WebSocket as a :class:`backhaul.aio.tunnel.MessageTransport`."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+
+    async def recv(self) -> bytes:
+        try:
+            message = await self.ws.receive()
+        except (WebSocketDisconnect, RuntimeError) as exc:
+            raise TransportClosed("agent disconnected") from exc
+        if message["type"] == "websocket.disconnect":
+            raise TransportClosed(f"agent closed the tunnel ({message.get('code')})")
+        data = message.get("bytes")
+        if data is None:
+            await self.close(1003, "binary messages only")
+            raise TransportClosed("agent sent a text message")
+        return bytes(data)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.ws.send_bytes(data)
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            raise TransportClosed("agent disconnected") from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
+
+
+@router.websocket("/v1/tunnel")
+async def tunnel_endpoint(ws: WebSocket) -> None:
+    config = ws.app.state.config
+    hub: Hub = ws.app.state.hub
+    if SUBPROTOCOL not in ws.scope.get("subprotocols", []):
+        await ws.close(1002, f"subprotocol {SUBPROTOCOL} required")
+        return
+    await ws.accept(subprotocol=SUBPROTOCOL)
+    transport = StarletteTransport(ws)
+    interval = float(config.ping_interval_seconds)
+    tunnel = Tunnel(
+        Connection(Role.RELAY),
+        transport,
+        ping_interval=interval,
+        ping_timeout=2 * interval,
+        logger=log,
+    )
+    try:
+        async with asyncio.timeout(float(config.handshake_timeout_seconds)):
+            live = await _handshake(ws, tunnel)
+    except TimeoutError:
+        log.warning("tunnel.handshake_timeout", client=_peer(ws))
+        await transport.close(CLOSE_CODE_BASE + ErrorCode.PROTOCOL_ERROR, "handshake timeout")
+        return
+    except TransportClosed:
+        return
+    except handshake.HandshakeRefused as exc:
+        log.warning("tunnel.refused", client=_peer(ws), reason=exc.reason, code=exc.code.name)
+        await tunnel.close(exc.code, exc.reason)
+        return
+    previous = hub.register(live)
+    if previous is not None:
+        await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+    tunnel.on_goaway = lambda: log.info("tunnel.draining", member_id=live.member_id)
+    tunnel.log = log.bind(member_id=live.member_id, session_id=live.session_id)
+    tunnel.log.info("tunnel.connected", gateway_id=live.gateway_id, version=live.version)
+    try:
+        await tunnel.run()
+    finally:
+        hub.unregister(live)
+        tunnel.log.info("tunnel.disconnected", reason=tunnel.close_reason)
+        await transport.close(1000, "")
+
+
+async def _handshake(ws: WebSocket, tunnel: Tunnel) -> LiveTunnel:
+    challenge = handshake.new_challenge()
+    tunnel.conn.send_hello(handshake.relay_hello(challenge))
+    await tunnel.flush()
+    events = await tunnel.receive_events()
+    hello = next((e for e in events if isinstance(e, HelloReceived)), None)
+    if hello is None:
+        raise handshake.HandshakeRefused(ErrorCode.PROTOCOL_ERROR, "expected HELLO")
+    claim = handshake.parse_agent_hello(hello.payload)
+    async with ws.app.state.db() as session:
+        member = await queries.member_for_handshake(session, claim.member_id)
+        if member is None or member.gateway_id != claim.gateway_id:
+            raise handshake.HandshakeRefused(ErrorCode.UNAUTHORIZED, "unknown member")
+        if member.revoked:
+            raise handshake.HandshakeRefused(ErrorCode.UNAUTHORIZED, "member revoked")
+        message = handshake.transcript(challenge, claim.member_id, claim.gateway_id, claim.version)
+        if not verify_signature(member.signing_public_key, claim.signature, message):
+            raise handshake.HandshakeRefused(ErrorCode.UNAUTHORIZED, "bad signature")
+        await queries.touch_member(session, member.id, claim.agent_version, claim.hostname)
+    session_id = "ses_" + secrets.token_hex(8)
+    tunnel.conn.send_welcome(
+        {
+            "session_id": session_id,
+            "member_id": member.id,
+            "ping_interval": tunnel.ping_interval,
+        }
+    )
+    await tunnel.flush()
+    return LiveTunnel(
+        member_id=member.id,
+        gateway_id=member.gateway_id,
+        session_id=session_id,
+        version=claim.agent_version,
+        hostname=claim.hostname,
+        tunnel=tunnel,
+    )
+
+
+def _peer(ws: WebSocket) -> str:
+    client = ws.client
+    return f"{client.host}:{client.port}" if client else "?"

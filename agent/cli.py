@@ -1,0 +1,200 @@
+"""``backhaul-agent``: enroll this machine, run the agent, show its status.
+
+Every expected failure (bad configuration, unsafe key file, relay refusal, agent not running)
+is one line on stderr and exit status 1; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.config import load_config
+from agent.enroll import enroll as do_enroll
+from agent.errors import AgentNotRunning
+from backhaul.errors import BackhaulError
+from backhaul.version import __version__
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="backhaul-agent",
+    help="The Backhaul on-premises agent: keeps an outbound tunnel to the relay.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigDir = Annotated[
+    Path,
+    typer.Option(
+        "--config-dir",
+        "-c",
+        help="Directory holding agent.toml and keys/.",
+        envvar="BACKHAUL_AGENT_CONFIG_DIR",
+    ),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except BackhaulError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def enroll(
+    relay: Annotated[str, typer.Option(help="Relay base URL, e.g. https://relay.example.com")],
+    token: Annotated[
+        str,
+        typer.Option(help="One-time enrollment token from the admin.", envvar="BACKHAUL_TOKEN"),
+    ],
+    config_dir: ConfigDir,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="PEM file of the CA that signed the relay certificate.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(help="URL prefix this agent may call (repeat for more).", metavar="URL"),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Member name (default: host name).")] = None,
+    dev: Annotated[
+        bool, typer.Option("--dev", help="Allow http:// for a relay on loopback (development).")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing enrollment in this directory.")
+    ] = False,
+) -> None:
+    """Enroll this machine as a gateway member with a one-time token."""
+    with _errors():
+        result = do_enroll(
+            relay,
+            token,
+            config_dir,
+            ca_file=ca_file,
+            allow=allow or [],
+            name=name,
+            dev=dev,
+            force=force,
+        )
+    console = Console(highlight=False)
+    console.print(
+        f"Enrolled member [bold]{result.member_id}[/bold] in gateway "
+        f"[bold]{result.gateway_name}[/bold] ({result.gateway_id})."
+    )
+    console.print(f"Configuration: {result.config_file}")
+    if result.pinned_fingerprint:
+        console.print(f"Relay certificate pinned: {result.pinned_fingerprint}")
+    if not allow:
+        console.print("No --allow given: add [[allow]] entries to agent.toml before use.")
+    console.print(f"Next: backhaul-agent run --config-dir {result.config_file.parent}")
+
+
+@app.command()
+def run(config_dir: ConfigDir) -> None:
+    """Run the agent in the foreground (what the service manager starts)."""
+    from backhaul.logging import configure
+
+    with _errors():
+        config = load_config(config_dir)
+        configure(config.log.format, config.log.level)
+        try:
+            service = importlib.import_module("agent.service")
+        except ImportError as exc:
+            _fail(f"this build has no agent service: {exc}")
+        runner: Callable[[Any], Any] = service.run
+        try:
+            asyncio.run(runner(config))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+
+def _table(doc: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    connected = doc.get("connected")
+    table.add_row("state", "[green]connected[/green]" if connected else "[red]disconnected[/red]")
+    rows = [
+        ("relay", doc.get("relay")),
+        ("session", doc.get("session_id")),
+        ("member", doc.get("member_id")),
+        ("gateway", doc.get("gateway_id")),
+        ("rtt", None if doc.get("rtt_ms") is None else f"{doc['rtt_ms']:.1f} ms"),
+        ("connected since", doc.get("connected_since")),
+        ("uptime", _duration(doc.get("uptime_seconds"))),
+        ("in flight", doc.get("inflight")),
+        ("requests", f"{doc.get('total', 0)} total, {doc.get('failed', 0)} failed"),
+        ("reconnects", doc.get("reconnects")),
+        ("last error", doc.get("last_error")),
+        ("version", doc.get("version")),
+    ]
+    for label, value in rows:
+        table.add_row(label, "-" if value is None else str(value))
+    return table
+
+
+def _duration(seconds: object) -> str | None:
+    if not isinstance(seconds, int | float):
+        return None
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{days}d {text}" if days else text
+
+
+@app.command()
+def status(
+    config_dir: ConfigDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status document.")] = False,
+) -> None:
+    """Show whether the local agent is connected, and its counters."""
+    from agent.status import fetch_status
+
+    with _errors():
+        config = load_config(config_dir)
+    try:
+        doc = asyncio.run(fetch_status(config))
+    except AgentNotRunning as exc:
+        if as_json:
+            print(json.dumps({"connected": False, "running": False, "error": str(exc)}))
+            raise typer.Exit(1) from None
+        _fail(str(exc))
+    except BackhaulError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps({"running": True, **doc}, indent=2))
+        return
+    Console(highlight=False).print(_table(doc))
+
+
+@app.command()
+def version() -> None:
+    """Print the agent version."""
+    print(__version__)
+
+
+def main() -> None:
+    app(prog_name="backhaul-agent")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

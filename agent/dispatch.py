@@ -1,0 +1,95 @@
+"""Serve one stream: check the request head, open its credentials, call the internal API
+and stream the response back. Every failure becomes a RESET with a code and a reason the
+relay turns into a problem for the caller; nothing here can take the tunnel down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+
+from agent import metrics
+from agent.errors import AgentError, CredentialsInvalid
+from agent.executor import Executor, UpstreamResponse
+from agent.head import RequestHead
+from agent.state import AgentState
+from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
+from backhaul.errors import SealError
+from backhaul.keys import b64d
+from backhaul.seal import GatewayKeyPair, open_sealed
+from backhaul.wire import ErrorCode
+
+log = structlog.get_logger("backhaul.agent.dispatch")
+
+#: AgentError.code → the RESET code the relay maps to an HTTP status.
+RESET_CODES = {
+    "target_denied": ErrorCode.TARGET_DENIED,
+    "bad_request_head": ErrorCode.BAD_REQUEST,
+    "credentials_invalid": ErrorCode.CREDENTIALS_INVALID,
+    "upstream_unreachable": ErrorCode.UPSTREAM_UNREACHABLE,
+    "upstream_timeout": ErrorCode.DEADLINE_EXCEEDED,
+    "upstream_error": ErrorCode.UPSTREAM_ERROR,
+}
+
+
+class Dispatcher:
+    def __init__(self, executor: Executor, gateway_key: GatewayKeyPair, state: AgentState) -> None:
+        self.executor = executor
+        self.gateway_key = gateway_key
+        self.state = state
+
+    async def handle(self, stream: TunnelStream) -> None:
+        started = time.monotonic()
+        self.state.total += 1
+        upstream: UpstreamResponse | None = None
+        outcome: BaseException | None = None
+        try:
+            head = RequestHead.parse(stream.head or {})
+            credentials = self._open(head)
+            upstream = await self.executor.start(head, credentials, self._body(stream))
+            await stream.send_response(
+                {"status": upstream.status, "headers": [list(h) for h in upstream.headers]}
+            )
+            async for chunk in upstream.aiter_bytes():
+                metrics.BYTES.labels("down").inc(len(chunk))
+                await stream.write(chunk)
+            await stream.end()
+        except AgentError as exc:
+            outcome = exc
+            self.state.failed += 1
+            log.warning("stream.failed", stream_id=stream.id, code=exc.code, reason=exc.message)
+            await stream.reset(RESET_CODES.get(exc.code, ErrorCode.INTERNAL_ERROR), exc.message)
+        except (StreamError, TransportClosed) as exc:
+            outcome = exc
+            log.info("stream.cancelled", stream_id=stream.id, reason=str(exc))
+            await stream.reset(ErrorCode.CANCEL, "cancelled")
+        except Exception as exc:
+            outcome = exc
+            self.state.failed += 1
+            log.exception("stream.crashed", stream_id=stream.id)
+            await stream.reset(ErrorCode.INTERNAL_ERROR, "agent error; see the agent's log")
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+            metrics.REQUESTS.labels(metrics.outcome_of(outcome)).inc()
+            metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+
+    def _open(self, head: RequestHead) -> dict[str, object]:
+        try:
+            blob = b64d(head.sealed)
+            return open_sealed(
+                self.gateway_key, head.suite, blob, head.connection_id, head.base_url
+            )
+        except (SealError, ValueError) as exc:
+            raise CredentialsInvalid(
+                f"sealed credentials of connection {head.connection_id} do not open here: {exc}"
+            ) from None
+
+    @staticmethod
+    async def _body(stream: TunnelStream) -> AsyncIterator[bytes]:
+        if not stream.has_body:
+            return
+        while chunk := await stream.read():
+            yield chunk

@@ -1,0 +1,100 @@
+"""Errors the agent raises on purpose, mapped at each boundary from the layer below.
+
+Each one carries a short ``code`` the dispatcher can put in a RESET frame and a human message
+that names the target but never contains a credential, a token or a query string.
+
+::
+
+    AgentError
+    ├── TargetDenied          the allow-list or the base URL does not cover the target
+    ├── BadRequestHead        the relay sent a malformed OPEN payload (unknown field, bad header)
+    ├── CredentialsInvalid    the opened credentials lack a field the auth scheme needs
+    ├── UpstreamUnreachable   DNS failure, connection refused, TLS handshake failure
+    ├── UpstreamTimeout       the deadline passed before response headers, or the body stalled
+    ├── UpstreamError         the internal API broke HTTP (protocol error, reset mid-body)
+    ├── AgentNotRunning       no agent answers on the local status socket
+    └── EnrollError           enrollment failed (relay refused the token, TLS, network)
+"""
+
+from __future__ import annotations
+
+from backhaul.errors import BackhaulError
+
+__all__ = [
+    "AgentError",
+    "AgentNotRunning",
+    "BadRequestHead",
+    "CredentialsInvalid",
+    "EnrollError",
+    "TargetDenied",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+]
+
+
+class AgentError(BackhaulError):
+    """Root of the agent's errors. ``code`` is stable and machine-readable."""
+
+    code = "agent_error"
+    #: The HTTP status the relay should answer the caller with (RFC 9110 §15).
+    status = 502
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TargetDenied(AgentError):
+    """The agent's allow-list does not permit this target; deny by default."""
+
+    code = "target_denied"
+    status = 403
+
+
+class BadRequestHead(AgentError):
+    """The OPEN payload from the relay does not follow the request-head schema."""
+
+    code = "bad_request_head"
+    status = 400
+
+
+class CredentialsInvalid(AgentError):
+    """The credentials opened for this connection don't fit its auth scheme."""
+
+    code = "credentials_invalid"
+    status = 502
+
+
+class UpstreamUnreachable(AgentError):
+    """The internal API could not be reached: DNS, TCP connect or TLS failed."""
+
+    code = "upstream_unreachable"
+    status = 502
+
+
+class UpstreamTimeout(AgentError):
+    """The internal API did not answer within the deadline."""
+
+    code = "upstream_timeout"
+    status = 504
+
+
+class UpstreamError(AgentError):
+    """The internal API answered, but broke HTTP along the way."""
+
+    code = "upstream_error"
+    status = 502
+
+
+class AgentNotRunning(AgentError):
+    """Nothing answers on the status socket: the agent is stopped or uses another config dir."""
+
+    code = "agent_not_running"
+    status = 503
+
+
+class EnrollError(AgentError):
+    """Enrollment failed; the message is what the operator needs to fix it."""
+
+    code = "enroll_failed"

@@ -1,0 +1,281 @@
+"""One upstream HTTP call per stream: check the target, apply credentials, stream both bodies.
+
+The order matters and is the security boundary of the agent:
+
+1. the head is already a validated :class:`~agent.head.RequestHead`;
+2. the target must pass the allow-list (:mod:`agent.policy`) *and* stay under the connection's
+   base URL, so a relay can neither reach an unlisted host nor reuse one connection's
+   credentials against another API on an allowed host;
+3. hop-by-hop headers (RFC 9110 §7.6.1: Connection and every field it names, Keep-Alive,
+   Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade) and Host are dropped in both directions,
+   and so are the caller's Authorization and Cookie, which the relay already removes;
+4. credentials are applied last (:mod:`agent.auth`).
+
+Bodies stream: the request body is fed to httpx from the relay's async iterator, and the
+response body is read with ``aiter_raw`` so content codings pass through untouched and nothing
+is buffered whole. One pooled :class:`httpx.AsyncClient` serves every stream; it never follows
+redirects (the caller sees them and the target is re-checked on the next call), never stores
+cookies (a shared jar would leak one connection's session into another) and ignores proxy and
+netrc settings from the environment.
+
+httpx exceptions are mapped at this boundary to :mod:`agent.errors`; an exception raised by the
+request-body iterator itself (the caller went away) propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Self
+
+import httpx
+
+from agent import metrics
+from agent.auth import apply_credentials
+from agent.config import AgentConfig
+from agent.errors import (
+    AgentError,
+    TargetDenied,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from agent.head import RequestHead
+from agent.policy import NormalizedURL, Policy, is_under, normalize_url
+from backhaul.logging import redact_text
+
+__all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_hop_by_hop"]
+
+#: RFC 9110 §7.6.1 connection-specific fields, plus Host (httpx sets it from the URL).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+#: The caller's own credentials never reach the internal API.
+_CALLER_SECRETS = frozenset({"authorization", "cookie"})
+
+
+def strip_hop_by_hop(
+    headers: list[tuple[str, str]], extra: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """Drop RFC 9110 §7.6.1 hop-by-hop fields, those named in Connection, and ``extra``."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return [
+        (name, value)
+        for name, value in headers
+        if (low := name.lower()) not in HOP_BY_HOP
+        and low not in named
+        and low not in extra
+        and not low.startswith("proxy-")
+    ]
+
+
+def _no_cookies() -> http.cookiejar.CookieJar:
+    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return redact_text(text.splitlines()[0])[:300]
+
+
+def _map_error(exc: httpx.HTTPError, target: NormalizedURL, phase: str) -> AgentError:
+    where = target.display()
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamUnreachable(f"cannot reach {where}: connection timed out")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnreachable(f"cannot reach {where}: {_reason(exc)}")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"{where} did not answer in time ({phase})")
+    if isinstance(exc, httpx.ProxyError | httpx.UnsupportedProtocol):
+        return UpstreamUnreachable(f"cannot reach {where}: {_reason(exc)}")
+    return UpstreamError(f"{where} broke HTTP while {phase}: {_reason(exc)}")
+
+
+class UpstreamResponse:
+    """The internal API's response: status and headers now, the body as it arrives."""
+
+    def __init__(self, response: httpx.Response, target: NormalizedURL) -> None:
+        self._response = response
+        self._target = target
+        self.status: int = response.status_code
+        raw = [
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in response.headers.raw
+        ]
+        self.headers: list[tuple[str, str]] = strip_hop_by_hop(raw)
+        self.bytes_received = 0
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body exactly as sent (content codings intact), chunk by chunk."""
+        try:
+            async for chunk in self._response.aiter_raw():
+                if chunk:
+                    self.bytes_received += len(chunk)
+                    metrics.BYTES.labels("down").inc(len(chunk))
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise _map_error(exc, self._target, "sending the response body") from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class _CountingBody:
+    """Feeds the request body to httpx and counts it, without holding more than one chunk."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunk: bytes | None = self._first
+        while chunk is not None:
+            if chunk:
+                self.sent += len(chunk)
+                metrics.BYTES.labels("up").inc(len(chunk))
+                yield chunk
+            chunk = await anext(self._rest, None)
+
+
+def _ssl_context(cfg: AgentConfig) -> ssl.SSLContext | bool:
+    if not cfg.upstream.verify:
+        return False
+    ctx = ssl.create_default_context()
+    if cfg.upstream.ca_file is not None:
+        # Added to the system CAs: internal APIs usually chain to a corporate root.
+        ctx.load_verify_locations(cafile=str(cfg.upstream.ca_file))
+    return ctx
+
+
+class Executor:
+    """Performs upstream calls for streams; one instance per agent process."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        policy: Policy | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy if policy is not None else Policy(config.allow)
+        up = config.upstream
+        self._client = httpx.AsyncClient(
+            http2=False,
+            verify=_ssl_context(config),
+            limits=httpx.Limits(
+                max_connections=up.max_connections,
+                max_keepalive_connections=min(up.max_connections, 32),
+            ),
+            timeout=httpx.Timeout(up.default_timeout_seconds, connect=up.connect_timeout_seconds),
+            follow_redirects=False,
+            trust_env=False,
+            cookies=_no_cookies(),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def check_target(self, head: RequestHead) -> NormalizedURL:
+        """Allow-list and base-URL checks; return the normalized target."""
+        target = await self.policy.check_async(head.url)
+        try:
+            base = normalize_url(head.base_url)
+        except TargetDenied:
+            raise TargetDenied(
+                f"connection {head.connection_id} has an unusable base URL"
+            ) from None
+        if not is_under(target, base):
+            raise TargetDenied(
+                f"target {target.display()} is outside the base URL {base.display()} "
+                f"of connection {head.connection_id}"
+            )
+        return target
+
+    async def start(
+        self,
+        head: RequestHead,
+        credentials: Mapping[str, Any],
+        body: AsyncIterator[bytes],
+    ) -> UpstreamResponse:
+        """Send the request and return once the response headers are in.
+
+        ``head.timeout_ms`` bounds everything up to the response headers (DNS check, upload,
+        connect, waiting); while the body streams it is the longest silence allowed between
+        two reads.
+        """
+        deadline = head.timeout_seconds
+        up = self.config.upstream
+        timeout = httpx.Timeout(
+            deadline, connect=min(up.connect_timeout_seconds, deadline), pool=deadline
+        )
+        target: NormalizedURL | None = None
+        try:
+            async with asyncio.timeout(deadline):
+                target = await self.check_target(head)
+                headers = strip_hop_by_hop(list(head.headers), _CALLER_SECRETS)
+                applied = apply_credentials(
+                    head.auth, credentials, target.query, headers, head.connection_id
+                )
+                first = await anext(body, None)
+                content: _CountingBody | None = None
+                if first is not None:
+                    content = _CountingBody(first, body)
+                url = target.display() + (f"?{applied.query}" if applied.query else "")
+                request = self._client.build_request(
+                    head.method,
+                    url,
+                    headers=[
+                        (k.encode("latin-1"), v.encode("latin-1")) for k, v in applied.headers
+                    ],
+                    content=content,
+                    timeout=timeout,
+                )
+                response = await self._client.send(
+                    request, stream=True, auth=applied.auth, follow_redirects=False
+                )
+        except TimeoutError:
+            where = target.display() if target is not None else "the target"
+            raise UpstreamTimeout(
+                f"{where} did not answer within the {head.timeout_ms} ms deadline"
+            ) from None
+        except httpx.InvalidURL:
+            raise TargetDenied(
+                f"target of connection {head.connection_id} is not a valid URL"
+            ) from None
+        except httpx.HTTPError as exc:
+            assert target is not None
+            raise _map_error(exc, target, "sending the request") from exc
+        return UpstreamResponse(response, target)

@@ -1,0 +1,246 @@
+"""The agent's link to the relay: connect out, prove who we are, serve, reconnect.
+
+The agent only ever dials out (``wss://<relay>/v1/tunnel``), verifies the relay's certificate
+against the CA file or the system store *and* the fingerprint pinned at enrollment, answers
+the relay's challenge with the member's Ed25519 signature, then serves streams until the
+tunnel drops; it comes back with exponential backoff and full jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from agent import metrics
+from agent.backoff import backoff, should_retry
+from agent.config import AgentConfig
+from agent.state import AgentState
+from backhaul import handshake
+from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
+from backhaul.keys import fingerprint
+from backhaul.version import SUBPROTOCOL, __version__
+from backhaul.wire import Connection, ErrorCode, HelloReceived, Role, Settings, WelcomeReceived
+
+log = structlog.get_logger("backhaul.agent.link")
+
+
+class LinkRefused(Exception):
+    """The relay refused this member for good (revoked, unknown, bad signature)."""
+
+
+class WebSocketTransport:
+    """A ``websockets`` client connection as a MessageTransport."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def recv(self) -> bytes:
+        try:
+            message = await self.ws.recv()
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            reason = exc.rcvd.reason if exc.rcvd else "connection lost"
+            raise TransportClosed(reason or "relay closed the tunnel", code) from exc
+        if isinstance(message, str):
+            await self.close(1003, "binary messages only")
+            raise TransportClosed("relay sent a text message")
+        return message
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            raise TransportClosed("relay closed the tunnel", code) from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
+
+
+def ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def check_pin(ws: ClientConnection, pinned: str | None) -> None:
+    """Refuse a relay whose certificate is not the one pinned at enrollment."""
+    if pinned is None:
+        return
+    ssl_object = ws.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if der is None:
+        raise LinkRefused("the relay presented no certificate to check against the pin")
+    seen = fingerprint(der)
+    if seen != pinned:
+        raise LinkRefused(
+            f"relay certificate {seen} does not match the pinned {pinned}; "
+            "re-enroll if the relay's certificate was replaced"
+        )
+
+
+class Link:
+    """Keeps one tunnel open until ``stop`` is set."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        signing_key: ed25519.Ed25519PrivateKey,
+        state: AgentState,
+        on_stream: Callable[[TunnelStream], Awaitable[None]],
+        settings: Settings | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.key = signing_key
+        self.state = state
+        self.on_stream = on_stream
+        self.settings = settings or Settings(max_streams=cfg.tunnel.max_concurrent_streams)
+        self._served = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delays = backoff(
+            self.cfg.tunnel.backoff_initial_seconds, self.cfg.tunnel.backoff_max_seconds
+        )
+        while not stop.is_set():
+            self._served = False
+            close_code: int | None = None
+            try:
+                await self._connect_and_serve(stop)
+            except LinkRefused as exc:
+                self.state.last_error = str(exc)
+                log.error("link.refused", reason=str(exc))
+                raise
+            except TransportClosed as exc:
+                close_code = exc.code
+                self._failed(f"tunnel closed: {exc.reason or 'connection lost'}")
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as exc:
+                self._failed(_describe(exc))
+            except handshake.HandshakeRefused as exc:
+                self._failed(f"handshake failed: {exc.reason}")
+            if stop.is_set():
+                break
+            if close_code is not None and not should_retry(close_code):
+                raise LinkRefused(self.state.last_error or "relay refused this member")
+            if self._served:  # a tunnel that worked restarts the backoff from the bottom
+                delays = backoff(
+                    self.cfg.tunnel.backoff_initial_seconds, self.cfg.tunnel.backoff_max_seconds
+                )
+            delay = next(delays)
+            self.state.reconnects += 1
+            metrics.RECONNECTS.inc()
+            log.info("link.reconnecting", in_seconds=round(delay, 2))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+
+    def _failed(self, reason: str) -> None:
+        self.state.last_error = reason
+        log.warning("link.down", reason=reason)
+
+    async def _connect_and_serve(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        secure = cfg.tunnel_url.startswith("wss://")
+        async with connect(
+            cfg.tunnel_url,
+            ssl=ssl_context(cfg) if secure else None,
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            compression=None,
+            max_size=self.settings.max_message,
+            max_queue=64,
+            open_timeout=cfg.tunnel.ping_timeout_seconds,
+            ping_interval=None,
+            close_timeout=5,
+            user_agent_header=f"backhaul-agent/{__version__}",
+        ) as ws:
+            if secure:
+                check_pin(ws, cfg.pinned_fingerprint)
+            transport = WebSocketTransport(ws)
+            tunnel = Tunnel(
+                Connection(Role.AGENT, self.settings),
+                transport,
+                ping_interval=cfg.tunnel.ping_interval_seconds,
+                ping_timeout=cfg.tunnel.ping_timeout_seconds,
+                on_stream=self.on_stream,
+                logger=log,
+            )
+            async with asyncio.timeout(cfg.tunnel.ping_timeout_seconds):
+                welcome = await self._handshake(tunnel)
+            await self._serve(tunnel, welcome, stop)
+
+    async def _handshake(self, tunnel: Tunnel) -> dict[str, Any]:
+        events = await tunnel.receive_events()
+        hello = next((e for e in events if isinstance(e, HelloReceived)), None)
+        if hello is None:
+            raise handshake.HandshakeRefused(ErrorCode.PROTOCOL_ERROR, "relay sent no HELLO")
+        tunnel.conn.send_hello(
+            handshake.agent_hello(
+                hello.payload,
+                self.key,
+                self.cfg.member_id,
+                self.cfg.gateway_id,
+                socket.gethostname(),
+            )
+        )
+        await tunnel.flush()
+        while True:
+            for event in await tunnel.receive_events():
+                if isinstance(event, WelcomeReceived):
+                    return event.payload
+
+    async def _serve(self, tunnel: Tunnel, welcome: dict[str, Any], stop: asyncio.Event) -> None:
+        self._served = True
+        state = self.state
+        state.tunnel = tunnel
+        state.session_id = str(welcome.get("session_id", ""))
+        state.connected_since = dt.datetime.now(dt.UTC)
+        state.last_error = None
+        metrics.TUNNEL_CONNECTED.set(1)
+        log.info("link.connected", relay=self.cfg.relay_url, session_id=state.session_id)
+        runner = asyncio.create_task(tunnel.run())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not tunnel.closed:
+                await self._drain(tunnel)
+            await runner
+        finally:
+            stopper.cancel()
+            runner.cancel()
+            metrics.TUNNEL_CONNECTED.set(0)
+            if tunnel.closed and tunnel.close_reason and not stop.is_set():
+                state.last_error = f"tunnel closed: {tunnel.close_reason}"
+        if not stop.is_set():
+            raise TransportClosed(tunnel.close_reason or "tunnel closed")
+
+    async def _drain(self, tunnel: Tunnel) -> None:
+        """SIGTERM: GOAWAY, let in-flight streams finish within the grace period, close."""
+        self.state.draining = True
+        grace = self.cfg.tunnel.shutdown_grace_seconds
+        log.info("link.draining", inflight=tunnel.inflight, grace_seconds=grace)
+        with contextlib.suppress(TransportClosed):
+            await tunnel.goaway("agent shutting down")
+        drained = await tunnel.drain(grace)
+        if not drained:
+            log.warning("link.drain_timeout", abandoned=tunnel.inflight)
+        await tunnel.close(ErrorCode.NO_ERROR, "agent shut down")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"relay certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, TimeoutError):
+        return "timed out connecting to the relay"
+    if isinstance(exc, InvalidHandshake):
+        return f"WebSocket upgrade refused: {exc}"
+    return f"{type(exc).__name__}: {exc}"

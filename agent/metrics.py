@@ -1,0 +1,94 @@
+"""The agent's Prometheus metrics, served on the local status endpoint at ``/metrics``.
+
+They live in their own :class:`~prometheus_client.CollectorRegistry` so a test (or a process
+that embeds the agent) never collides with metrics registered elsewhere.
+
+=====================================  ==========  ============================================
+name                                   type        meaning
+=====================================  ==========  ============================================
+backhaul_agent_requests_total          counter     streams finished, by ``outcome`` (ok,
+                                                   denied, bad_head, credentials, unreachable,
+                                                   timeout, upstream_error, cancelled, error)
+backhaul_agent_request_seconds         histogram   OPEN to end of the response body
+backhaul_agent_bytes_total             counter     body bytes, by ``direction``: ``up`` (caller
+                                                   to internal API) and ``down`` (back)
+backhaul_agent_tunnel_connected        gauge       1 while the tunnel is up
+backhaul_agent_reconnects_total        counter     tunnel reconnect attempts
+backhaul_agent_rtt_seconds             gauge       last PING/PONG round trip to the relay
+=====================================  ==========  ============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from agent.errors import AgentError
+
+__all__ = [
+    "BYTES",
+    "RECONNECTS",
+    "REGISTRY",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "RTT_SECONDS",
+    "TUNNEL_CONNECTED",
+    "outcome_of",
+    "render",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "backhaul_agent_requests",
+    "Streams handled by the agent, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "backhaul_agent_request_seconds",
+    "Time from OPEN to the end of the response body.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+BYTES = Counter(
+    "backhaul_agent_bytes",
+    "Body bytes relayed, by direction (up: to the internal API, down: back to the caller).",
+    ["direction"],
+    registry=REGISTRY,
+)
+TUNNEL_CONNECTED = Gauge(
+    "backhaul_agent_tunnel_connected", "1 while the tunnel to the relay is up.", registry=REGISTRY
+)
+RECONNECTS = Counter("backhaul_agent_reconnects", "Tunnel reconnect attempts.", registry=REGISTRY)
+RTT_SECONDS = Gauge(
+    "backhaul_agent_rtt_seconds", "Last measured round trip to the relay.", registry=REGISTRY
+)
+
+_OUTCOMES = {
+    "target_denied": "denied",
+    "bad_request_head": "bad_head",
+    "credentials_invalid": "credentials",
+    "upstream_unreachable": "unreachable",
+    "upstream_timeout": "timeout",
+    "upstream_error": "upstream_error",
+}
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """The ``outcome`` label for a stream that ended with ``exc`` (None means success)."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, AgentError):
+        return _OUTCOMES.get(exc.code, "error")
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of the agent's registry."""
+    return bytes(generate_latest(REGISTRY))

@@ -1,0 +1,60 @@
+"""``backhaul-agent run``: load keys, start the status endpoint, keep the link up, and drain
+on SIGTERM (GOAWAY, in-flight requests finish within the grace period, then exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+
+from agent.config import AgentConfig
+from agent.dispatch import Dispatcher
+from agent.executor import Executor
+from agent.link import Link, LinkRefused
+from agent.state import AgentState
+from agent.status import StatusServer
+from backhaul.errors import KeyFileError, SealError
+from backhaul.keys import b64d, load_signing_key, read_private
+from backhaul.seal import GatewayKeyPair
+
+log = structlog.get_logger("backhaul.agent")
+
+
+def load_gateway_key(cfg: AgentConfig) -> GatewayKeyPair:
+    raw = read_private(cfg.gateway_key_file)
+    try:
+        return GatewayKeyPair.from_bytes(b64d(raw.decode("ascii").strip()))
+    except (SealError, ValueError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"key file {cfg.gateway_key_file} is not a gateway key") from exc
+
+
+async def run(cfg: AgentConfig) -> None:
+    """Run until SIGTERM/SIGINT; raises LinkRefused when the relay refuses this member."""
+    signing_key = load_signing_key(cfg.signing_key_file)
+    gateway_key = load_gateway_key(cfg)
+    state = AgentState(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):  # Windows: the service manager stops us
+            loop.add_signal_handler(sig, stop.set)
+    async with Executor(cfg) as executor:
+        dispatcher = Dispatcher(executor, gateway_key, state)
+        status = await StatusServer.for_config(cfg, state.snapshot)
+        log.info(
+            "agent.started",
+            relay=cfg.relay_url,
+            member_id=cfg.member_id,
+            status_socket=str(cfg.status.socket),
+        )
+        try:
+            await Link(cfg, signing_key, state, dispatcher.handle).run(stop)
+        except LinkRefused as exc:
+            log.error("agent.refused", reason=str(exc))
+            raise
+        finally:
+            await status.aclose()
+            log.info("agent.stopped")

@@ -1,0 +1,54 @@
+"""What the agent knows about itself, for the status endpoint and ``backhaul-agent status``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from backhaul.aio.tunnel import Tunnel
+from backhaul.version import __version__
+
+
+@dataclass
+class AgentState:
+    relay: str
+    member_id: str
+    gateway_id: str
+    started: float = field(default_factory=time.monotonic)
+    tunnel: Tunnel | None = None
+    session_id: str | None = None
+    connected_since: dt.datetime | None = None
+    total: int = 0
+    failed: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    draining: bool = False
+
+    @property
+    def connected(self) -> bool:
+        return self.tunnel is not None and not self.tunnel.closed
+
+    def snapshot(self) -> dict[str, Any]:
+        tunnel = self.tunnel if self.connected else None
+        return {
+            "connected": self.connected,
+            "running": True,
+            "relay": self.relay,
+            "session_id": self.session_id if tunnel else None,
+            "member_id": self.member_id,
+            "gateway_id": self.gateway_id,
+            "rtt_ms": None if tunnel is None or tunnel.rtt_ms is None else round(tunnel.rtt_ms, 3),
+            "uptime_seconds": round(time.monotonic() - self.started, 3),
+            "connected_since": self.connected_since.isoformat()
+            if tunnel and self.connected_since
+            else None,
+            "inflight": tunnel.inflight if tunnel else 0,
+            "total": self.total,
+            "failed": self.failed,
+            "last_error": self.last_error,
+            "version": __version__,
+            "reconnects": self.reconnects,
+            "draining": self.draining,
+        }

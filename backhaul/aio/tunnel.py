@@ -1,0 +1,397 @@
+"""The asyncio adapter around :class:`backhaul.wire.Connection`, shared by relay and agent.
+
+One reader task turns WebSocket messages into events and routes them to :class:`TunnelStream`
+objects; writers queue frames on the sans-I/O connection and :meth:`Tunnel.flush` writes them
+out in order under one lock (FIFO, so a large transfer cannot starve a small request: each
+DATA frame is at most ``max_data`` bytes and waits its turn like everything else). A keepalive
+task pings at an interval and declares the tunnel dead when nothing arrives within the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+
+from backhaul.wire import (
+    CLOSE_CODE_BASE,
+    Connection,
+    ConnectionTerminated,
+    DataReceived,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    NoticeReceived,
+    PongReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamUnavailable,
+    UnknownFrameReceived,
+    WindowUpdated,
+)
+
+
+class TransportClosed(Exception):
+    """The WebSocket underneath is gone; ``code`` is the close code when one was received."""
+
+    def __init__(self, reason: str = "", code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class MessageTransport(Protocol):
+    """One WebSocket connection, binary messages only."""
+
+    async def recv(self) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class StreamError(Exception):
+    """The stream was reset; ``code`` says why."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"{code.name}: {reason}" if reason else code.name)
+        self.code = code
+        self.reason = reason
+
+
+_END = object()
+
+
+class TunnelStream:
+    """One request/response exchange on the tunnel."""
+
+    def __init__(self, tunnel: Tunnel, stream_id: int, head: dict[str, Any] | None = None) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.head = head
+        self._chunks: asyncio.Queue[Any] = asyncio.Queue()
+        self._response: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._writable = asyncio.Event()
+        self._error: StreamError | None = None
+        #: False when the peer's OPEN carried END_STREAM: there is no request body at all.
+        self.has_body = True
+        self.closed = False
+
+    # -- receiving
+
+    async def response(self) -> dict[str, Any]:
+        """Relay side: the agent's RESPONSE head."""
+        return await self._response
+
+    async def read(self) -> bytes:
+        """Next body chunk; b"" at the end. Raises StreamError if the stream was reset."""
+        item = await self._chunks.get()
+        if item is _END:
+            self._chunks.put_nowait(_END)
+            return b""
+        if isinstance(item, StreamError):
+            self._chunks.put_nowait(item)
+            raise item
+        data: bytes = item
+        # The chunk is handed to the application: its credit goes back to the peer.
+        self.tunnel.conn.acknowledge(self.id, len(data))
+        await self.tunnel.flush()
+        return data
+
+    async def iter_body(self) -> Any:
+        while chunk := await self.read():
+            yield chunk
+
+    # -- sending
+
+    async def send_response(self, head: dict[str, Any], end_stream: bool = False) -> None:
+        self._check()
+        self.tunnel.conn.send_response(self.id, head, end_stream)
+        self.tunnel._forget_if_done(self)
+        await self.tunnel.flush()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Send body bytes, waiting for flow-control credit as needed."""
+        view = memoryview(data)
+        conn = self.tunnel.conn
+        while view:
+            self._check()
+            allowed = conn.max_sendable(self.id)
+            if allowed <= 0:
+                self._writable.clear()
+                self.tunnel._blocked.add(self)
+                await self._writable.wait()
+                continue
+            chunk, view = view[:allowed], view[allowed:]
+            conn.send_data(self.id, chunk)
+            await self.tunnel.flush()
+
+    async def end(self) -> None:
+        self._check()
+        self.tunnel.conn.end_stream(self.id)
+        self.tunnel._forget_if_done(self)
+        await self.tunnel.flush()
+
+    async def reset(self, code: ErrorCode, reason: str = "") -> None:
+        """Abandon the stream (no-op when already finished)."""
+        self._fail(StreamError(code, reason))
+        self.tunnel.conn.reset_stream(self.id, code, reason)
+        self.tunnel._streams.pop(self.id, None)
+        with contextlib.suppress(TransportClosed):
+            await self.tunnel.flush()
+
+    # -- internals, driven by the tunnel's reader
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.tunnel.closed:
+            raise StreamError(ErrorCode.CANCEL, "tunnel closed")
+
+    def _fail(self, error: StreamError) -> None:
+        if self._error is None:
+            self._error = error
+            self._chunks.put_nowait(error)
+            if not self._response.done():
+                self._response.set_exception(error)
+                self._response.exception()  # mark retrieved: nobody may be waiting
+        self._writable.set()
+        self.closed = True
+
+
+class Tunnel:
+    """A live tunnel: the sans-I/O connection, its transport, and its streams."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        transport: MessageTransport,
+        *,
+        ping_interval: float = 15.0,
+        ping_timeout: float = 30.0,
+        on_stream: Callable[[TunnelStream], Awaitable[None]] | None = None,
+        on_notice: Callable[[dict[str, Any]], None] | None = None,
+        on_goaway: Callable[[], None] | None = None,
+        logger: Any = None,
+    ) -> None:
+        self.conn = conn
+        self.transport = transport
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.on_stream = on_stream
+        self.on_notice = on_notice
+        self.on_goaway = on_goaway
+        self.log = logger or structlog.get_logger("backhaul.tunnel")
+        self.rtt_ms: float | None = None
+        self.closed = False
+        self.close_reason = ""
+        self.last_received = time.monotonic()
+        self._streams: dict[int, TunnelStream] = {}
+        self._blocked: set[TunnelStream] = set()
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done = asyncio.Event()
+        #: Set whenever a stream finishes, so drain() can wait without polling.
+        self._changed = asyncio.Event()
+
+    # -- handshake helpers (before run())
+
+    async def receive_events(self) -> list[Event]:
+        """Read one message and return its events (used during the handshake)."""
+        events = self.conn.receive_message(await self.transport.recv())
+        self.last_received = time.monotonic()
+        await self.flush()
+        return events
+
+    async def flush(self) -> None:
+        async with self._write_lock:
+            for message in self.conn.data_to_send():
+                if self.closed:
+                    raise TransportClosed(self.close_reason)
+                try:
+                    await self.transport.send(message)
+                except TransportClosed:
+                    raise
+                except Exception as exc:
+                    raise TransportClosed(str(exc)) from exc
+
+    # -- running
+
+    @property
+    def inflight(self) -> int:
+        return len(self._streams)
+
+    async def open_stream(self, head: dict[str, Any], end_stream: bool = False) -> TunnelStream:
+        """Relay side: start a request. Raises StreamUnavailable when the tunnel can't take it."""
+        if self.closed:
+            raise StreamUnavailable("tunnel closed")
+        stream_id = self.conn.open_stream(head, end_stream)
+        stream = TunnelStream(self, stream_id)
+        self._streams[stream_id] = stream
+        await self.flush()
+        return stream
+
+    async def run(self) -> None:
+        """Serve the tunnel until it closes; every stream still open then fails."""
+        keepalive = asyncio.create_task(self._keepalive())
+        try:
+            while not self.closed:
+                try:
+                    message = await self.transport.recv()
+                except TransportClosed as exc:
+                    self._close_streams(ErrorCode.CANCEL, str(exc) or "tunnel closed")
+                    break
+                self.last_received = time.monotonic()
+                for event in self.conn.receive_message(message):
+                    self._handle(event)
+                await self.flush()
+        except TransportClosed as exc:
+            self._close_streams(ErrorCode.CANCEL, str(exc) or "tunnel closed")
+        finally:
+            keepalive.cancel()
+            self._close_streams(ErrorCode.CANCEL, self.close_reason or "tunnel closed")
+            for task in list(self._tasks):
+                task.cancel()
+            self._done.set()
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.conn.terminate(code, reason)
+        with contextlib.suppress(TransportClosed):
+            await self.flush()
+        self._close_streams(code, reason or "tunnel closed")
+        with contextlib.suppress(Exception):
+            await self.transport.close(
+                1000 if code is ErrorCode.NO_ERROR else CLOSE_CODE_BASE + code, reason[:120]
+            )
+
+    async def goaway(self, reason: str = "draining") -> None:
+        self.conn.goaway(ErrorCode.NO_ERROR, reason)
+        await self.flush()
+
+    async def send_notice(self, payload: dict[str, Any]) -> None:
+        self.conn.send_notice(payload)
+        await self.flush()
+
+    async def drain(self, grace: float) -> bool:
+        """Wait until no stream is open (or ``grace`` seconds pass); True when drained."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._streams and not self.closed:
+                    self._changed.clear()
+                    await self._changed.wait()
+        return not self._streams
+
+    # -- internals
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and event.data:
+                stream._chunks.put_nowait(event.data)
+            elif event.data:
+                self.conn.acknowledge(event.stream_id, len(event.data))
+        elif isinstance(event, StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._chunks.put_nowait(_END)
+                if not self.conn.is_active(event.stream_id):
+                    self._streams.pop(event.stream_id, None)
+                    self._changed.set()
+        elif isinstance(event, WindowUpdated):
+            self._wake(event.stream_id)
+        elif isinstance(event, ResponseReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and not stream._response.done():
+                stream._response.set_result(event.head)
+        elif isinstance(event, StreamOpened):
+            stream = TunnelStream(self, event.stream_id, event.head)
+            stream.has_body = not event.end_stream
+            self._streams[event.stream_id] = stream
+            if self.on_stream is not None:
+                task = asyncio.create_task(self._serve(stream))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        elif isinstance(event, StreamReset):
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream._fail(StreamError(event.code, event.reason))
+                self._blocked.discard(stream)
+                self._changed.set()
+        elif isinstance(event, PongReceived):
+            self.rtt_ms = max(0.0, (time.monotonic_ns() - event.opaque) / 1e6)
+        elif isinstance(event, GoAwayReceived):
+            self.log.info("tunnel.goaway_received", code=event.code.name, reason=event.reason)
+            if self.on_goaway is not None:
+                self.on_goaway()
+        elif isinstance(event, NoticeReceived):
+            if self.on_notice is not None:
+                self.on_notice(event.payload)
+        elif isinstance(event, UnknownFrameReceived):
+            self.log.warning("tunnel.unknown_frame", frame_type=event.frame_type)
+        elif isinstance(event, ConnectionTerminated):
+            self.log.warning("tunnel.protocol_error", code=event.code.name, reason=event.reason)
+            self.close_reason = event.reason
+            task = asyncio.create_task(self.close(event.code, event.reason))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream: TunnelStream) -> None:
+        assert self.on_stream is not None
+        try:
+            await self.on_stream(stream)
+        finally:
+            if self._streams.get(stream.id) is stream and not self.conn.is_active(stream.id):
+                self._streams.pop(stream.id, None)
+            self._changed.set()
+
+    def _forget_if_done(self, stream: TunnelStream) -> None:
+        if not self.conn.is_active(stream.id) and self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+            self._changed.set()
+
+    def _wake(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for stream in self._blocked:
+                stream._writable.set()
+            self._blocked.clear()
+        else:
+            waiting = self._streams.get(stream_id)
+            if waiting is not None:
+                waiting._writable.set()
+                self._blocked.discard(waiting)
+
+    def _close_streams(self, code: ErrorCode, reason: str) -> None:
+        self.closed = True
+        if not self.close_reason:
+            self.close_reason = reason
+        self.conn.close_events(code, reason)
+        for stream in list(self._streams.values()):
+            stream._fail(StreamError(code, reason))
+        self._streams.clear()
+        self._blocked.clear()
+        self._changed.set()
+
+    async def _keepalive(self) -> None:
+        try:
+            while not self.closed:
+                await asyncio.sleep(self.ping_interval)
+                if time.monotonic() - self.last_received > self.ping_timeout:
+                    self.log.warning("tunnel.dead", silent_seconds=self.ping_timeout)
+                    self.close_reason = "no traffic from peer within ping timeout"
+                    await self.close(ErrorCode.PROTOCOL_ERROR, self.close_reason)
+                    return
+                self.conn.ping(time.monotonic_ns())
+                await self.flush()
+        except TransportClosed:
+            return

@@ -1,0 +1,241 @@
+"""``backhaul``: the admin CLI against a relay's HTTP API.
+
+Every failure ends in one line on stderr and exit code 1: an operator who typed the wrong URL,
+token or CA file needs the reason, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="backhaul",
+    help="Administer a Backhaul relay: gateways, members, connectors, connections.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+gateways_app = typer.Typer(help="Gateways and their enrollment tokens.", no_args_is_help=True)
+connectors_app = typer.Typer(help="Connectors (APIs behind a gateway).", no_args_is_help=True)
+connections_app = typer.Typer(help="Connections (a connector plus credentials).")
+app.add_typer(gateways_app, name="gateways")
+app.add_typer(connectors_app, name="connectors")
+app.add_typer(connections_app, name="connections")
+
+TIMEOUT = httpx.Timeout(15.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class Target:
+    relay: str
+    token: str | None
+    ca_file: Path | None
+
+
+def _die(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    relay: Annotated[
+        str, typer.Option("--relay", envvar="BACKHAUL_RELAY", help="relay URL, https://...")
+    ] = "https://127.0.0.1:8443",
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="BACKHAUL_TOKEN", help="API token (bh_...)")
+    ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option("--ca-file", envvar="BACKHAUL_CA_FILE", help="PEM CA to trust the relay"),
+    ] = None,
+) -> None:
+    ctx.obj = Target(relay.rstrip("/"), token, ca_file)
+
+
+def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        _die(f"cannot load CA file {ca_file}: {exc}")
+
+
+def _client(target: Target) -> httpx.Client:
+    if not target.token:
+        _die("no API token: pass --token or set BACKHAUL_TOKEN")
+    if not target.relay.startswith("https://"):
+        _die(f"relay URL must start with https:// (got {target.relay})")
+    return httpx.Client(
+        base_url=target.relay,
+        headers={"Authorization": f"Bearer {target.token}"},
+        verify=_ssl_context(target.ca_file),
+        timeout=TIMEOUT,
+    )
+
+
+def _problem_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        return f"{body.get('title', response.reason_phrase)}: {body['detail']}"
+    return response.reason_phrase
+
+
+def _call(target: Target, method: str, path: str, body: Any = None) -> Any:
+    """One API call; every transport or HTTP failure becomes a one-line error."""
+    try:
+        with _client(target) as client:
+            response = client.request(method, path, json=body)
+    except httpx.ConnectError as exc:
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc):
+            _die(
+                f"certificate problem talking to {target.relay}: {exc} "
+                "(pass the relay's CA with --ca-file)"
+            )
+        _die(f"relay unreachable at {target.relay}: {exc}")
+    except httpx.TimeoutException:
+        _die(f"relay at {target.relay} did not answer in time")
+    except httpx.HTTPError as exc:
+        _die(f"request to {target.relay} failed: {exc}")
+    if response.status_code == 401:
+        _die(f"the relay refused the token (401): {_problem_text(response)}")
+    if response.status_code >= 400:
+        _die(f"{method} {path} failed ({response.status_code}) {_problem_text(response)}")
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Gateways, their members, online state, version, RTT and load."""
+    target: Target = ctx.obj
+    gateways = [
+        _call(target, "GET", f"/v1/gateways/{g['id']}")
+        for g in _call(target, "GET", "/v1/gateways")
+    ]
+    if as_json:
+        _print_json({"relay": target.relay, "gateways": gateways})
+        return
+    table = Table(title=f"Backhaul relay {target.relay}")
+    for column in ("gateway", "member", "online", "version", "RTT ms", "in-flight", "total"):
+        table.add_column(
+            column, justify="right" if column in {"RTT ms", "in-flight", "total"} else "left"
+        )
+    for gateway in gateways:
+        label = f"{gateway['name']} ({gateway['id']})"
+        if not gateway["members"]:
+            table.add_row(label, "-", "no members", "", "", "", "")
+        for member in gateway["members"]:
+            online = "[green]online[/]" if member["online"] else "[red]offline[/]"
+            if member["revoked"]:
+                online = "[yellow]revoked[/]"
+            rtt = member["rtt_ms"]
+            table.add_row(
+                label,
+                f"{member['name']} ({member['hostname']})",
+                online,
+                member["version"],
+                "-" if rtt is None else f"{rtt:.1f}",
+                str(member["inflight"]),
+                str(member["total"]),
+            )
+            label = ""
+    Console().print(table)
+
+
+@gateways_app.command("create")
+def gateways_create(ctx: typer.Context, name: str) -> None:
+    """Create a gateway and print its one-time enrollment token."""
+    _print_json(_call(ctx.obj, "POST", "/v1/gateways", {"name": name}))
+
+
+@gateways_app.command("enrollment-token")
+def gateways_enrollment_token(ctx: typer.Context, gateway_id: str) -> None:
+    """Mint a new enrollment token for a further member."""
+    _print_json(_call(ctx.obj, "POST", f"/v1/gateways/{gateway_id}/enrollment-tokens"))
+
+
+@gateways_app.command("revoke-member")
+def gateways_revoke_member(ctx: typer.Context, gateway_id: str, member_id: str) -> None:
+    """Revoke a member: its tunnel is closed and it can never reconnect."""
+    _call(ctx.obj, "DELETE", f"/v1/gateways/{gateway_id}/members/{member_id}")
+    typer.echo(f"member {member_id} revoked", err=True)
+
+
+@connectors_app.command("create")
+def connectors_create(
+    ctx: typer.Context,
+    name: str,
+    base_url: Annotated[str, typer.Option("--base-url")],
+    gateway_id: Annotated[str, typer.Option("--gateway")],
+    auth_type: Annotated[str, typer.Option("--auth", help="none | basic | api_key")] = "none",
+    api_key_name: Annotated[str | None, typer.Option("--api-key-name")] = None,
+    api_key_in: Annotated[str | None, typer.Option("--api-key-in", help="header | query")] = None,
+) -> None:
+    """Create a connector for an API behind a gateway."""
+    body: dict[str, Any] = {
+        "name": name,
+        "base_url": base_url,
+        "auth_type": auth_type,
+        "gateway_id": gateway_id,
+    }
+    if api_key_name is not None:
+        body["api_key_name"] = api_key_name
+    if api_key_in is not None:
+        body["api_key_in"] = api_key_in
+    _print_json(_call(ctx.obj, "POST", "/v1/connectors", body))
+
+
+@connections_app.command("create")
+def connections_create(
+    ctx: typer.Context,
+    connector_id: str,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    username: Annotated[str | None, typer.Option("--username")] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password or API key from stdin")
+    ] = False,
+) -> None:
+    """Create a connection; secrets are read from stdin so they stay out of shell history."""
+    credentials: dict[str, str] = {}
+    secret = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
+    if username is not None:
+        credentials["username"] = username
+        if secret is None:
+            _die("--username needs --password-stdin")
+        credentials["password"] = secret
+    elif secret is not None:
+        credentials["api_key"] = secret
+    body: dict[str, Any] = {"connector_id": connector_id, "credentials": credentials}
+    if name is not None:
+        body["name"] = name
+    _print_json(_call(ctx.obj, "POST", "/v1/connections", body))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,203 @@
+"""Structured logging with secret redaction, shared by the agent, the relay and the CLIs.
+
+Why one module: every process logs through structlog, and the standard library loggers of the
+libraries underneath (uvicorn, httpx, websockets) are routed through the same processor chain, so
+one redaction step sees every line before it is rendered. The output is JSON lines when the
+stream is not a terminal (a service under systemd, a container) and a readable console format
+when a person is watching.
+
+Redaction is defence in depth, not a licence to log secrets: values under sensitive key names
+are replaced wholesale, and strings anywhere in the event (messages, URLs, tracebacks) have
+Backhaul tokens, ``Authorization`` values (RFC 9110 §11.6.2) and secret query parameters masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from backhaul.errors import ConfigError
+
+__all__ = ["REDACTED", "configure", "redact", "redact_text"]
+
+REDACTED = "[redacted]"
+
+#: Key names whose values are never logged (matched as case-insensitive substrings).
+SENSITIVE_KEY_PARTS = (
+    "password",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "cookie",
+    "credential",
+    "sealed",
+    "private",
+)
+
+_TOKEN_RE = re.compile(r"\b(bhe?_)[A-Za-z0-9_\-.]+")
+_AUTH_HEADER_RE = re.compile(
+    r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=,]\s*[\"']?"
+    r"(?:basic|bearer|negotiate|ntlm|digest|token)\s+)[^\s,;\"']+"
+)
+_AUTH_SCHEME_RE = re.compile(r"\b((?:Basic|Bearer|Negotiate|NTLM)\s+)[A-Za-z0-9+/=._~\-]{16,}")
+_QUERY_SECRET_RE = re.compile(
+    r"(?i)((?:^|[?&;\s\"'])[\w.\-]*(?:password|passwd|pwd|secret|token|api_?key|apikey|"
+    r"signature|sig)[\w.\-]*=)[^&#\s\"']+"
+)
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+#: Library loggers that get their own handlers by default; they are made to propagate to ours.
+_FOREIGN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "websockets")
+#: httpcore logs every socket operation at debug level; it stays quiet unless something breaks.
+_NOISY_LOGGERS = ("httpcore", "hpack", "h2", "asyncio")
+
+_HANDLER_MARK = "_backhaul_handler"
+
+
+def _sensitive_key(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    lowered = key.lower()
+    return any(part in lowered for part in SENSITIVE_KEY_PARTS)
+
+
+def redact_text(text: str) -> str:
+    """Mask tokens, Authorization values and secret query parameters inside free text."""
+    text = _TOKEN_RE.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _AUTH_HEADER_RE.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _AUTH_SCHEME_RE.sub(lambda m: m.group(1) + REDACTED, text)
+    return _QUERY_SECRET_RE.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if depth > 20:
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, bytes | bytearray):
+        return redact_text(bytes(value).decode("utf-8", "replace"))
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if _sensitive_key(k) else _redact_value(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+        # A header pair such as ("Authorization", "Basic ...") is a key/value in disguise.
+        if len(items) == 2 and _sensitive_key(items[0]):
+            return [items[0], REDACTED]
+        return [_redact_value(v, depth + 1) for v in items]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    # Anything else (exceptions, URLs, pydantic models) is logged through its text form.
+    return redact_text(str(value))
+
+
+def redact(event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Return ``event_dict`` with every secret replaced by ``"[redacted]"``, recursively."""
+    for key in list(event_dict):
+        if _sensitive_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact_value(event_dict[key])
+    return event_dict
+
+
+def _redact_processor(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    redacted = redact(event_dict)
+    assert isinstance(redacted, dict)
+    return redacted
+
+
+def _use_json(fmt: str, stream: TextIO) -> bool:
+    if fmt == "json":
+        return True
+    if fmt == "console":
+        return False
+    if fmt != "auto":
+        raise ConfigError(f"log.format: must be auto, json or console, not {fmt!r}")
+    isatty = getattr(stream, "isatty", None)
+    return not (callable(isatty) and isatty())
+
+
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO = sys.stderr) -> None:
+    """Set up structlog and the standard library logging to write one redacted stream.
+
+    ``fmt`` is ``auto`` (JSON unless ``stream`` is a terminal), ``json`` or ``console``;
+    ``level`` is a standard level name. Calling it again replaces the previous setup.
+    """
+    numeric = _LEVELS.get(level.lower())
+    if numeric is None:
+        raise ConfigError(f"log.level: must be one of {', '.join(_LEVELS)}, not {level!r}")
+    as_json = _use_json(fmt, stream)
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    if as_json:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.StackInfoRenderer(),
+            # Tracebacks become text before redaction so secrets in them are masked too.
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    setattr(handler, _HANDLER_MARK, True)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _HANDLER_MARK, False):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+
+    for name in _FOREIGN_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.handlers.clear()
+        lib.propagate = True
+        lib.setLevel(logging.NOTSET)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,201 @@
+"""Frame encoding and decoding: one frame per WebSocket binary message.
+
+Layout (network byte order)::
+
+    +--------+--------+--------------------------------+-------------------+
+    | type:8 | flags:8| stream id:32                   | payload ...       |
+    +--------+--------+--------------------------------+-------------------+
+
+The WebSocket message carries the length (RFC 6455 §5.2), so the header does not. Control
+payloads (HELLO, WELCOME, OPEN, RESPONSE, NOTICE) are UTF-8 JSON objects; fixed-size payloads
+(WINDOW, PING, PONG, RESET, GOAWAY) are packed integers. DATA payloads are raw bytes and are
+never copied more than once on the way out.
+
+Decoding is total: any byte string either yields a :class:`Frame` or raises
+:class:`RemoteProtocolError` with a code — nothing else escapes, and nothing is allocated
+beyond the input's own size, which the caller bounds with ``max_message``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import Any
+
+from backhaul.wire.errors import ErrorCode, RemoteProtocolError
+
+HEADER = struct.Struct("!BBI")
+HEADER_SIZE = HEADER.size
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+_RESET = struct.Struct("!H")
+_GOAWAY = struct.Struct("!IH")
+
+MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+#: Largest control payload (JSON) a peer may send; OPEN heads are bounded by this.
+MAX_CONTROL_PAYLOAD = 256 * 1024
+#: Largest reason string carried in RESET and GOAWAY.
+MAX_REASON = 1024
+
+
+class FrameType(IntEnum):
+    HELLO = 0x1
+    WELCOME = 0x2
+    OPEN = 0x3
+    RESPONSE = 0x4
+    DATA = 0x5
+    END = 0x6
+    RESET = 0x7
+    WINDOW = 0x8
+    PING = 0x9
+    PONG = 0xA
+    GOAWAY = 0xB
+    NOTICE = 0xC
+
+
+class Flags(IntFlag):
+    NONE = 0
+    #: On OPEN, RESPONSE and DATA: the sender's side of the stream ends with this frame.
+    END_STREAM = 0x1
+
+
+#: Frame types that belong to the tunnel (stream id must be 0).
+TUNNEL_FRAMES = frozenset(
+    {
+        FrameType.HELLO,
+        FrameType.WELCOME,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.GOAWAY,
+        FrameType.NOTICE,
+    }
+)
+#: Frame types whose payload is a JSON object.
+JSON_FRAMES = frozenset(
+    {FrameType.HELLO, FrameType.WELCOME, FrameType.OPEN, FrameType.RESPONSE, FrameType.NOTICE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame. ``type`` is an int so that unknown types can be reported and skipped."""
+
+    type: int
+    flags: int
+    stream_id: int
+    payload: bytes
+
+    @property
+    def end_stream(self) -> bool:
+        return bool(self.flags & Flags.END_STREAM)
+
+
+def encode(
+    ftype: FrameType, stream_id: int, payload: bytes | memoryview = b"", flags: int = 0
+) -> bytes:
+    return HEADER.pack(ftype, flags, stream_id) + payload
+
+
+def encode_json(ftype: FrameType, stream_id: int, obj: dict[str, Any], flags: int = 0) -> bytes:
+    return encode(ftype, stream_id, json.dumps(obj, separators=(",", ":")).encode(), flags)
+
+
+def encode_window(stream_id: int, increment: int) -> bytes:
+    return encode(FrameType.WINDOW, stream_id, _U32.pack(increment))
+
+
+def encode_ping(ftype: FrameType, opaque: int) -> bytes:
+    return encode(ftype, 0, _U64.pack(opaque))
+
+
+def encode_reset(stream_id: int, code: ErrorCode, reason: str) -> bytes:
+    return encode(FrameType.RESET, stream_id, _RESET.pack(code) + _reason_bytes(reason))
+
+
+def encode_goaway(last_stream_id: int, code: ErrorCode, reason: str) -> bytes:
+    return encode(FrameType.GOAWAY, 0, _GOAWAY.pack(last_stream_id, code) + _reason_bytes(reason))
+
+
+def _reason_bytes(reason: str) -> bytes:
+    return reason.encode("utf-8", "replace")[:MAX_REASON]
+
+
+def decode(message: bytes, max_message: int) -> Frame:
+    """Decode one WebSocket message into a frame (header checks only)."""
+    if len(message) > max_message:
+        raise RemoteProtocolError(
+            ErrorCode.FRAME_TOO_LARGE, f"frame of {len(message)} bytes exceeds {max_message}"
+        )
+    if len(message) < HEADER_SIZE:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "frame shorter than its header")
+    ftype, flags, stream_id = HEADER.unpack_from(message)
+    if stream_id > MAX_STREAM_ID:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "stream id out of range")
+    return Frame(ftype, flags, stream_id, message[HEADER_SIZE:])
+
+
+def decode_json(frame: Frame) -> dict[str, Any]:
+    if len(frame.payload) > MAX_CONTROL_PAYLOAD:
+        raise RemoteProtocolError(
+            ErrorCode.HEADERS_TOO_LARGE, "control payload too large", frame.stream_id
+        )
+    try:
+        obj = json.loads(frame.payload)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(
+            ErrorCode.PROTOCOL_ERROR, f"{_name(frame.type)} payload is not JSON", frame.stream_id
+        ) from exc
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(
+            ErrorCode.PROTOCOL_ERROR,
+            f"{_name(frame.type)} payload is not an object",
+            frame.stream_id,
+        )
+    return obj
+
+
+def decode_window(frame: Frame) -> int:
+    if len(frame.payload) != _U32.size:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW payload must be 4 bytes")
+    (increment,) = _U32.unpack(frame.payload)
+    if increment == 0 or increment > MAX_WINDOW:
+        raise RemoteProtocolError(
+            ErrorCode.PROTOCOL_ERROR, "WINDOW increment out of range", frame.stream_id
+        )
+    return int(increment)
+
+
+def decode_ping(frame: Frame) -> int:
+    if len(frame.payload) != _U64.size:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "PING/PONG payload must be 8 bytes")
+    return int(_U64.unpack(frame.payload)[0])
+
+
+def decode_reset(frame: Frame) -> tuple[ErrorCode, str]:
+    if len(frame.payload) < _RESET.size or len(frame.payload) > _RESET.size + MAX_REASON:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "malformed RESET payload")
+    (code,) = _RESET.unpack_from(frame.payload)
+    return ErrorCode.parse(code), frame.payload[_RESET.size :].decode("utf-8", "replace")
+
+
+def decode_goaway(frame: Frame) -> tuple[int, ErrorCode, str]:
+    if len(frame.payload) < _GOAWAY.size or len(frame.payload) > _GOAWAY.size + MAX_REASON:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY payload")
+    last, code = _GOAWAY.unpack_from(frame.payload)
+    if last > MAX_STREAM_ID:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY stream id out of range")
+    return (
+        int(last),
+        ErrorCode.parse(code),
+        frame.payload[_GOAWAY.size :].decode("utf-8", "replace"),
+    )
+
+
+def _name(ftype: int) -> str:
+    try:
+        return FrameType(ftype).name
+    except ValueError:
+        return f"frame type {ftype:#x}"

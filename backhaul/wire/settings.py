@@ -1,0 +1,57 @@
+"""Per-tunnel settings each side announces in its HELLO: what it is willing to receive."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from backhaul.wire.errors import ErrorCode, RemoteProtocolError
+from backhaul.wire.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD, MAX_WINDOW
+
+#: frp raised yamux's 256 KiB stream window to 6 MiB for throughput over long paths; 4 MiB
+#: keeps a 256 MiB transfer at line rate on loopback while bounding memory per stream.
+DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
+DEFAULT_TUNNEL_WINDOW = 32 * 1024 * 1024
+DEFAULT_MAX_DATA = 256 * 1024
+DEFAULT_MAX_STREAMS = 1024
+_MIN_MAX_DATA = 1024
+_LIMIT_MAX_DATA = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    tunnel_window: int = DEFAULT_TUNNEL_WINDOW
+    max_data: int = DEFAULT_MAX_DATA
+    max_streams: int = DEFAULT_MAX_STREAMS
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Settings:
+        """Parse a peer's settings; missing keys take the defaults, bad ones end the tunnel."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "settings must be an object")
+        values: dict[str, int] = {}
+        limits = {
+            "stream_window": (1, MAX_WINDOW),
+            "tunnel_window": (1, MAX_WINDOW),
+            "max_data": (_MIN_MAX_DATA, _LIMIT_MAX_DATA),
+            "max_streams": (1, 1_000_000),
+        }
+        for key, (low, high) in limits.items():
+            if key not in raw:
+                continue
+            value = raw[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"invalid setting {key}")
+            values[key] = value
+        return cls(**values)
+
+    @property
+    def max_message(self) -> int:
+        """Largest WebSocket message we accept under these settings."""
+        return HEADER_SIZE + max(self.max_data, MAX_CONTROL_PAYLOAD)

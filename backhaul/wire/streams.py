@@ -1,0 +1,59 @@
+"""Stream states and every transition between them, in one table.
+
+A stream is half-closed from one side when that side has sent its last body byte (END, or
+END_STREAM on OPEN/RESPONSE/DATA), as in RFC 9113 §5.1. A reset removes the stream at once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from backhaul.wire.flow import ReceiveWindow, SendWindow
+
+
+class StreamState(Enum):
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class StreamInput(Enum):
+    SEND_END = "send end"
+    RECV_END = "receive end"
+
+
+TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (StreamState.OPEN, StreamInput.SEND_END): StreamState.HALF_CLOSED_LOCAL,
+    (StreamState.OPEN, StreamInput.RECV_END): StreamState.HALF_CLOSED_REMOTE,
+    (StreamState.HALF_CLOSED_LOCAL, StreamInput.RECV_END): StreamState.CLOSED,
+    (StreamState.HALF_CLOSED_REMOTE, StreamInput.SEND_END): StreamState.CLOSED,
+}
+
+
+class Stream:
+    """Per-stream bookkeeping: state, both windows, and whether a head has arrived."""
+
+    __slots__ = ("head_received", "id", "recv", "send", "state")
+
+    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
+        self.id = stream_id
+        self.state = StreamState.OPEN
+        self.send = SendWindow(send_window)
+        self.recv = ReceiveWindow(recv_window)
+        self.head_received = False
+
+    def transition(self, event: StreamInput) -> StreamState | None:
+        """Apply ``event``; None when the table has no such transition (a rules violation)."""
+        new = TRANSITIONS.get((self.state, event))
+        if new is not None:
+            self.state = new
+        return new
+
+    @property
+    def can_send(self) -> bool:
+        return self.state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+
+    @property
+    def can_receive(self) -> bool:
+        return self.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)

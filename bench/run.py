@@ -1,0 +1,895 @@
+"""Backhaul benchmark: one run, on loopback, three paths to the same sample API backend.
+
+    .venv/bin/python bench/run.py [--quick] [--only direct,ssh,backhaul]
+
+Paths:
+  direct    the caller talks HTTP/1.1 to the sample API
+  ssh       the same through an `ssh -R` reverse tunnel (a private sshd started for the run)
+  backhaul  the same through a Backhaul relay and agent (HTTPS to the relay, TLS WebSocket tunnel)
+
+Per path: small-request throughput (wrk, 64 keep-alive connections), single-client latency
+(p50/p99 of sequential GETs on one keep-alive connection), 256 MiB download and upload speed,
+and for Backhaul the relay's and the agent's resident memory. Writes a Markdown report
+(bench/RESULTS.md by default; bench/out/ for --quick). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import getpass
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from backhaul import sampleapi  # noqa: E402
+
+PATHS = ("direct", "ssh", "backhaul")
+LABELS = {"direct": "direct", "ssh": "ssh -R", "backhaul": "Backhaul"}
+MiB = 1024 * 1024
+SSHD = "/usr/sbin/sshd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    wrk_seconds: int
+    wrk_connections: int
+    wrk_threads: int
+    latency_samples: int
+    latency_warmup: int
+    transfer_bytes: int
+    quick: bool
+
+
+FULL = Settings(10, 64, 2, 2000, 200, 256 * MiB, False)
+QUICK = Settings(3, 64, 2, 300, 50, 32 * MiB, True)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Processes: everything started here is stopped at exit, whatever happens.
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: list[str], logfile: Path, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        log(f"start {name}: {shlex.join(argv)}")
+        with logfile.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, killed as a whole
+                **kwargs,
+            )
+        self.started.append((name, proc))
+        return proc
+
+    def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        self.started.append((name, proc))
+
+    def stop_all(self) -> None:
+        # Last started first: the ssh client before sshd, the agent before the relay.
+        for name, proc in reversed(self.started):
+            stop_process(name, proc)
+        self.started.clear()
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        return []
+
+
+def stop_process(name: str, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    pids = [proc.pid, *descendants(proc.pid)]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    for pid in pids[1:]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        log(f"{name} did not stop on SIGTERM; killing it")
+    for pid in pids[1:]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+
+
+def save_logs(tmp: Path, dest: Path) -> None:
+    """Copy the run's log files (never its keys) somewhere that outlives the temp dir."""
+    logs = sorted(tmp.rglob("*.log"))
+    if not logs:
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in logs:
+        shutil.copy(path, dest / path.name)
+    log(f"logs copied to {dest}")
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], bool],
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_cmd(argv: list[str], timeout: float, what: str) -> str:
+    log(f"run: {shlex.join(argv)}")
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in KiB (empty if it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def tree_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM summed over a process and its descendants (KiB)."""
+    total = {"VmRSS": 0, "VmHWM": 0}
+    for p in [pid, *descendants(pid)]:
+        st = proc_status(p)
+        for key in total:
+            total[key] += st.get(key, 0)
+    return total
+
+
+class MemorySampler:
+    """Samples VmRSS of some process trees every 50 ms; keeps the maximum."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], tree_status(pid)["VmRSS"])
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --------------------------------------------------------------------------------------
+# A path under test and the measurements
+
+
+@dataclass
+class Target:
+    name: str
+    base: str  # URL prefix: base + "/small" is the small endpoint
+    headers: dict[str, str] = field(default_factory=dict)
+    ca_file: Path | None = None
+    memory_pids: dict[str, int] = field(default_factory=dict)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        verify: ssl.SSLContext | bool = True
+        if self.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(self.ca_file))
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        return httpx.Client(headers=self.headers, verify=verify, timeout=timeout, **kwargs)
+
+
+@dataclass
+class Result:
+    values: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def check_target(target: Target) -> None:
+    with target.client() as c:
+        r = c.get(target.base + "/small")
+        if r.status_code != 200 or len(r.content) != sampleapi.SMALL_SIZE:
+            raise RuntimeError(
+                f"{target.name}: GET /small answered {r.status_code} with {len(r.content)} bytes:"
+                f" {r.text[:300]}"
+            )
+        r = c.get(target.base + "/echo/check", params={"q": "1"})
+        if r.status_code != 200 or r.json().get("query") != "q=1":
+            raise RuntimeError(f"{target.name}: GET /echo answered {r.status_code}: {r.text[:300]}")
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def measure_wrk(target: Target, s: Settings, result: Result) -> None:
+    argv = [
+        "wrk",
+        f"-t{s.wrk_threads}",
+        f"-c{s.wrk_connections}",
+        f"-d{s.wrk_seconds}s",
+        "--timeout",
+        "10s",
+        "--latency",
+    ]
+    for name, value in target.headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(target.base + "/small")
+    shown = [a if not a.lower().startswith("authorization:") else "Authorization: …" for a in argv]
+    log(f"{target.name}: {shlex.join(shown)}")
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=s.wrk_seconds + 60, stdin=subprocess.DEVNULL
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout}\n{r.stderr}")
+    out = r.stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    result.values["rps"] = float(m.group(1))
+    for pct, key in (("50", "wrk_p50"), ("99", "wrk_p99")):
+        pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
+        if pm:
+            result.values[key] = _ms(pm.group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        result.notes.append(f"wrk: {non2xx.group(1)} non-2xx responses")
+    errors = re.search(r"Socket errors:(.*)", out)
+    if errors:
+        result.notes.append(f"wrk socket errors:{errors.group(1)}")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def measure_latency(target: Target, s: Settings, result: Result) -> None:
+    log(f"{target.name}: latency, 1 client, {s.latency_samples} sequential GET /small")
+    url = target.base + "/small"
+    samples: list[float] = []
+    deadline = time.monotonic() + 300
+    with target.client() as c:
+        for _ in range(s.latency_warmup):
+            c.get(url).raise_for_status()
+        for _ in range(s.latency_samples):
+            t0 = time.perf_counter_ns()
+            r = c.get(url)
+            t1 = time.perf_counter_ns()
+            if r.status_code != 200 or len(r.content) != sampleapi.SMALL_SIZE:
+                raise RuntimeError(f"GET /small answered {r.status_code}")
+            samples.append((t1 - t0) / 1e6)
+            if time.monotonic() > deadline:
+                result.notes.append(f"latency: stopped after {len(samples)} samples (time limit)")
+                break
+    samples.sort()
+    result.values["p50"] = percentile(samples, 50)
+    result.values["p99"] = percentile(samples, 99)
+    result.values["mean"] = sum(samples) / len(samples)
+
+
+TRANSFER_LIMIT_S = 600.0
+
+
+def measure_download(target: Target, s: Settings, result: Result) -> None:
+    n = s.transfer_bytes
+    log(f"{target.name}: download {n // MiB} MiB")
+    sampler = MemorySampler(target.memory_pids)
+    with target.client() as c:
+        c.get(target.base + "/small").raise_for_status()  # connection up before the clock
+        with sampler:
+            got = 0
+            t0 = time.perf_counter()
+            with c.stream("GET", f"{target.base}/bytes/{n}") as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise RuntimeError(f"GET /bytes answered {r.status_code}: {r.text[:300]}")
+                for chunk in r.iter_raw():
+                    got += len(chunk)
+                    if time.perf_counter() - t0 > TRANSFER_LIMIT_S:
+                        raise TimeoutError("download took too long")
+            elapsed = time.perf_counter() - t0
+    if got != n:
+        raise RuntimeError(f"download: got {got} bytes, expected {n}")
+    result.values["download"] = n / MiB / elapsed
+    for name, peak in sampler.peak.items():
+        result.values[f"{name}_rss_download"] = peak / 1024
+
+
+def measure_upload(target: Target, s: Settings, result: Result) -> None:
+    n = s.transfer_bytes
+    log(f"{target.name}: upload {n // MiB} MiB")
+    block = sampleapi.pattern_bytes(MiB)
+    t0 = 0.0
+
+    def body() -> Iterator[bytes]:
+        left = n
+        while left > 0:
+            piece = block if left >= MiB else block[:left]
+            left -= len(piece)
+            yield piece
+            if time.perf_counter() - t0 > TRANSFER_LIMIT_S:
+                raise TimeoutError("upload took too long")
+
+    sampler = MemorySampler(target.memory_pids)
+    with target.client() as c:
+        c.get(target.base + "/small").raise_for_status()
+        with sampler:
+            t0 = time.perf_counter()
+            r = c.post(
+                target.base + "/upload",
+                content=body(),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)},
+            )
+            elapsed = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"POST /upload answered {r.status_code}: {r.text[:300]}")
+    reported = r.json().get("bytes")
+    if reported != n:
+        raise RuntimeError(f"upload: the backend received {reported} bytes, expected {n}")
+    result.values["upload"] = n / MiB / elapsed
+    for name, peak in sampler.peak.items():
+        result.values[f"{name}_rss_upload"] = peak / 1024
+
+
+def measure(target: Target, s: Settings) -> Result:
+    result = Result()
+    check_target(target)
+    for name, pid in target.memory_pids.items():
+        result.values[f"{name}_rss_idle"] = tree_status(pid)["VmRSS"] / 1024
+    steps = (measure_latency, measure_wrk, measure_download, measure_upload)
+    for step in steps:
+        try:
+            step(target, s, result)
+        except Exception as exc:
+            log(f"{target.name}: {step.__name__} failed: {exc}")
+            result.notes.append(f"{step.__name__.removeprefix('measure_')}: {exc}")
+    for name, pid in target.memory_pids.items():
+        st = tree_status(pid)
+        result.values[f"{name}_rss_end"] = st["VmRSS"] / 1024
+        result.values[f"{name}_hwm"] = st["VmHWM"] / 1024
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# The three paths
+
+
+def setup_direct(backend_port: int, **_: Any) -> Target:
+    return Target("direct", f"http://127.0.0.1:{backend_port}")
+
+
+def setup_ssh(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Target:
+    for tool in ("ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} not found: run `bash bench/setup.sh`")
+    if not Path(SSHD).exists():
+        raise RuntimeError(f"{SSHD} not found: run `bash bench/setup.sh`")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+    d = tmp / "ssh"
+    d.mkdir()
+    host_key, client_key = d / "host_ed25519", d / "client_ed25519"
+    for key in (host_key, client_key):
+        run_cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], 30, "ssh-keygen")
+    authorized = d / "authorized_keys"
+    authorized.write_text(Path(f"{client_key}.pub").read_text())
+    authorized.chmod(0o600)
+    sshd_port, tunnel_port = free_port(), free_port()
+    config = d / "sshd_config"
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {sshd_port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {host_key}",
+                f"PidFile {d / 'sshd.pid'}",
+                f"AuthorizedKeysFile {authorized}",
+                "UsePAM no",
+                "StrictModes no",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "AllowTcpForwarding yes",
+                "GatewayPorts no",
+                "X11Forwarding no",
+                "PrintMotd no",
+                "LogLevel ERROR",
+                "",
+            ]
+        )
+    )
+    sshd_log = d / "sshd.log"
+    sshd = procs.start("sshd", [SSHD, "-D", "-e", "-f", str(config)], sshd_log)
+    try:
+        wait_for("sshd", lambda: port_open(sshd_port), 20, sshd)
+    except Exception as exc:
+        raise RuntimeError(f"{exc}\n{tail(sshd_log)}") from exc
+    ssh_log = d / "ssh.log"
+    ssh = procs.start(
+        "ssh -R",
+        [
+            "ssh",
+            "-N",
+            "-F",
+            "/dev/null",
+            "-R",
+            f"127.0.0.1:{tunnel_port}:127.0.0.1:{backend_port}",
+            "-p",
+            str(sshd_port),
+            "-i",
+            str(client_key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+            f"{getpass.getuser()}@127.0.0.1",
+        ],
+        ssh_log,
+    )
+    try:
+        wait_for("ssh -R tunnel", lambda: port_open(tunnel_port), 30, ssh)
+    except Exception as exc:
+        raise RuntimeError(f"{exc}\nssh: {tail(ssh_log)}\nsshd: {tail(sshd_log)}") from exc
+    return Target("ssh", f"http://127.0.0.1:{tunnel_port}")
+
+
+def console_script(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found (install the project: pip install -e '.[dev]')")
+    return found
+
+
+def setup_backhaul(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Target:
+    relay_bin, agent_bin = console_script("backhaul-relay"), console_script("backhaul-agent")
+    data, agent_dir = tmp / "relay-data", tmp / "agent"
+    port = free_port()
+    relay_url = f"https://127.0.0.1:{port}"
+    ca_file = data / "tls" / "relay.crt"
+    relay_log = tmp / "relay.log"
+    relay = procs.start(
+        "relay",
+        [relay_bin, "serve", "--dev", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
+        relay_log,
+    )
+
+    def relay_up() -> bool:
+        if not ca_file.exists():
+            return False
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+        return httpx.get(relay_url + "/healthz", verify=ctx, timeout=2).status_code == 200
+
+    try:
+        wait_for("relay", relay_up, 60, relay)
+    except Exception as exc:
+        raise RuntimeError(f"{exc}\n{tail(relay_log)}") from exc
+
+    token_out = run_cmd(
+        [relay_bin, "create-admin", "bench", "--data-dir", str(data)], 60, "create-admin"
+    )
+    lines = [line.strip() for line in token_out.splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError("create-admin printed no token")
+    token = lines[-1]
+    auth = {"Authorization": f"Bearer {token}"}
+    api = httpx.Client(
+        base_url=relay_url,
+        headers=auth,
+        verify=ssl.create_default_context(cafile=str(ca_file)),
+        timeout=30,
+    )
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = api.post(path, json=body)
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"POST {path} answered {r.status_code}: {r.text[:500]}")
+        data_: dict[str, Any] = r.json()
+        return data_
+
+    with api:
+        gateway = post("/v1/gateways", {"name": "bench"})
+        backend = f"http://127.0.0.1:{backend_port}/"
+        run_cmd(
+            [
+                agent_bin,
+                "enroll",
+                "--relay",
+                relay_url,
+                "--token",
+                gateway["enrollment_token"],
+                "--ca-file",
+                str(ca_file),
+                "--config-dir",
+                str(agent_dir),
+                "--allow",
+                backend,
+            ],
+            120,
+            "backhaul-agent enroll",
+        )
+        agent_log = tmp / "agent.log"
+        agent = procs.start("agent", [agent_bin, "run", "--config-dir", str(agent_dir)], agent_log)
+
+        def agent_connected() -> bool:
+            r = subprocess.run(
+                [agent_bin, "status", "--config-dir", str(agent_dir), "--json"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+                stdin=subprocess.DEVNULL,
+            )
+            # The exit status may say "not connected"; the JSON is what counts.
+            return bool(json.loads(r.stdout).get("connected") is True)
+
+        try:
+            wait_for("agent connected", agent_connected, 60, agent)
+        except Exception as exc:
+            raise RuntimeError(
+                f"{exc}\nagent: {tail(agent_log)}\nrelay: {tail(relay_log)}"
+            ) from exc
+        connector = post(
+            "/v1/connectors",
+            {
+                "name": "bench",
+                "base_url": backend,
+                "auth_type": "none",
+                "gateway_id": gateway["id"],
+            },
+        )
+        connection = post("/v1/connections", {"connector_id": connector["id"], "credentials": {}})
+    return Target(
+        "backhaul",
+        f"{relay_url}/v1/connections/{connection['id']}/invoke",
+        headers=auth,
+        ca_file=ca_file,
+        memory_pids={"relay": relay.pid, "agent": agent.pid},
+    )
+
+
+SETUP: dict[str, Callable[..., Target]] = {
+    "direct": setup_direct,
+    "ssh": setup_ssh,
+    "backhaul": setup_backhaul,
+}
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+ROWS = [
+    ("rps", "Small requests/s (wrk, 64 conns, GET /small)", "{:,.0f}", "higher"),
+    ("wrk_p50", "  latency p50 under that load (ms)", "{:.2f}", "lower"),
+    ("wrk_p99", "  latency p99 under that load (ms)", "{:.2f}", "lower"),
+    ("p50", "Latency p50, 1 client (ms)", "{:.3f}", "lower"),
+    ("p99", "Latency p99, 1 client (ms)", "{:.3f}", "lower"),
+    ("download", "Download {size} (MiB/s)", "{:,.1f}", "higher"),
+    ("upload", "Upload {size} (MiB/s)", "{:,.1f}", "higher"),
+]
+
+MEMORY_ROWS = [
+    ("rss_idle", "RSS idle, before any request (MiB)"),
+    ("rss_download", "Peak RSS during the download (MiB)"),
+    ("rss_upload", "Peak RSS during the upload (MiB)"),
+    ("rss_end", "RSS after the run (MiB)"),
+    ("hwm", "VmHWM, high-water mark of the run (MiB)"),
+]
+
+
+def fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}x"
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+
+    def version(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "not installed"
+        return (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr) else "?"
+
+    return {
+        "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+        or str(os.cpu_count()),
+        "CPU": cpu,
+        "Memory": mem,
+        "Kernel": f"{platform.system()} {platform.release()}",
+        "Python": f"{platform.python_version()} ({platform.python_implementation()})",
+        "wrk": version(["wrk", "-v"]).split(" Copyright")[0],
+        "OpenSSH": version(["ssh", "-V"]),
+        "Date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+
+
+def render(
+    results: dict[str, Result | None],
+    s: Settings,
+    command: str,
+    machine: dict[str, str],
+    wall: float,
+) -> str:
+    size = f"{s.transfer_bytes // MiB} MiB"
+
+    def value(path: str, key: str) -> float | None:
+        r = results.get(path)
+        return None if r is None else r.values.get(key)
+
+    out = ["# Backhaul benchmark results", ""]
+    if s.quick:
+        out += ["**Quick run** (`--quick`): short durations, for a smoke test only.", ""]
+    out += [
+        "All three paths reach the same sample API backend (`backhaul.sampleapi`) on 127.0.0.1,",
+        "measured in one run of:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| Measurement | direct | ssh -R | Backhaul | Backhaul / direct | Backhaul / ssh -R |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, label, pattern, _ in ROWS:
+        d, h, b = value("direct", key), value("ssh", key), value("backhaul", key)
+        out.append(
+            f"| {label.format(size=size).strip()} | {fmt(d, pattern)} | {fmt(h, pattern)} |"
+            f" {fmt(b, pattern)} | {ratio(b, d)} | {ratio(b, h)} |"
+        )
+    out += [
+        "",
+        "Ratios are Backhaul's figure divided by the other path's: above 1x is better for",
+        "throughput rows, worse for latency rows.",
+        "",
+    ]
+    if results.get("backhaul") is not None:
+        out += [
+            "Backhaul process memory (resident set, process and its children):",
+            "",
+            "| Memory | relay | agent |",
+            "|---|---:|---:|",
+        ]
+        for key, label in MEMORY_ROWS:
+            out.append(
+                f"| {label} | {fmt(value('backhaul', f'relay_{key}'), '{:.1f}')} |"
+                f" {fmt(value('backhaul', f'agent_{key}'), '{:.1f}')} |"
+            )
+        out.append("")
+    notes = []
+    for path in PATHS:
+        if path not in results:
+            notes.append(f"- {LABELS[path]}: not run (`--only`).")
+            continue
+        r = results[path]
+        if r is None:
+            continue
+        if r.error:
+            notes.append(f"- {LABELS[path]}: **failed**: {r.error}")
+        notes += [f"- {LABELS[path]}: {n}" for n in r.notes]
+    if notes:
+        out += ["Notes:", "", *notes, ""]
+    out += [
+        "Settings: "
+        f"wrk -t{s.wrk_threads} -c{s.wrk_connections} -d{s.wrk_seconds}s; "
+        f"{s.latency_samples} latency samples after {s.latency_warmup} warm-up requests; "
+        f"{size} transfers (httpx, streamed). Total wall time {wall:.0f} s.",
+        "",
+        "Machine:",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    out += [f"| {k} | {v} |" for k, v in machine.items()]
+    out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short run for a smoke test")
+    parser.add_argument(
+        "--only", default=",".join(PATHS), help="comma-separated paths: direct,ssh,backhaul"
+    )
+    parser.add_argument("--output", type=Path, help="report file (default: bench/RESULTS.md)")
+    parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs)")
+    args = parser.parse_args(argv)
+
+    only = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(only) - set(PATHS)
+    if unknown or not only:
+        parser.error(f"--only takes some of {','.join(PATHS)}")
+    settings = QUICK if args.quick else FULL
+    output = args.output or (
+        REPO / "bench" / "out" / "RESULTS-quick.md" if args.quick else REPO / "bench" / "RESULTS.md"
+    )
+    if shutil.which("wrk") is None:
+        log("wrk not found: run `bash bench/setup.sh` first")
+        return 2
+
+    command = shlex.join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
+
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))
+    results: dict[str, Result | None] = {}
+    started = time.monotonic()
+    failed = False
+    try:
+        log(f"temp dir {tmp}")
+        backend = sampleapi.start_subprocess(
+            "127.0.0.1", 0, timeout=30, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        procs.adopt("sample API", backend.process)
+        log(f"sample API backend at {backend.url} (pid {backend.pid})")
+        for path in PATHS:
+            if path not in only:
+                continue
+            log(f"=== {LABELS[path]} ===")
+            try:
+                target = SETUP[path](backend_port=backend.port, procs=procs, tmp=tmp)
+                results[path] = measure(target, settings)
+            except Exception as exc:
+                failed = True
+                log(f"{LABELS[path]} failed:\n{traceback.format_exc()}")
+                results[path] = Result(error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            outcome = results[path]
+            if outcome is not None and outcome.notes:
+                failed = True
+                for note in outcome.notes:
+                    log(f"{LABELS[path]}: {note}")
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        procs.stop_all()
+        if failed:
+            save_logs(tmp, REPO / "bench" / "out" / "logs")
+        if args.keep_temp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    report = render(results, settings, command, machine_info(), time.monotonic() - started)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    print(report)
+    log(f"wrote {output}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Connectors: which API a connection talks to, how it authenticates, through which gateway.
+
+The base URL is normalized to end with "/" so that joining an invoke path to it can never
+climb to a sibling path by accident, and URLs with user info, a query or a fragment are
+refused because credentials belong in a sealed connection, never in the connector.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, StringConstraints, field_validator, model_validator
+
+from relay.identity import CurrentUser
+from relay.store import queries
+from relay.store.db import SessionDep
+from relay.store.models import Connector
+
+router = APIRouter(prefix="/v1/connectors", tags=["connectors"])
+
+AuthType = Literal["none", "basic", "api_key"]
+
+
+def normalize_base_url(value: str) -> str:
+    """Absolute http(s) URL, no user info/query/fragment, path ending with '/'."""
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain whitespace")
+    if "?" in value or "#" in value:
+        raise ValueError("must not have a query or fragment")
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in {"http", "https"}:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry user info; put credentials in a connection")
+    try:
+        parts.port  # noqa: B018 - raises on an invalid port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, "", ""))
+
+
+class ConnectorCreate(BaseModel):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+    base_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    auth_type: AuthType
+    gateway_id: str | None = None
+    api_key_name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    api_key_in: Literal["header", "query"] | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return normalize_base_url(value)
+
+    @model_validator(mode="after")
+    def _api_key(self) -> ConnectorCreate:
+        if self.auth_type == "api_key":
+            if self.api_key_name is None:
+                raise ValueError("api_key_name is required when auth_type is api_key")
+            if self.api_key_in is None:
+                self.api_key_in = "header"
+        elif self.api_key_name is not None or self.api_key_in is not None:
+            raise ValueError("api_key_name and api_key_in apply only to auth_type api_key")
+        return self
+
+
+class ConnectorView(BaseModel):
+    id: str
+    name: str
+    owner_id: str
+    base_url: str
+    auth_type: str
+    api_key_name: str | None
+    api_key_in: str | None
+    gateway_id: str | None
+    created_at: dt.datetime
+
+
+def view(connector: Connector) -> ConnectorView:
+    return ConnectorView(
+        id=connector.id,
+        name=connector.name,
+        owner_id=connector.owner_id,
+        base_url=connector.base_url,
+        auth_type=connector.auth_type,
+        api_key_name=connector.api_key_name,
+        api_key_in=connector.api_key_in,
+        gateway_id=connector.gateway_id,
+        created_at=connector.created_at,
+    )
+
+
+@router.post("", status_code=201)
+async def create_connector(
+    body: ConnectorCreate, caller: CurrentUser, session: SessionDep
+) -> ConnectorView:
+    if body.gateway_id is not None:
+        await queries.visible_gateway(session, body.gateway_id, caller.id, caller.is_admin)
+    connector = await queries.create_connector(
+        session,
+        Connector(
+            id="",
+            name=body.name,
+            owner_id=caller.id,
+            base_url=body.base_url,
+            auth_type=body.auth_type,
+            api_key_name=body.api_key_name,
+            api_key_in=body.api_key_in,
+            gateway_id=body.gateway_id,
+        ),
+    )
+    await session.commit()
+    return view(connector)
+
+
+@router.get("")
+async def list_connectors(caller: CurrentUser, session: SessionDep) -> list[ConnectorView]:
+    return [view(c) for c in await queries.visible_connectors(session, caller.id, caller.is_admin)]
+
+
+@router.get("/{connector_id}")
+async def get_connector(
+    connector_id: str, caller: CurrentUser, session: SessionDep
+) -> ConnectorView:
+    return view(await queries.visible_connector(session, connector_id, caller.id, caller.is_admin))
+
+
+@router.delete("/{connector_id}", status_code=204)
+async def delete_connector(connector_id: str, caller: CurrentUser, session: SessionDep) -> Response:
+    await queries.delete_connector(session, connector_id, caller.id, caller.is_admin)
+    await session.commit()
+    return Response(status_code=204)

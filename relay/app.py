@@ -1,0 +1,89 @@
+"""The relay's ASGI application: routers, error handlers, lifespan, request log.
+
+Uvicorn's access log is off because it prints query strings, and an API key sent in a query
+parameter would land in the log. ``AccessLog`` logs method, path, status and duration only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backhaul.version import __version__
+from relay import invoke, problems, tunnel
+from relay.api import ROUTERS
+from relay.config import RelayConfig
+from relay.hub import Hub
+from relay.store import migrate
+from relay.store.db import make_engine, make_session_factory
+
+log = structlog.get_logger()
+
+
+class AccessLog:
+    """Pure ASGI middleware (no BaseHTTPMiddleware), so streamed bodies are not buffered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            log.info(
+                "http request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - start) * 1000, 1),
+            )
+
+
+def create_app(config: RelayConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        if config.database_url.startswith("sqlite"):
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(config.database_url)
+        try:
+            await migrate.upgrade(engine)
+            app.state.engine = engine
+            app.state.db = make_session_factory(engine)
+            app.state.hub = Hub()
+            yield {}
+            await app.state.hub.close()
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Backhaul relay",
+        version=__version__,
+        description="Invoke on-premises APIs through an outbound-only gateway tunnel.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    problems.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.include_router(tunnel.router)
+    app.include_router(invoke.router)
+    app.add_middleware(AccessLog)
+    return app

@@ -1,0 +1,190 @@
+"""``backhaul-relay``: serve the relay, create the first admin, migrate the database.
+
+``create-admin`` prints only the new token on stdout so a script can capture it
+(``TOKEN=$(backhaul-relay create-admin alice)``); everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+import typer
+
+from backhaul.errors import BackhaulError
+from relay.config import RelayConfig, load_config
+
+app = typer.Typer(
+    name="backhaul-relay",
+    help="The Backhaul relay: tunnel endpoint and HTTP API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+log = structlog.get_logger()
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="relay.toml; env BACKHAUL_RELAY_* and flags win")
+]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="database, dev certificate")]
+DevOpt = Annotated[
+    bool | None,
+    typer.Option("--dev/--no-dev", help="self-signed localhost certificate; for development"),
+]
+
+
+def _configure_logging(config: RelayConfig) -> None:
+    """Use the shared logging setup when present; otherwise keep structlog off stdout."""
+    try:
+        from backhaul import logging as backhaul_logging
+    except ImportError:
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        return
+    configure: Any = backhaul_logging.configure
+    configure(config.log_format, config.log_level)
+
+
+def _load(config_path: Path | None, **flags: Any) -> RelayConfig:
+    try:
+        config = load_config(config_path, flags)
+    except BackhaulError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    _configure_logging(config)
+    return config
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    dev: DevOpt = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
+) -> None:
+    """Serve the HTTP API and the agent tunnel over TLS."""
+    import uvicorn
+
+    from relay import tls
+    from relay.app import create_app
+
+    config = _load(
+        config_file,
+        data_dir=data_dir,
+        dev=dev,
+        listen=listen,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    try:
+        files = tls.resolve(config)
+    except tls.TLSSetupError as exc:
+        raise _fail(str(exc)) from exc
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            ssl_certfile=str(files.cert),
+            ssl_keyfile=str(files.key),
+            ws="websockets",
+            ws_per_message_deflate=False,
+            ws_max_size=16 * 1024 * 1024,
+            access_log=False,
+            log_config=None,
+            lifespan="on",
+            h11_max_incomplete_event_size=config.max_request_header_bytes,
+            timeout_graceful_shutdown=30,
+        )
+    )
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    url = config.public_url or f"https://{host}:{config.port}"
+    log.info(
+        "relay starting",
+        url=url,
+        ca_file=str(files.ca_file) if files.ca_file else None,
+        data_dir=str(config.data_dir),
+    )
+    typer.echo(
+        f"backhaul-relay listening on {url}"
+        + (f" (dev CA file: {files.ca_file})" if files.ca_file else ""),
+        err=True,
+    )
+    server.run()
+    if getattr(server, "started", True) is False:
+        raise typer.Exit(1)
+
+
+async def _create_admin(config: RelayConfig, name: str) -> str:
+    from relay.identity import ADMIN, hash_token, new_api_token
+    from relay.store import queries
+    from relay.store.db import make_engine, make_session_factory
+    from relay.store.migrate import upgrade
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.database_url)
+    try:
+        await upgrade(engine)
+        async with make_session_factory(engine)() as session:
+            user = await queries.create_user(session, name, ADMIN)
+            token = new_api_token()
+            await queries.add_api_token(session, user.id, hash_token(token))
+            await session.commit()
+            log.info("admin created", user_id=user.id, name=name)
+            return token
+    finally:
+        await engine.dispose()
+
+
+@app.command("create-admin")
+def create_admin(
+    name: Annotated[str, typer.Argument(help="user name of the new admin")],
+    config_file: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create an admin user and print its API token (only the token, on stdout)."""
+    from relay.api.users import UserCreate
+    from relay.store import Conflict
+
+    try:
+        UserCreate(name=name)
+    except ValueError as exc:
+        raise _fail(f"invalid user name {name!r}: letters, digits, . _ @ - (max 64)") from exc
+    config = _load(config_file, data_dir=data_dir, dev=True)
+    try:
+        token = asyncio.run(_create_admin(config, name))
+    except Conflict as exc:
+        raise _fail(str(exc)) from exc
+    sys.stdout.write(token + "\n")
+
+
+@app.command()
+def migrate(config_file: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Bring the database to the current schema (``serve`` also does this at start)."""
+    from relay.store.db import make_engine
+    from relay.store.migrate import upgrade
+
+    config = _load(config_file, data_dir=data_dir, dev=True)
+
+    async def run() -> None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(config.database_url)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    typer.echo("database is at the current schema", err=True)
+
+
+def main() -> None:
+    app()

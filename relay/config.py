@@ -1,0 +1,155 @@
+"""The relay's one configuration object.
+
+Layers, later wins: built-in defaults, the TOML file (``--config``), environment variables
+``BACKHAUL_RELAY_<KEY>`` (upper case), then command-line flags. Everything is validated at
+start so a typo fails the process with the key's name instead of a surprise at the first
+request. ``config/relay.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from backhaul.errors import ConfigError
+
+ENV_PREFIX = "BACKHAUL_RELAY_"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "backhaul-relay"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8443 or [::1]:8443")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+class RelayConfig(BaseModel):
+    """Validated relay settings; see config/relay.toml for why each one exists."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = "127.0.0.1:8443"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    dev: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    database_url: str = ""
+    public_url: str | None = None
+    enrollment_ttl_seconds: int = Field(default=3600, gt=0)
+    invoke_timeout_seconds: float = Field(default=30, gt=0)
+    invoke_timeout_max_seconds: float = Field(default=300, gt=0)
+    max_request_header_bytes: int = Field(default=32768, ge=1024)
+    max_body_bytes: int = Field(default=0, ge=0)
+    ping_interval_seconds: float = Field(default=15, gt=0)
+    handshake_timeout_seconds: float = Field(default=10, gt=0)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value.rstrip("/") if value else None
+
+    @model_validator(mode="after")
+    def _derived(self) -> RelayConfig:
+        if not self.database_url:
+            url = f"sqlite+aiosqlite:///{self.data_dir / 'relay.db'}"
+            object.__setattr__(self, "database_url", url)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if not self.dev and self.tls_cert is None:
+            raise ValueError("tls_cert and tls_key are required unless dev = true")
+        if self.invoke_timeout_seconds > self.invoke_timeout_max_seconds:
+            raise ValueError("invoke_timeout_seconds exceeds invoke_timeout_max_seconds")
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    keys = RelayConfig.model_fields.keys()
+    return {
+        key: environ[ENV_PREFIX + key.upper()]
+        for key in keys
+        if ENV_PREFIX + key.upper() in environ
+    }
+
+
+def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(config)"
+        where = sources.get(key, "")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{key}{f' (from {where})' if where else ''}: {msg}")
+    return "invalid relay configuration: " + "; ".join(lines)
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RelayConfig:
+    """Merge defaults, TOML, environment and flags; raise ConfigError naming the bad key."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        doc = doc.get("relay", doc) if isinstance(doc.get("relay"), dict) else doc
+        values.update(doc)
+        sources.update({k: str(path) for k in doc})
+    env = _from_env(os.environ if environ is None else environ)
+    values.update(env)
+    sources.update({k: ENV_PREFIX + k.upper() for k in env})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(flags)
+    sources.update({k: "command line" for k in flags})
+    for key in values:
+        if key not in RelayConfig.model_fields:
+            where = sources.get(key, "")
+            raise ConfigError(f"unknown relay configuration key {key!r} (from {where})")
+    try:
+        return RelayConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from exc

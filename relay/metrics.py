@@ -1,0 +1,24 @@
+"""Prometheus metrics of the relay, exported at ``/metrics``.
+
+Defined once at import so every part of the relay (API, tunnel, invoke) increments the same
+series; the default registry also carries the process collector (memory, fds, CPU).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+#: Invoke requests answered, by HTTP status code.
+REQUESTS = Counter(
+    "backhaul_relay_requests_total", "Invoke requests answered by the relay", ["code"]
+)
+#: Time from an invoke request's arrival to its response head.
+REQUEST_SECONDS = Histogram(
+    "backhaul_relay_request_seconds",
+    "Invoke latency until the response head, in seconds",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+#: Agent tunnels currently connected to this relay instance.
+TUNNELS = Gauge("backhaul_relay_tunnels", "Live agent tunnels on this relay instance")
+#: Body bytes relayed; direction is "request" (caller to agent) or "response".
+BYTES = Counter("backhaul_relay_bytes_total", "Body bytes relayed", ["direction"])

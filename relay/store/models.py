@@ -1,0 +1,157 @@
+"""Table declarations. Alembic migrations in relay/migrations must stay in step with them.
+
+Timestamps are always timezone-aware UTC: SQLite stores no offset, so ``UTCDateTime``
+normalizes on the way in and re-attaches UTC on the way out, which keeps comparisons in
+Python correct on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    ForeignKey,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id(prefix: str) -> str:
+    """A prefixed random id: the prefix tells a reader what kind of object a log line means."""
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+ID = String(40)
+HASH = String(64)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(HASH, unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Gateway(Base):
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), index=True)
+    hpke_public_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("gateways.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(HASH, unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Member(Base):
+    __tablename__ = "members"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("gateways.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    hostname: Mapped[str] = mapped_column(String(255))
+    signing_public_key: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    enrolled_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_seen_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Connector(Base):
+    __tablename__ = "connectors"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), index=True)
+    base_url: Mapped[str] = mapped_column(Text)
+    auth_type: Mapped[str] = mapped_column(String(16))
+    api_key_name: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    api_key_in: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    gateway_id: Mapped[str | None] = mapped_column(
+        ID, ForeignKey("gateways.id"), nullable=True, index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Connection(Base):
+    __tablename__ = "connections"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    connector_id: Mapped[str] = mapped_column(ID, ForeignKey("connectors.id"), index=True)
+    owner_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    seal_suite: Mapped[str] = mapped_column(String(64))
+    sealed_credentials: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class ConnectionShare(Base):
+    __tablename__ = "connection_shares"
+
+    connection_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), primary_key=True, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

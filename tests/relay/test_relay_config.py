@@ -1,0 +1,76 @@
+"""Configuration layering and key-naming errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backhaul.errors import ConfigError
+from relay.config import load_config
+
+
+def test_defaults_in_dev(tmp_path: Path) -> None:
+    config = load_config(None, {"dev": True, "data_dir": tmp_path}, environ={})
+    assert (config.host, config.port) == ("127.0.0.1", 8443)
+    assert config.database_url == f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    assert config.enrollment_ttl_seconds == 3600
+    assert config.invoke_timeout_seconds == 30 and config.invoke_timeout_max_seconds == 300
+    assert config.max_request_header_bytes == 32768 and config.max_body_bytes == 0
+    assert config.log_format == "auto"
+
+
+def test_layers_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('dev = true\nlisten = "0.0.0.0:9000"\nping_interval_seconds = 5\nlog_level = "debug"\n')
+    env = {"BACKHAUL_RELAY_LISTEN": "[::1]:9100", "BACKHAUL_RELAY_MAX_BODY_BYTES": "1024"}
+    config = load_config(path, {"data_dir": tmp_path, "listen": None}, environ=env)
+    assert (config.host, config.port) == ("::1", 9100)
+    assert config.ping_interval_seconds == 5 and config.max_body_bytes == 1024
+    config = load_config(path, {"data_dir": tmp_path, "listen": "127.0.0.1:1"}, environ=env)
+    assert config.port == 1
+
+
+def test_relay_table_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("[relay]\ndev = true\n")
+    assert load_config(path, {"data_dir": tmp_path}, environ={}).dev is True
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"BACKHAUL_RELAY_LISTEN": "nowhere"}, "listen"),
+        ({"BACKHAUL_RELAY_ENROLLMENT_TTL_SECONDS": "-1"}, "enrollment_ttl_seconds"),
+        ({"BACKHAUL_RELAY_LOG_FORMAT": "xml"}, "log_format"),
+        ({"BACKHAUL_RELAY_DEV": "maybe"}, "dev"),
+    ],
+)
+def test_errors_name_the_key_and_source(tmp_path: Path, env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"data_dir": tmp_path}, environ={"BACKHAUL_RELAY_DEV": "1", **env})
+    assert key in str(info.value)
+    assert "BACKHAUL_RELAY_" in str(info.value)
+
+
+def test_tls_required_unless_dev(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tls_cert"):
+        load_config(None, {"data_dir": tmp_path}, environ={})
+    config = load_config(
+        None, {"data_dir": tmp_path, "tls_cert": tmp_path / "c", "tls_key": tmp_path / "k"}, environ={}
+    )
+    assert config.dev is False
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("dev = true\nlisen = '1.2.3.4:5'\n")
+    with pytest.raises(ConfigError, match="lisen"):
+        load_config(path, {"data_dir": tmp_path}, environ={})
+
+
+def test_bad_toml(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("dev = = true\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path, {}, environ={})
