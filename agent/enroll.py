@@ -246,6 +246,6 @@ def _check_pin(resp: httpx.Response, pin: str) -> None:
     ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
     if ssl_object is None:
         return
-    der = ssl_object.getpeercert(binary_form=True)
+    der = ssl_object.getpeercert(True)
     if der is not None and fingerprint(der) != pin:
         raise EnrollError("the relay's certificate changed during enrollment; try again")

@@ -173,7 +173,10 @@ def _normalize(url: str) -> NormalizedURL:
         raise _Denied("backslash in URL")
     if "#" in url:
         raise _Denied("fragment in URL")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise _Denied("malformed URL") from None
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise _Denied("scheme must be http or https")
@@ -266,6 +269,10 @@ class AllowEntry(BaseModel):
     def _check_host(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        try:
+            return str(_unmap(ipaddress.ip_address(value.strip("[]"))))
+        except ValueError:
+            pass
         wildcard = value.startswith("*.")
         try:
             host = _normalize_host(value[2:] if wildcard else value)

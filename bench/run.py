@@ -200,7 +200,10 @@ def run_cmd(argv: list[str], timeout: float, what: str) -> str:
         argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
     if r.returncode != 0:
-        raise RuntimeError(f"{what} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        output = (r.stdout + "\n" + r.stderr).strip()
+        log(f"{what} output:\n{output}")
+        last = output.splitlines()[-1] if output else "no output"
+        raise RuntimeError(f"{what} failed with status {r.returncode}: {last}")
     return r.stdout
 
 
@@ -770,7 +773,8 @@ def render(
         "throughput rows, worse for latency rows.",
         "",
     ]
-    if results.get("backhaul") is not None:
+    backhaul_result = results.get("backhaul")
+    if backhaul_result is not None and backhaul_result.values:
         out += [
             "Backhaul process memory (resident set, process and its children):",
             "",
@@ -865,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 failed = True
                 log(f"{LABELS[path]} failed:\n{traceback.format_exc()}")
-                results[path] = Result(error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+                results[path] = Result(error=" ".join(str(exc).split())[:500] or repr(exc))
             outcome = results[path]
             if outcome is not None and outcome.notes:
                 failed = True

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backhaul.version import __version__
 from relay import invoke, problems, tunnel
 from relay.api import ROUTERS
-from relay.config import RelayConfig
+from relay.config import RelayConfig, ensure_data_dir
 from relay.hub import Hub
 from relay.store import migrate
 from relay.store.db import make_engine, make_session_factory
@@ -61,7 +61,7 @@ def create_app(config: RelayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         if config.database_url.startswith("sqlite"):
-            config.data_dir.mkdir(parents=True, exist_ok=True)
+            ensure_data_dir(config.data_dir)
         engine = make_engine(config.database_url)
         try:
             await migrate.upgrade(engine)

@@ -15,7 +15,7 @@ import structlog
 import typer
 
 from backhaul.errors import BackhaulError
-from relay.config import RelayConfig, load_config
+from relay.config import RelayConfig, ensure_data_dir, load_config
 
 app = typer.Typer(
     name="backhaul-relay",
@@ -129,7 +129,7 @@ async def _create_admin(config: RelayConfig, name: str) -> str:
     from relay.store.db import make_engine, make_session_factory
     from relay.store.migrate import upgrade
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(config.data_dir)
     engine = make_engine(config.database_url)
     try:
         await upgrade(engine)
@@ -175,7 +175,7 @@ def migrate(config_file: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     config = _load(config_file, data_dir=data_dir, dev=True)
 
     async def run() -> None:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_data_dir(config.data_dir)
         engine = make_engine(config.database_url)
         try:
             await upgrade(engine)

@@ -26,6 +26,12 @@ def default_data_dir() -> Path:
     return Path(base) / "backhaul-relay"
 
 
+def ensure_data_dir(path: Path) -> Path:
+    """Create the data directory private to the relay's user: it holds the database."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port."""
     host, sep, port_text = listen.rpartition(":")

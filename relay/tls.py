@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from backhaul.keys import write_private
 from relay import RelayError
-from relay.config import RelayConfig
+from relay.config import RelayConfig, ensure_data_dir
 
 DEV_VALIDITY = dt.timedelta(days=365)
 #: Regenerate a dev certificate this long before it would expire.
@@ -106,7 +106,7 @@ def generate_dev_certificate(cert_path: Path, key_path: Path) -> None:
 
 def ensure_dev_certificate(data_dir: Path) -> TLSFiles:
     """Create the dev certificate on first use; later starts reuse it so pins stay valid."""
-    cert_path, key_path = _dev_paths(data_dir)
+    cert_path, key_path = _dev_paths(ensure_data_dir(data_dir))
     if not _still_valid(cert_path, key_path):
         generate_dev_certificate(cert_path, key_path)
     return TLSFiles(cert_path, key_path, ca_file=cert_path)

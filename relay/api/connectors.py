@@ -105,7 +105,6 @@ async def create_connector(
     connector = await queries.create_connector(
         session,
         Connector(
-            id="",
             name=body.name,
             owner_id=caller.id,
             base_url=body.base_url,

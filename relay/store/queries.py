@@ -247,7 +247,7 @@ async def touch_member(session: AsyncSession, member_id: str, version: str, host
 
 
 async def create_connector(session: AsyncSession, connector: Connector) -> Connector:
-    connector.id = connector.id or new_id("ctr")
+    connector.id = new_id("ctr")
     connector.created_at = utcnow()
     session.add(connector)
     await session.flush()

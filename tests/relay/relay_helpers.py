@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from fastapi import FastAPI
 
 from backhaul.keys import b64e
 from backhaul.seal import GatewayKeyPair
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from relay.app import create_app
 from relay.config import RelayConfig
 from relay.identity import ADMIN, hash_token, new_api_token

@@ -22,7 +22,9 @@ def test_defaults_in_dev(tmp_path: Path) -> None:
 
 def test_layers_file_env_flags(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
-    path.write_text('dev = true\nlisten = "0.0.0.0:9000"\nping_interval_seconds = 5\nlog_level = "debug"\n')
+    path.write_text(
+        'dev = true\nlisten = "0.0.0.0:9000"\nping_interval_seconds = 5\nlog_level = "debug"\n'
+    )
     env = {"BACKHAUL_RELAY_LISTEN": "[::1]:9100", "BACKHAUL_RELAY_MAX_BODY_BYTES": "1024"}
     config = load_config(path, {"data_dir": tmp_path, "listen": None}, environ=env)
     assert (config.host, config.port) == ("::1", 9100)
@@ -57,7 +59,9 @@ def test_tls_required_unless_dev(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tls_cert"):
         load_config(None, {"data_dir": tmp_path}, environ={})
     config = load_config(
-        None, {"data_dir": tmp_path, "tls_cert": tmp_path / "c", "tls_key": tmp_path / "k"}, environ={}
+        None,
+        {"data_dir": tmp_path, "tls_cert": tmp_path / "c", "tls_key": tmp_path / "k"},
+        environ={},
     )
     assert config.dev is False
 

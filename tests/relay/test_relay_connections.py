@@ -61,13 +61,21 @@ async def test_sealed_blob_opens_only_for_its_connection(
     target = await load(relay, cxn["id"])
     assert target.base_url == "https://api.corp.local/v1/"
     assert target.gateway_id == gw.gateway_id and target.auth_type == auth
-    opened = open_sealed(gw.key, target.seal_suite, target.sealed_credentials, cxn["id"], target.base_url)
+    opened = open_sealed(
+        gw.key, target.seal_suite, target.sealed_credentials, cxn["id"], target.base_url
+    )
     assert opened == creds
     with pytest.raises(SealError):
-        open_sealed(gw.key, target.seal_suite, target.sealed_credentials, "cxn_other", target.base_url)
+        open_sealed(
+            gw.key, target.seal_suite, target.sealed_credentials, "cxn_other", target.base_url
+        )
     with pytest.raises(SealError):
         open_sealed(
-            GatewayKeyPair.generate(), target.seal_suite, target.sealed_credentials, cxn["id"], target.base_url
+            GatewayKeyPair.generate(),
+            target.seal_suite,
+            target.sealed_credentials,
+            cxn["id"],
+            target.base_url,
         )
 
 
@@ -77,7 +85,9 @@ async def test_credentials_never_leave_in_clear(
     caplog.set_level(logging.DEBUG)
     gw = await gateway_with_member(relay, relay.admin_token)
     basic = await connector(relay, relay.admin_token, gw, "basic")
-    keyed = await connector(relay, relay.admin_token, gw, "api_key", api_key_name="k", api_key_in="query")
+    keyed = await connector(
+        relay, relay.admin_token, gw, "api_key", api_key_name="k", api_key_in="query"
+    )
     bodies: list[str] = []
     with structlog.testing.capture_logs() as logs:
         for r in [
@@ -85,7 +95,10 @@ async def test_credentials_never_leave_in_clear(
                 "POST",
                 "/v1/connections",
                 relay.admin_token,
-                {"connector_id": basic["id"], "credentials": {"username": "u", "password": PASSWORD}},
+                {
+                    "connector_id": basic["id"],
+                    "credentials": {"username": "u", "password": PASSWORD},
+                },
             ),
             await relay.call(
                 "POST",
@@ -152,7 +165,10 @@ async def test_credentials_are_validated_per_auth_type(
     extra = {"api_key_name": "k"} if auth == "api_key" else {}
     ctr = await connector(relay, relay.admin_token, gw, auth, **extra)
     r = await relay.call(
-        "POST", "/v1/connections", relay.admin_token, {"connector_id": ctr["id"], "credentials": creds}
+        "POST",
+        "/v1/connections",
+        relay.admin_token,
+        {"connector_id": ctr["id"], "credentials": creds},
     )
     problem = assert_problem(r, 422)
     assert field in problem["detail"]
@@ -174,7 +190,9 @@ async def test_sharing_and_invoke_target(relay: Relay) -> None:
     carol = await relay.user("carol")
     gw = await gateway_with_member(relay, alice["token"])
     ctr = await connector(relay, alice["token"], gw, "basic")
-    cxn = await connection(relay, alice["token"], ctr["id"], {"username": "a", "password": PASSWORD})
+    cxn = await connection(
+        relay, alice["token"], ctr["id"], {"username": "a", "password": PASSWORD}
+    )
 
     async def target(user_id: str, is_admin: bool = False) -> Any:
         async with relay.app.state.db() as session:
@@ -217,14 +235,20 @@ async def test_sharing_and_invoke_target(relay: Relay) -> None:
     assert_problem(r, 403)
 
     # admins see metadata and manage shares, but still may not invoke
-    assert (await relay.call("GET", f"/v1/connections/{cxn['id']}", relay.admin_token)).status_code == 200
+    assert (
+        await relay.call("GET", f"/v1/connections/{cxn['id']}", relay.admin_token)
+    ).status_code == 200
 
-    assert (await relay.call("DELETE", f"{share_url}/{bob['id']}", alice["token"])).status_code == 204
+    assert (
+        await relay.call("DELETE", f"{share_url}/{bob['id']}", alice["token"])
+    ).status_code == 204
     with pytest.raises(Forbidden):
         await target(bob["id"])
     assert_problem(await relay.call("DELETE", f"{share_url}/{bob['id']}", alice["token"]), 404)
 
-    assert (await relay.call("DELETE", f"/v1/connections/{cxn['id']}", alice["token"])).status_code == 204
+    assert (
+        await relay.call("DELETE", f"/v1/connections/{cxn['id']}", alice["token"])
+    ).status_code == 204
     with pytest.raises(NotFound):
         await target(alice["id"])
 
@@ -241,5 +265,7 @@ async def test_reseal_replaces_the_blob(relay: Relay) -> None:
     )
     assert r.status_code == 200
     target = await load(relay, cxn["id"])
-    opened = open_sealed(gw.key, target.seal_suite, target.sealed_credentials, cxn["id"], target.base_url)
+    opened = open_sealed(
+        gw.key, target.seal_suite, target.sealed_credentials, cxn["id"], target.base_url
+    )
     assert opened == {"api_key": "new"}

@@ -59,7 +59,9 @@ async def test_create_list_get_delete(relay: Relay) -> None:
     assert [c["id"] for c in listed] == [ctr["id"]]
     got = await relay.call("GET", f"/v1/connectors/{ctr['id']}", relay.admin_token)
     assert got.json() == ctr
-    assert (await relay.call("DELETE", f"/v1/connectors/{ctr['id']}", relay.admin_token)).status_code == 204
+    assert (
+        await relay.call("DELETE", f"/v1/connectors/{ctr['id']}", relay.admin_token)
+    ).status_code == 204
     assert_problem(await relay.call("GET", f"/v1/connectors/{ctr['id']}", relay.admin_token), 404)
 
 
@@ -78,7 +80,9 @@ async def test_validation_errors_name_the_field(relay: Relay, extra: dict, field
     gw = await gateway_with_member(relay, relay.admin_token)
     body = {"name": "x", "base_url": "https://h/", "auth_type": "none", "gateway_id": gw.gateway_id}
     body |= extra
-    problem = assert_problem(await relay.call("POST", "/v1/connectors", relay.admin_token, body), 422)
+    problem = assert_problem(
+        await relay.call("POST", "/v1/connectors", relay.admin_token, body), 422
+    )
     assert field in problem["detail"]
 
 
@@ -99,4 +103,6 @@ async def test_connector_in_use_cannot_be_deleted(relay: Relay) -> None:
         "POST", "/v1/connections", relay.admin_token, {"connector_id": ctr["id"], "credentials": {}}
     )
     assert r.status_code == 201
-    assert_problem(await relay.call("DELETE", f"/v1/connectors/{ctr['id']}", relay.admin_token), 409)
+    assert_problem(
+        await relay.call("DELETE", f"/v1/connectors/{ctr['id']}", relay.admin_token), 409
+    )

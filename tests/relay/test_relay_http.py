@@ -29,7 +29,9 @@ async def test_malformed_json_is_a_422_problem(relay: Relay) -> None:
 
 async def test_validation_problem_does_not_echo_input(relay: Relay) -> None:
     secret = "s3cr3t-value-that-must-not-echo"
-    r = await relay.call("POST", "/v1/users", relay.admin_token, {"name": secret + " !", "role": secret})
+    r = await relay.call(
+        "POST", "/v1/users", relay.admin_token, {"name": secret + " !", "role": secret}
+    )
     body = assert_problem(r, 422)
     assert secret not in r.text
     assert {e["field"] for e in body["errors"]} == {"name", "role"}
@@ -99,5 +101,7 @@ async def test_data_survives_restart(tmp_path: Path) -> None:
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="https://relay.test"
         ) as client:
-            r = await client.get(f"/v1/gateways/{gw['id']}", headers={"Authorization": f"Bearer {token}"})
+            r = await client.get(
+                f"/v1/gateways/{gw['id']}", headers={"Authorization": f"Bearer {token}"}
+            )
             assert r.status_code == 200

@@ -86,4 +86,6 @@ async def test_deleted_user_token_is_refused_at_once(relay: Relay) -> None:
 
 
 async def test_admin_cannot_delete_self(relay: Relay) -> None:
-    assert_problem(await relay.call("DELETE", f"/v1/users/{relay.admin_id}", relay.admin_token), 409)
+    assert_problem(
+        await relay.call("DELETE", f"/v1/users/{relay.admin_id}", relay.admin_token), 409
+    )

@@ -39,6 +39,8 @@ def test_dev_certificate_is_created_once(tmp_path: Path) -> None:
 
 
 def test_resolve_refuses_missing_files(tmp_path: Path) -> None:
-    config = RelayConfig(data_dir=tmp_path, tls_cert=tmp_path / "no.crt", tls_key=tmp_path / "no.key")
+    config = RelayConfig(
+        data_dir=tmp_path, tls_cert=tmp_path / "no.crt", tls_key=tmp_path / "no.key"
+    )
     with pytest.raises(TLSSetupError, match="tls_cert"):
         resolve(config)

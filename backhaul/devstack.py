@@ -1,0 +1,270 @@
+"""A whole Backhaul on one machine, from real processes: relay (dev TLS, SQLite), the sample
+internal API, an enrolled agent. Used by ``make demo``, the end-to-end tests and the
+benchmark, so all three drive the product exactly as an operator would: through its
+commands and its HTTP API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import httpx
+
+from backhaul import sampleapi
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def command(name: str) -> str:
+    """Path of one of our console scripts, next to the running interpreter first."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (pip install -e .)")
+    return found
+
+
+class StackError(RuntimeError):
+    """A process of the stack failed to start or answer; the message says which and why."""
+
+
+class DevStack:
+    """Start, drive and stop the processes; a context manager that always cleans up."""
+
+    def __init__(self, root: Path, *, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, **(env or {}))
+        self.env.setdefault("BACKHAUL_LOG_FORMAT", "json")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._files: list[IO[bytes]] = []
+        self.relay_url = ""
+        self.relay_dir = root / "relay"
+        self.ca_file = self.relay_dir / "tls" / "relay.crt"
+        self.admin_token = ""
+        self.api: sampleapi.SampleAPIProcess | None = None
+
+    # -- lifecycle
+
+    def __enter__(self) -> DevStack:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        self._files.append(log)
+        proc = subprocess.Popen(  # noqa: S603 - our own commands
+            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_process(name, timeout=10)
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
+        for log in self._files:
+            log.close()
+        self._files.clear()
+
+    def log_text(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- relay
+
+    def start_relay(self, port: int | None = None, extra: Sequence[str] = ()) -> str:
+        port = port or free_port()
+        self.relay_url = f"https://127.0.0.1:{port}"
+        argv = [command("backhaul-relay"), "serve", "--dev", "--data-dir", str(self.relay_dir)]
+        self.spawn("relay", [*argv, "--listen", f"127.0.0.1:{port}", *extra])
+        self._wait(lambda: self._healthy(), "relay", 30)
+        return self.relay_url
+
+    def _healthy(self) -> bool:
+        if not self.ca_file.exists():
+            return False
+        try:
+            return (
+                httpx.get(f"{self.relay_url}/healthz", verify=str(self.ca_file)).status_code == 200
+            )
+        except httpx.HTTPError:
+            return False
+
+    def create_user(self, name: str, role: str = "user") -> tuple[str, str]:
+        """A user made by the admin: (id, token)."""
+        doc = self.call("POST", "/v1/users", json={"name": name, "role": role})
+        return doc["id"], doc["token"]
+
+    def create_admin(self, name: str = "admin") -> str:
+        out = subprocess.run(  # noqa: S603
+            [command("backhaul-relay"), "create-admin", name, "--data-dir", str(self.relay_dir)],
+            check=True,
+            capture_output=True,
+            env=self.env,
+        )
+        self.admin_token = out.stdout.decode().strip()
+        return self.admin_token
+
+    def client(self, token: str | None = None, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.relay_url,
+            verify=str(self.ca_file),
+            headers={"Authorization": f"Bearer {token or self.admin_token}"},
+            timeout=timeout,
+        )
+
+    def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
+        """One API call that must succeed; returns the JSON body."""
+        with self.client(token) as client:
+            response = client.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise StackError(f"{method} {path} -> {response.status_code}: {response.text}")
+        return response.json() if response.content else None
+
+    # -- sample API
+
+    def start_api(
+        self, basic: tuple[str, str] | None = None, api_key: tuple[str, str] | None = None
+    ) -> str:
+        self.api = sampleapi.start_subprocess(
+            basic=basic, api_key=api_key, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        return self.api.url.rstrip("/") + "/"
+
+    # -- agents
+
+    def enroll(
+        self, gateway_id: str | None = None, name: str = "agent", allow: Sequence[str] = ()
+    ) -> tuple[str, Path]:
+        """Create a gateway (unless given) and enroll an agent into it: (gateway id, dir)."""
+        if gateway_id is None:
+            gateway = self.call("POST", "/v1/gateways", json={"name": f"{name}-gw"})
+            gateway_id, token = gateway["id"], gateway["enrollment_token"]
+        else:
+            token = self.call("POST", f"/v1/gateways/{gateway_id}/enrollment-tokens")[
+                "enrollment_token"
+            ]
+        config_dir = self.root / name
+        argv = [command("backhaul-agent"), "enroll", "--relay", self.relay_url, "--token", token]
+        argv += ["--ca-file", str(self.ca_file), "--config-dir", str(config_dir), "--name", name]
+        for prefix in allow:
+            argv += ["--allow", prefix]
+        done = subprocess.run(argv, capture_output=True, env=self.env)  # noqa: S603
+        if done.returncode != 0:
+            raise StackError(f"enroll failed: {done.stdout.decode()} {done.stderr.decode()}")
+        return gateway_id, config_dir
+
+    def start_agent(self, config_dir: Path, name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or config_dir.name
+        proc = self.spawn(name, [command("backhaul-agent"), "run", "--config-dir", str(config_dir)])
+        self.wait_connected(config_dir, name)
+        return proc
+
+    def agent_status(self, config_dir: Path) -> dict[str, Any]:
+        done = subprocess.run(  # noqa: S603
+            [command("backhaul-agent"), "status", "--config-dir", str(config_dir), "--json"],
+            capture_output=True,
+            env=self.env,
+        )
+        try:
+            doc: dict[str, Any] = json.loads(done.stdout or b"{}")
+        except ValueError:
+            return {"connected": False}
+        return doc
+
+    def wait_connected(self, config_dir: Path, name: str, timeout: float = 30) -> None:
+        self._wait(lambda: bool(self.agent_status(config_dir).get("connected")), name, timeout)
+
+    def _wait(self, check: Any, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise StackError(
+                    f"{name} exited ({proc.returncode}):\n{self.log_text(name)[-3000:]}"
+                )
+            if check():
+                return
+            time.sleep(0.1)
+        raise StackError(f"{name} not ready after {timeout}s:\n{self.log_text(name)[-3000:]}")
+
+    # -- connectors and connections
+
+    def connection(
+        self,
+        gateway_id: str,
+        base_url: str,
+        auth_type: str = "none",
+        credentials: dict[str, str] | None = None,
+        token: str | None = None,
+        **connector: Any,
+    ) -> str:
+        """Create a connector and one connection on it; returns the connection id."""
+        body = {"name": "c", "base_url": base_url, "auth_type": auth_type, "gateway_id": gateway_id}
+        ctr = self.call("POST", "/v1/connectors", token, json=body | connector)
+        cxn = self.call(
+            "POST",
+            "/v1/connections",
+            token,
+            json={"connector_id": ctr["id"], "credentials": credentials or {}},
+        )
+        return str(cxn["id"])
+
+
+@contextlib.contextmanager
+def running(root: Path) -> Iterator[DevStack]:
+    stack = DevStack(root)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
