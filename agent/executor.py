@@ -30,6 +30,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
 
+import h11
 import httpx
 
 from agent import metrics
@@ -37,6 +38,7 @@ from agent.auth import apply_credentials
 from agent.config import AgentConfig
 from agent.errors import (
     AgentError,
+    BadRequestHead,
     TargetDenied,
     UpstreamError,
     UpstreamTimeout,
@@ -45,6 +47,7 @@ from agent.errors import (
 from agent.head import RequestHead
 from agent.policy import NormalizedURL, Policy, is_under, normalize_url
 from backhaul.logging import redact_text
+from backhaul.version import __version__
 
 __all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_hop_by_hop"]
 
@@ -125,11 +128,18 @@ class UpstreamResponse:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body exactly as sent (content codings intact), chunk by chunk."""
+        if self._response.is_stream_consumed:
+            # A transport that read the body already (httpx.MockTransport, an ASGI app) has it
+            # in memory; there is nothing left to stream.
+            content = self._response.content
+            self.bytes_received += len(content)
+            if content:
+                yield content
+            return
         try:
             async for chunk in self._response.aiter_raw():
                 if chunk:
                     self.bytes_received += len(chunk)
-                    metrics.BYTES.labels("down").inc(len(chunk))
                     yield chunk
         except httpx.HTTPError as exc:
             raise _map_error(exc, self._target, "sending the response body") from exc
@@ -145,7 +155,11 @@ class UpstreamResponse:
 
 
 class _CountingBody:
-    """Feeds the request body to httpx and counts it, without holding more than one chunk."""
+    """Feeds the request body to httpx and counts it, without holding more than one chunk.
+
+    Bytes sent up are counted here; bytes coming down are counted by the dispatcher as it
+    writes them to the tunnel.
+    """
 
     def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
         self._first = first
@@ -198,6 +212,12 @@ class Executor:
             cookies=_no_cookies(),
             transport=transport,
         )
+        # httpx adds Accept, Accept-Encoding and Connection by default; the caller's own
+        # headers must reach the API unchanged (an Accept-Encoding it did not send would make
+        # the API compress a body the caller cannot decode, since bodies pass through raw).
+        for name in list(self._client.headers):
+            del self._client.headers[name]
+        self._client.headers["user-agent"] = f"backhaul-agent/{__version__}"
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -271,6 +291,10 @@ class Executor:
             raise UpstreamTimeout(
                 f"{where} did not answer within the {head.timeout_ms} ms deadline"
             ) from None
+        except (httpx.LocalProtocolError, h11.LocalProtocolError) as exc:
+            # Raised while writing the request, e.g. a body longer or shorter than the
+            # Content-Length the caller declared (RFC 9112 §6.3).
+            raise BadRequestHead(f"request could not be sent as given: {_reason(exc)}") from exc
         except httpx.InvalidURL:
             raise TargetDenied(
                 f"target of connection {head.connection_id} is not a valid URL"

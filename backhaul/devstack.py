@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -132,6 +133,10 @@ class DevStack:
         except httpx.HTTPError:
             return False
 
+    def tls(self) -> ssl.SSLContext:
+        """A client TLS context trusting the relay's development CA."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
     def create_user(self, name: str, role: str = "user") -> tuple[str, str]:
         """A user made by the admin: (id, token)."""
         doc = self.call("POST", "/v1/users", json={"name": name, "role": role})
@@ -150,7 +155,7 @@ class DevStack:
     def client(self, token: str | None = None, timeout: float = 60) -> httpx.Client:
         return httpx.Client(
             base_url=self.relay_url,
-            verify=str(self.ca_file),
+            verify=self.tls(),
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=timeout,
         )

@@ -63,8 +63,9 @@ _LEVELS = {
 
 #: Library loggers that get their own handlers by default; they are made to propagate to ours.
 _FOREIGN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "websockets")
-#: httpcore logs every socket operation at debug level; it stays quiet unless something breaks.
-_NOISY_LOGGERS = ("httpcore", "hpack", "h2", "asyncio")
+#: Quiet unless something breaks: httpcore logs every socket operation at debug level, and
+#: httpx logs every request URL with its query string, which may carry an API key.
+_NOISY_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "asyncio")
 
 _HANDLER_MARK = "_backhaul_handler"
 

@@ -194,8 +194,21 @@ def tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def redact(argv: list[str]) -> list[str]:
+    """The argv for a log line: token values and Authorization headers hidden."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--token":
+            out.append("…")
+        elif arg.lower().startswith("authorization:"):
+            out.append("Authorization: …")
+        else:
+            out.append(arg)
+    return out
+
+
 def run_cmd(argv: list[str], timeout: float, what: str) -> str:
-    log(f"run: {shlex.join(argv)}")
+    log(f"run: {shlex.join(redact(argv))}")
     r = subprocess.run(
         argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
@@ -228,6 +241,21 @@ def tree_status(pid: int) -> dict[str, int]:
         st = proc_status(p)
         for key in total:
             total[key] += st.get(key, 0)
+    return total
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
     return total
 
 
@@ -318,8 +346,8 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
     for name, value in target.headers.items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(target.base + "/small")
-    shown = [a if not a.lower().startswith("authorization:") else "Authorization: …" for a in argv]
-    log(f"{target.name}: {shlex.join(shown)}")
+    log(f"{target.name}: {shlex.join(redact(argv))}")
+    cpu_before = {name: tree_cpu(pid) for name, pid in target.memory_pids.items()}
     r = subprocess.run(
         argv, capture_output=True, text=True, timeout=s.wrk_seconds + 60, stdin=subprocess.DEVNULL
     )
@@ -327,9 +355,15 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
         raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout}\n{r.stderr}")
     out = r.stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m:
+    total = re.search(r"^\s*(\d+) requests in", out, re.MULTILINE)
+    if not m or not total:
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
     result.values["rps"] = float(m.group(1))
+    requests = int(total.group(1))
+    for name, pid in target.memory_pids.items():
+        if requests:
+            used = tree_cpu(pid) - cpu_before[name]
+            result.values[f"{name}_cpu_per_request"] = used / requests * 1000
     for pct, key in (("50", "wrk_p50"), ("99", "wrk_p99")):
         pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
         if pm:
@@ -699,7 +733,7 @@ def fmt(value: float | None, pattern: str) -> str:
 def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "—"
-    return f"{a / b:.2f}x"
+    return f"{a / b:.3g}x"
 
 
 def machine_info() -> dict[str, str]:
@@ -776,10 +810,13 @@ def render(
     backhaul_result = results.get("backhaul")
     if backhaul_result is not None and backhaul_result.values:
         out += [
-            "Backhaul process memory (resident set, process and its children):",
+            "Backhaul processes (each summed with its child processes, if any):",
             "",
-            "| Memory | relay | agent |",
+            "| Resource | relay | agent |",
             "|---|---:|---:|",
+            f"| CPU time per small request during wrk (ms) |"
+            f" {fmt(value('backhaul', 'relay_cpu_per_request'), '{:.3f}')} |"
+            f" {fmt(value('backhaul', 'agent_cpu_per_request'), '{:.3f}')} |",
         ]
         for key, label in MEMORY_ROWS:
             out.append(
@@ -846,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_exit)
+    # Also when started in the background, where SIGINT may be inherited as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))

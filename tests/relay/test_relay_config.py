@@ -78,3 +78,14 @@ def test_bad_toml(tmp_path: Path) -> None:
     path.write_text("dev = = true\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path, {}, environ={})
+
+
+def test_example_file_documents_every_key_and_loads() -> None:
+    from relay.config import RelayConfig
+
+    example = Path(__file__).resolve().parents[2] / "config" / "relay.toml"
+    text = example.read_text()
+    for key in RelayConfig.model_fields:
+        assert f"\n{key} = " in text or f"\n# {key} = " in text, key
+    config = load_config(example, {"dev": True, "data_dir": Path("/nonexistent")}, environ={})
+    assert config == load_config(None, {"dev": True, "data_dir": Path("/nonexistent")}, environ={})
