@@ -93,7 +93,7 @@ def enroll(
             dev=dev,
             force=force,
         )
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(
         f"Enrolled member [bold]{result.member_id}[/bold] in gateway "
         f"[bold]{result.gateway_name}[/bold] ({result.gateway_id})."

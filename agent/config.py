@@ -101,7 +101,7 @@ class StatusConfig(_Section):
 
 def _split_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9464")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:

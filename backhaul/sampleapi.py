@@ -341,7 +341,7 @@ class _Server:
             except (asyncio.IncompleteReadError, TimeoutError):
                 return  # the client closed between requests (or idled out)
             except asyncio.LimitOverrunError:
-                await self._send_error(writer, _BadRequest(431, "request head too large"))
+                await self._send_error(reader, writer, _BadRequest(431, "request head too large"))
                 return
             head = head.lstrip(b"\r\n")[:-4] if head.startswith(b"\r\n") else head[:-4]
             if not head:
@@ -350,7 +350,7 @@ class _Server:
                 method, target, version, headers = _parse_head(head)
                 length, chunked = _body_framing(headers)
             except _BadRequest as exc:
-                await self._send_error(writer, exc)
+                await self._send_error(reader, writer, exc)
                 return
             conn_tokens = {
                 t.strip().lower() for k, v in headers if k == "connection" for t in v.split(",")
@@ -366,7 +366,7 @@ class _Server:
                 # absolute-form (http://host/path) or asterisk-form
                 scheme_end = path.find("://")
                 if scheme_end < 0:
-                    await self._send_error(writer, _BadRequest(400, "bad request target"))
+                    await self._send_error(reader, writer, _BadRequest(400, "bad request target"))
                     return
                 slash = path.find("/", scheme_end + 3)
                 path = path[slash:] if slash >= 0 else "/"
@@ -385,8 +385,11 @@ class _Server:
                 response = _problem(500, "internal error")
             keep_alive = await self._send(writer, request, response, keep_alive)
             if not keep_alive:
-                with contextlib.suppress(Exception):
-                    await writer.drain()
+                if body.done:
+                    with contextlib.suppress(Exception):
+                        await writer.drain()
+                else:
+                    await _linger(reader, writer)
                 return
             if not body.done:
                 try:
@@ -394,12 +397,13 @@ class _Server:
                 except _BadRequest:
                     return
 
-    async def _send_error(self, writer: asyncio.StreamWriter, exc: _BadRequest) -> None:
+    async def _send_error(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: _BadRequest
+    ) -> None:
         response = _problem(exc.status, exc.message)
         writer.write(self._head(response.status, response.headers, len(response.body), False))
         writer.write(response.body)
-        with contextlib.suppress(Exception):
-            await writer.drain()
+        await _linger(reader, writer)
 
     @staticmethod
     def _head(
@@ -605,6 +609,21 @@ class _Server:
             if key == name and hmac.compare_digest(value.encode(), secret.encode()):
                 return _json(200, {"authenticated": True, "via": "query", "path": req.path})
         return _problem(401, f"API key required in header or query parameter {name!r}")
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close after a final response, then read and drop what the client still sends.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy the
+    response before the client has read it.
+    """
+    with contextlib.suppress(Exception):
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(2.0):
+            while await reader.read(CHUNK_SIZE):
+                pass
 
 
 def _not_allowed(allow: str) -> _Response:

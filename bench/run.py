@@ -917,6 +917,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    except SystemExit as exc:
+        log(f"stopped by a signal (exit status {exc.code})")
+        raise
     finally:
         procs.stop_all()
         if failed:

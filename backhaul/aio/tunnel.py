@@ -385,13 +385,14 @@ class Tunnel:
     async def _keepalive(self) -> None:
         try:
             while not self.closed:
+                # Ping first, so the round-trip time is known right after the handshake.
+                self.conn.ping(time.monotonic_ns())
+                await self.flush()
                 await asyncio.sleep(self.ping_interval)
                 if time.monotonic() - self.last_received > self.ping_timeout:
                     self.log.warning("tunnel.dead", silent_seconds=self.ping_timeout)
                     self.close_reason = "no traffic from peer within ping timeout"
                     await self.close(ErrorCode.PROTOCOL_ERROR, self.close_reason)
                     return
-                self.conn.ping(time.monotonic_ns())
-                await self.flush()
         except TransportClosed:
             return

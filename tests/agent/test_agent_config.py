@@ -85,7 +85,9 @@ def test_env_overrides_nested_and_json(tmp_path: Path) -> None:
     assert cfg.allow[0].prefix == "https://api.internal:443/v1/"
 
 
-def test_process_environment_is_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_process_environment_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("BACKHAUL_AGENT_NAME", "from-env")
     assert load_config(write(tmp_path, MINIMAL)).name == "from-env"
 
@@ -102,7 +104,11 @@ def test_process_environment_is_the_default(tmp_path: Path, monkeypatch: pytest.
         ("[[allow]]\nprefix = 'ftp://x/'\n", {}, "allow[0].prefix"),
         ("[[allow]]\nhost = 'a'\ncidr = '10.0.0.0/8'\n", {}, "allow[0]"),
         ("pinned_fingerprint = 'md5:00'\n", {}, "pinned_fingerprint"),
-        ("", {"BACKHAUL_AGENT_TUNNEL__PING_TIMEOUT_SECONDS": "soon"}, "tunnel.ping_timeout_seconds"),
+        (
+            "",
+            {"BACKHAUL_AGENT_TUNNEL__PING_TIMEOUT_SECONDS": "soon"},
+            "tunnel.ping_timeout_seconds",
+        ),
         ("", {"BACKHAUL_AGENT_UNKNOWN": "1"}, "unknown"),
         ("", {"BACKHAUL_AGENT_RELAY_URL": "http://relay.example.com"}, "relay_url"),
         ("", {"BACKHAUL_AGENT_RELAY_URL": "relay.example.com"}, "relay_url"),
@@ -166,7 +172,10 @@ def test_save_round_trip_is_short_relative_and_private(tmp_path: Path) -> None:
             "name": "n1",
             "pinned_fingerprint": "sha256:" + "ab" * 32,
             "tunnel": {"max_concurrent_streams": 8},
-            "allow": [{"prefix": "https://api.internal/v1/"}, {"cidr": "10.0.0.0/8", "ports": [80]}],
+            "allow": [
+                {"prefix": "https://api.internal/v1/"},
+                {"cidr": "10.0.0.0/8", "ports": [80]},
+            ],
         },
         tmp_path,
     )
@@ -195,7 +204,12 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path: Path) -> None
         for key in _keys(section):
             assert f"{key} =" in text, key
     defaults = AgentConfig.model_validate(
-        {"relay_url": "https://r.example", "member_id": "m", "gateway_id": "g", "config_dir": tmp_path}
+        {
+            "relay_url": "https://r.example",
+            "member_id": "m",
+            "gateway_id": "g",
+            "config_dir": tmp_path,
+        }
     )
     # The example's uncommented values are the defaults, so it doubles as their documentation.
     assert cfg.tunnel == defaults.tunnel

@@ -187,7 +187,9 @@ async def test_error_mid_body_mapped(make_config: Callable[..., AgentConfig]) ->
             await read_all(response)
 
 
-async def test_denied_targets_never_reach_transport(make_config: Callable[..., AgentConfig]) -> None:
+async def test_denied_targets_never_reach_transport(
+    make_config: Callable[..., AgentConfig],
+) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise AssertionError("must not be called")
 
@@ -205,8 +207,10 @@ async def test_denied_targets_never_reach_transport(make_config: Callable[..., A
 
 async def test_base_url_check_names_connection(make_config: Callable[..., AgentConfig]) -> None:
     async with mock_executor(make_config, lambda r: httpx.Response(200)) as ex:
-        with pytest.raises(TargetDenied, match="outside the base URL .* of connection cxn_1"):
-            await ex.start(make_head("http://api.test/api/x", "http://api.test/api/y/"), {}, no_body())
+        with pytest.raises(TargetDenied, match=r"outside the base URL .* of connection cxn_1"):
+            await ex.start(
+                make_head("http://api.test/api/x", "http://api.test/api/y/"), {}, no_body()
+            )
 
 
 async def test_no_cookie_jar_shared_between_requests(
@@ -280,7 +284,9 @@ def real_executor(make_config: Callable[..., AgentConfig], port: int, **kw: Any)
     return Executor(make_config(allow=[{"cidr": "127.0.0.0/8", "ports": [port]}], **kw))
 
 
-async def test_basic_auth_reaches_server(make_config: Callable[..., AgentConfig], upstream: Any) -> None:
+async def test_basic_auth_reaches_server(
+    make_config: Callable[..., AgentConfig], upstream: Any
+) -> None:
     async with real_executor(make_config, upstream.port) as ex:
         head = make_head(
             f"{upstream.base}/api/echo?q=1",
@@ -356,7 +362,9 @@ async def test_post_body_and_method(make_config: Callable[..., AgentConfig], ups
             await ex.start(wrong, {}, body_of(b'{"a":', b"1234}"))
 
 
-async def test_upload_50_mib_streams(make_config: Callable[..., AgentConfig], upstream: Any) -> None:
+async def test_upload_50_mib_streams(
+    make_config: Callable[..., AgentConfig], upstream: Any
+) -> None:
     chunk = bytes(range(256)) * 4096  # 1 MiB
     produced = 0
 
@@ -380,7 +388,9 @@ async def test_upload_50_mib_streams(make_config: Callable[..., AgentConfig], up
     assert "transfer-encoding" in dict(result["headers"])  # streamed, length unknown up front
 
 
-async def test_download_50_mib_streams(make_config: Callable[..., AgentConfig], upstream: Any) -> None:
+async def test_download_50_mib_streams(
+    make_config: Callable[..., AgentConfig], upstream: Any
+) -> None:
     size = 50 * MiB
     async with real_executor(make_config, upstream.port) as ex:
         head = make_head(f"{upstream.base}/api/download?size={size}", timeout_ms=60000)
@@ -404,7 +414,9 @@ async def test_unreachable_port(make_config: Callable[..., AgentConfig], closed_
             await ex.start(head, {}, no_body())
 
 
-async def test_slow_server_hits_deadline(make_config: Callable[..., AgentConfig], upstream: Any) -> None:
+async def test_slow_server_hits_deadline(
+    make_config: Callable[..., AgentConfig], upstream: Any
+) -> None:
     async with real_executor(make_config, upstream.port) as ex:
         head = make_head(f"{upstream.base}/api/slow", timeout_ms=300)
         loop = asyncio.get_running_loop()
@@ -414,7 +426,9 @@ async def test_slow_server_hits_deadline(make_config: Callable[..., AgentConfig]
         assert loop.time() - started < 2
 
 
-async def test_stalled_body_read_timeout(make_config: Callable[..., AgentConfig], upstream: Any) -> None:
+async def test_stalled_body_read_timeout(
+    make_config: Callable[..., AgentConfig], upstream: Any
+) -> None:
     async with real_executor(make_config, upstream.port) as ex:
         head = make_head(f"{upstream.base}/api/stall", timeout_ms=300)
         response = await ex.start(head, {}, no_body())

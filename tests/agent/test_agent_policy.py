@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent.errors import TargetDenied
@@ -150,7 +153,11 @@ def test_wildcard_host_matches_subdomains_only() -> None:
     p = policy({"host": "*.corp.example"})
     p.check("https://a.corp.example/")
     p.check("https://a.b.corp.example/")
-    for url in ("https://corp.example/", "https://evilcorp.example/", "https://a.corp.example.evil/"):
+    for url in (
+        "https://corp.example/",
+        "https://evilcorp.example/",
+        "https://a.corp.example.evil/",
+    ):
         with pytest.raises(TargetDenied):
             p.check(url)
 
@@ -218,7 +225,7 @@ def test_cidr_resolves_host_names_and_requires_every_address_inside() -> None:
     p.check("http://inside.corp/x")
     p.check("http://v6.corp/x")
     assert calls[0] == ("inside.corp", 80)
-    with pytest.raises(TargetDenied, match="192.168.1.1"):
+    with pytest.raises(TargetDenied, match=r"192\.168\.1\.1"):
         p.check("http://mixed.corp/")
     with pytest.raises(TargetDenied, match="does not resolve"):
         p.check("http://nowhere.corp/")
@@ -285,3 +292,56 @@ def test_is_under() -> None:
 def test_bad_allow_entries_rejected(entry: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         AllowEntry.model_validate(entry)
+
+
+_URL_PIECES = st.sampled_from(
+    [
+        "http://",
+        "https://",
+        "HTTP://",
+        "allowed.example",
+        "evil",
+        "@",
+        ":",
+        "80",
+        "443",
+        "/",
+        "v1",
+        "..",
+        ".",
+        "%2e",
+        "%2f",
+        "%5c",
+        "%40",
+        "\\",
+        "?",
+        "#",
+        "[",
+        "]",
+        "::1",
+        "127.0.0.1",
+        "0x7f",
+        ";",
+        "%",
+        "a",
+        "%61",
+    ]
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(_URL_PIECES, min_size=1, max_size=12).map("".join))
+def test_accepted_urls_mean_the_same_to_httpx(url: str) -> None:
+    """Whatever the policy accepts, httpx must read as the same origin and path."""
+    try:
+        target = normalize_url(url)
+    except TargetDenied:
+        return
+    parsed = httpx.URL(target.geturl())
+    assert parsed.scheme == target.scheme
+    assert parsed.host == target.host
+    assert (parsed.port or {"http": 80, "https": 443}[parsed.scheme]) == target.port
+    assert parsed.raw_path.decode().split("?", 1)[0] == target.path
+    original = httpx.URL(url)
+    assert original.host.rstrip(".") == target.host
+    assert ".." not in target.path.split("/")

@@ -48,7 +48,10 @@ def emit_everything() -> None:
         sealed="sealedblob",
         cookie="cookieval",
     )
-    log.info("header line Authorization: Negotiate TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAGAbEdAAAADw")
+    log.info(
+        "header line Authorization: Negotiate "
+        "TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAGAbEdAAAADw"
+    )
     logging.getLogger("websockets.client").debug(
         "connecting to %s", "wss://relay/v1/tunnel?api_key=s3cr3t-key"
     )
@@ -118,9 +121,9 @@ def test_reconfigure_does_not_duplicate() -> None:
 
 
 def test_bad_settings() -> None:
-    with pytest.raises(ConfigError, match="log.level"):
+    with pytest.raises(ConfigError, match=r"log\.level"):
         configure("json", "loud")
-    with pytest.raises(ConfigError, match="log.format"):
+    with pytest.raises(ConfigError, match=r"log\.format"):
         configure("xml", "info")
 
 
