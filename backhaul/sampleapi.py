@@ -166,6 +166,11 @@ class _Body:
         self._continue = expect_continue and (chunked or length > 0)
         self.done = not chunked and length == 0
 
+    @property
+    def continue_pending(self) -> bool:
+        """The client waits for ``100 Continue`` and nothing of the body was read yet."""
+        return self._continue
+
     async def read(self) -> bytes:
         """The next piece of the body; ``b""`` at its end."""
         if self.done:
@@ -383,6 +388,10 @@ class _Server:
                 print(f"sample API: {method} {path}: {exc!r}", file=sys.stderr)
                 keep_alive = False
                 response = _problem(500, "internal error")
+            if body.continue_pending:
+                # Answered without reading the body the client holds back: the body must not
+                # be requested after a final response, so this connection ends here.
+                keep_alive = False
             keep_alive = await self._send(writer, request, response, keep_alive)
             if not keep_alive:
                 if body.done:

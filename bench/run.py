@@ -736,7 +736,14 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3g}x"
 
 
-def machine_info() -> dict[str, str]:
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
+    except OSError:
+        return "unknown"
+
+
+def machine_info(load_at_start: str) -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -765,6 +772,7 @@ def machine_info() -> dict[str, str]:
         "wrk": version(["wrk", "-v"]).split(" Copyright")[0],
         "OpenSSH": version(["ssh", "-V"]),
         "Date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "Load average at start": load_at_start,
     }
 
 
@@ -890,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))
     results: dict[str, Result | None] = {}
     started = time.monotonic()
+    load_at_start = load_average()
     failed = False
     try:
         log(f"temp dir {tmp}")
@@ -929,7 +938,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    report = render(results, settings, command, machine_info(), time.monotonic() - started)
+    report = render(
+        results, settings, command, machine_info(load_at_start), time.monotonic() - started
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

@@ -168,6 +168,20 @@ def test_expect_100_continue(api: sampleapi.RunningServer) -> None:
     assert json.loads(out.partition(b"\r\n\r\n")[2])["bytes"] == 4
 
 
+def test_expect_100_continue_refused_closes(api: sampleapi.RunningServer) -> None:
+    with socket.create_connection((api.host, api.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 405 ")
+    assert b"100 Continue" not in out
+    assert b"Connection: close" in out
+
+
 # --- echo ------------------------------------------------------------------------------
 
 
