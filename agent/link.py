@@ -205,7 +205,6 @@ class Link:
         state.session_id = str(welcome.get("session_id", ""))
         state.connected_since = dt.datetime.now(dt.UTC)
         state.last_error = None
-        metrics.TUNNEL_CONNECTED.set(1)
         log.info("link.connected", relay=self.cfg.relay_url, session_id=state.session_id)
         runner = asyncio.create_task(tunnel.run())
         stopper = asyncio.create_task(stop.wait())
@@ -217,7 +216,6 @@ class Link:
         finally:
             stopper.cancel()
             runner.cancel()
-            metrics.TUNNEL_CONNECTED.set(0)
             if tunnel.closed and tunnel.close_reason and not stop.is_set():
                 state.last_error = f"tunnel closed: {tunnel.close_reason}"
         if not stop.is_set():

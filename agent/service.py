@@ -36,6 +36,7 @@ async def run(cfg: AgentConfig) -> None:
     signing_key = load_signing_key(cfg.signing_key_file)
     gateway_key = load_gateway_key(cfg)
     state = AgentState(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id)
+    state.bind_metrics()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,14 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from agent import metrics
+from agent.status import StatusDocument
 from backhaul.aio.tunnel import Tunnel
 from backhaul.version import __version__
 
 
 @dataclass
 class AgentState:
+    """Mutable state behind the status document; the link and the dispatcher update it,
+    and live figures (RTT, in-flight) are read from the tunnel itself."""
+
     relay: str
     member_id: str
     gateway_id: str
@@ -26,15 +30,23 @@ class AgentState:
     last_error: str | None = None
     draining: bool = False
 
+    def bind_metrics(self) -> None:
+        """Point the tunnel gauges at this state, so /metrics and /status never disagree."""
+        metrics.TUNNEL_CONNECTED.set_function(lambda: 1.0 if self.connected else 0.0)
+        metrics.RTT_SECONDS.set_function(self._rtt_seconds)
+
+    def _rtt_seconds(self) -> float:
+        rtt = self.tunnel.rtt_ms if self.tunnel is not None and self.connected else None
+        return 0.0 if rtt is None else rtt / 1000
+
     @property
     def connected(self) -> bool:
         return self.tunnel is not None and not self.tunnel.closed
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StatusDocument:
         tunnel = self.tunnel if self.connected else None
         return {
             "connected": self.connected,
-            "running": True,
             "relay": self.relay,
             "session_id": self.session_id if tunnel else None,
             "member_id": self.member_id,

@@ -24,10 +24,7 @@ import contextlib
 import json
 import os
 import socket
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypedDict
 
@@ -38,12 +35,10 @@ import structlog
 from agent import metrics as agent_metrics
 from agent.config import AgentConfig
 from agent.errors import AgentError, AgentNotRunning
-from backhaul.version import __version__
 
 __all__ = [
     "StatusDocument",
     "StatusServer",
-    "StatusTracker",
     "fetch_status",
 ]
 
@@ -68,84 +63,7 @@ class StatusDocument(TypedDict):
     last_error: str | None
     version: str
     reconnects: int
-
-
-@dataclass
-class StatusTracker:
-    """Mutable agent state behind the status document; the tunnel and dispatcher update it.
-
-    Updating it also moves the matching Prometheus gauges, so the two views never disagree.
-    """
-
-    relay: str
-    member_id: str
-    gateway_id: str
-    started: float = field(default_factory=time.monotonic)
-    session_id: str | None = None
-    connected_since: datetime | None = None
-    rtt_seconds: float | None = None
-    inflight: int = 0
-    total: int = 0
-    failed: int = 0
-    last_error: str | None = None
-    reconnects: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: AgentConfig) -> StatusTracker:
-        return cls(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id)
-
-    def mark_connected(self, session_id: str | None) -> None:
-        self.session_id = session_id
-        self.connected_since = datetime.now(UTC)
-        agent_metrics.TUNNEL_CONNECTED.set(1)
-
-    def mark_disconnected(self, error: str | None = None) -> None:
-        self.session_id = None
-        self.connected_since = None
-        self.rtt_seconds = None
-        if error:
-            self.last_error = error
-        agent_metrics.TUNNEL_CONNECTED.set(0)
-
-    def mark_reconnect(self) -> None:
-        self.reconnects += 1
-        agent_metrics.RECONNECTS.inc()
-
-    def set_rtt(self, seconds: float) -> None:
-        self.rtt_seconds = seconds
-        agent_metrics.RTT_SECONDS.set(seconds)
-
-    def request_started(self) -> None:
-        self.inflight += 1
-
-    def request_finished(self, error: BaseException | None, seconds: float) -> None:
-        """Count a finished stream; ``error`` is None on success."""
-        self.inflight = max(0, self.inflight - 1)
-        self.total += 1
-        if error is not None:
-            self.failed += 1
-            self.last_error = str(error) or type(error).__name__
-        agent_metrics.REQUESTS.labels(agent_metrics.outcome_of(error)).inc()
-        agent_metrics.REQUEST_SECONDS.observe(seconds)
-
-    def snapshot(self) -> StatusDocument:
-        since = self.connected_since
-        return {
-            "connected": since is not None,
-            "relay": self.relay,
-            "session_id": self.session_id,
-            "member_id": self.member_id,
-            "gateway_id": self.gateway_id,
-            "rtt_ms": None if self.rtt_seconds is None else round(self.rtt_seconds * 1000, 3),
-            "uptime_seconds": round(time.monotonic() - self.started, 3),
-            "connected_since": since.isoformat() if since else None,
-            "inflight": self.inflight,
-            "total": self.total,
-            "failed": self.failed,
-            "last_error": self.last_error,
-            "version": __version__,
-            "reconnects": self.reconnects,
-        }
+    draining: bool
 
 
 class StatusServer:

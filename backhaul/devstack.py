@@ -127,9 +127,7 @@ class DevStack:
         if not self.ca_file.exists():
             return False
         try:
-            return (
-                httpx.get(f"{self.relay_url}/healthz", verify=str(self.ca_file)).status_code == 200
-            )
+            return httpx.get(f"{self.relay_url}/healthz", verify=self.tls()).status_code == 200
         except httpx.HTTPError:
             return False
 

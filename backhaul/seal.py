@@ -27,7 +27,9 @@ from backhaul.keys import b64d, b64e
 
 SUITE_NAME = "MLKEM768_X25519/HKDF_SHA256/CHACHA20_POLY1305"
 _SUITES = {
-    SUITE_NAME: hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+    SUITE_NAME: hpke.Suite(
+        hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305
+    )
 }
 _MLKEM_SEED = 64
 _X25519 = 32
@@ -102,7 +104,9 @@ def seal(
         {"base_url": base_url, "credentials": credentials}, separators=(",", ":")
     ).encode()
     suite = _SUITES[SUITE_NAME]
-    blob = suite.encrypt(plaintext, _public_from_text(public_key_text), info=_info(connection_id, base_url))
+    blob = suite.encrypt(
+        plaintext, _public_from_text(public_key_text), info=_info(connection_id, base_url)
+    )
     return SUITE_NAME, blob
 
 

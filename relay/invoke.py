@@ -20,6 +20,7 @@ from urllib.parse import unquote
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import MutableHeaders
 
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.keys import b64e
@@ -127,12 +128,6 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers
 
 
-@router.api_route(
-    "/v1/connections/{connection_id}/invoke/{path:path}",
-    methods=METHODS,
-    summary="Call the connection's API through its gateway",
-    response_class=Response,
-)
 async def invoke(connection_id: str, path: str, request: Request, user: CurrentUser) -> Response:
     del path  # the decoded form is unsafe to use; _sub_path reads the raw target
     started = time.monotonic()
@@ -147,6 +142,18 @@ async def invoke(connection_id: str, path: str, request: Request, user: CurrentU
     metrics.REQUESTS.labels(code=str(response.status_code)).inc()
     metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
     return response
+
+
+# One route per method, so each has its own operation id in the OpenAPI document.
+for _method in METHODS:
+    router.add_api_route(
+        "/v1/connections/{connection_id}/invoke/{path:path}",
+        invoke,
+        methods=[_method],
+        operation_id=f"invoke_{_method.lower()}",
+        summary="Call the connection's API through its gateway",
+        response_class=Response,
+    )
 
 
 async def _invoke(
@@ -238,10 +245,8 @@ async def _exchange(
     )
 
 
-def _header_dict(headers: list[tuple[str, str]]) -> Any:
-    # Starlette takes a mapping; keep repeated fields (Set-Cookie) by building raw headers.
-    from starlette.datastructures import MutableHeaders
-
+def _header_dict(headers: list[tuple[str, str]]) -> MutableHeaders:
+    """Keep repeated fields (Set-Cookie) that a plain dict would fold."""
     mutable = MutableHeaders()
     for name, value in headers:
         mutable.append(name, value)

@@ -337,7 +337,12 @@ class Connection:
             raise RemoteProtocolError(
                 ErrorCode.STREAM_CLOSED, "DATA outside an open stream", frame.stream_id
             )
-        stream.recv.received(size, frame.stream_id)
+        try:
+            stream.recv.received(size, frame.stream_id)
+        except RemoteProtocolError:
+            # The stream is reset for this: give the dropped bytes' tunnel credit back.
+            self.acknowledge(0, size)
+            raise
         events: list[Event] = [DataReceived(frame.stream_id, frame.payload, frame.end_stream)]
         if frame.end_stream:
             events.extend(self._recv_end(stream))

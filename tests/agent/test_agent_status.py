@@ -6,18 +6,21 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
-from agent import metrics
 from agent.cli import app
 from agent.config import AgentConfig, save_config
 from agent.errors import AgentError, AgentNotRunning
-from agent.status import StatusServer, StatusTracker, fetch_status
+from agent.state import AgentState
+from agent.status import StatusServer, fetch_status
+from backhaul.aio.tunnel import Tunnel
 
 DOC_KEYS = {
     "connected",
@@ -34,6 +37,7 @@ DOC_KEYS = {
     "last_error",
     "version",
     "reconnects",
+    "draining",
 }
 
 
@@ -43,12 +47,12 @@ def cfg(make_config: Callable[..., AgentConfig]) -> AgentConfig:
 
 
 async def test_status_and_metrics_over_socket_and_tcp(cfg: AgentConfig) -> None:
-    tracker = StatusTracker.from_config(cfg)
-    tracker.mark_connected("ses_1")
-    tracker.set_rtt(0.0123)
-    tracker.request_started()
-    tracker.request_finished(None, 0.01)
-    tracker.request_started()
+    tracker = AgentState(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id)
+    tracker.tunnel = cast(Tunnel, SimpleNamespace(closed=False, rtt_ms=12.3, inflight=1))
+    tracker.session_id = "ses_1"
+    tracker.connected_since = datetime.now(UTC)
+    tracker.total = 1
+    tracker.bind_metrics()
     async with await StatusServer.for_config(cfg, tracker.snapshot) as server:
         sock = cfg.status.socket
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
@@ -131,28 +135,13 @@ async def test_fetch_status_not_running(cfg: AgentConfig) -> None:
         await fetch_status(cfg)
 
 
-def test_tracker_counts_failures_and_metrics() -> None:
-    tracker = StatusTracker(relay="https://r", member_id="m", gateway_id="g")
-    before = metrics.REQUESTS.labels("timeout")._value.get()
-    from agent.errors import UpstreamTimeout
-
-    tracker.request_started()
-    tracker.request_finished(UpstreamTimeout("api.internal did not answer in time"), 1.0)
-    doc = tracker.snapshot()
-    assert doc["failed"] == 1 and doc["inflight"] == 0
-    assert doc["last_error"] == "api.internal did not answer in time"
-    assert metrics.REQUESTS.labels("timeout")._value.get() == before + 1
-    tracker.mark_reconnect()
-    tracker.mark_disconnected("relay closed the tunnel")
-    doc = tracker.snapshot()
-    assert doc["connected"] is False and doc["reconnects"] == 1 and doc["rtt_ms"] is None
-
-
 @pytest.fixture
 def running_server(cfg: AgentConfig) -> Iterator[StatusServer]:
     """A status server on its own loop in a thread, so the synchronous CLI can query it."""
     loop = asyncio.new_event_loop()
-    server = StatusServer(StatusTracker.from_config(cfg).snapshot)
+    server = StatusServer(
+        AgentState(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id).snapshot
+    )
     ready = threading.Event()
 
     def run() -> None:

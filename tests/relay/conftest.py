@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from relay_helpers import Relay, make_config, start
+from tests.relay.relay_helpers import Relay, make_config, start
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import structlog
-from relay_helpers import Enrolled, Relay, assert_problem, gateway_with_member
+from tests.relay.relay_helpers import Enrolled, Relay, assert_problem, gateway_with_member
 
 from backhaul.errors import SealError
 from backhaul.seal import GatewayKeyPair, open_sealed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from relay_helpers import Relay, assert_problem, gateway_with_member
+from tests.relay.relay_helpers import Relay, assert_problem, gateway_with_member
 
 from relay.api.connectors import normalize_base_url
 

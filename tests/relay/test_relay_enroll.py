@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 
 import pytest
-from relay_helpers import Relay, assert_problem, enroll, signing_key_text
+from tests.relay.relay_helpers import Relay, assert_problem, enroll, signing_key_text
 
 from backhaul.seal import GatewayKeyPair
 from relay.api import enroll as enroll_module

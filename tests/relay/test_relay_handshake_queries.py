@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay_helpers import Relay, gateway_with_member
+from tests.relay.relay_helpers import Relay, gateway_with_member
 
 from relay.store import queries
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 import structlog
-from relay_helpers import Relay, assert_problem, make_config, start
+from tests.relay.relay_helpers import Relay, assert_problem, make_config, start
 
 from relay import metrics
 from relay.app import create_app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay_helpers import Relay, assert_problem
+from tests.relay.relay_helpers import Relay, assert_problem
 
 
 async def test_me_with_token(relay: Relay) -> None:

@@ -349,10 +349,10 @@ def test_sender_cannot_exceed_max_sendable() -> None:
 def test_credit_returns_only_after_acknowledge_and_batches_at_half_window() -> None:
     pair = connect(agent_settings=SMALL)
     sid = pair.relay.open_stream({})
-    for _ in range(4):
+    for _ in range(3):
         pair.relay.send_data(sid, b"x" * 1024)
     events = pair.relay_to_agent()
-    assert sum(len(e.data) for e in events if isinstance(e, DataReceived)) == 4096
+    assert sum(len(e.data) for e in events if isinstance(e, DataReceived)) == 3072
     assert pair.agent.data_to_send() == []  # arrival alone grants nothing
 
     pair.agent.acknowledge(sid, 1024)
@@ -361,18 +361,29 @@ def test_credit_returns_only_after_acknowledge_and_batches_at_half_window() -> N
     assert pair.agent.data_to_send() == []
     pair.agent.acknowledge(sid, 1)
     out = pair.agent.data_to_send()
-    assert windows(out) == [(sid, 2048)]
+    assert windows(out) == [(sid, 2048)]  # the tunnel (2048 < 10000 // 2) waits
+    assert pair.relay.max_sendable(sid) == 1024
+    pair.relay.send_data(sid, b"x" * 1024)
     assert pair.relay.max_sendable(sid) == 0
     for message in out:
         assert pair.relay.receive_message(message) == [WindowUpdated(sid)]
     assert pair.relay.max_sendable(sid) == 1024
 
-    pair.agent.acknowledge(sid, 2048)
-    # Now the tunnel (4096 of 10000 consumed: 4096 >= 5000? no) and the stream (2048) differ.
-    assert windows(pair.agent.data_to_send()) == [(sid, 2048)]
     pair.agent.acknowledge(sid, 0)
     pair.agent.acknowledge(sid, -5)
     assert pair.agent.data_to_send() == []
+
+
+def test_a_full_window_is_granted_on_any_consumption() -> None:
+    pair = connect(agent_settings=SMALL)
+    sid = pair.relay.open_stream({})
+    for _ in range(4):
+        pair.relay.send_data(sid, b"x" * 1024)
+    pair.relay_to_agent()
+    # The sender is stalled: waiting for half the window could deadlock, so even a
+    # small consumption is granted at once.
+    pair.agent.acknowledge(sid, 10)
+    assert windows(pair.agent.data_to_send()) == [(sid, 10)]
 
 
 def test_tunnel_window_is_batched_too() -> None:
@@ -492,7 +503,8 @@ def test_goaway_from_the_agent_refuses_streams_above_last_id() -> None:
         pair.relay.end_stream(sid)
         pair.relay_to_agent()
         pair.agent.send_response(sid, {"ok": True}, end_stream=True)
-        assert pair.agent_to_relay() == [ResponseReceived(sid, {"ok": True}, True), StreamEnded(sid)]
+        events = pair.agent_to_relay()
+        assert events == [ResponseReceived(sid, {"ok": True}, True), StreamEnded(sid)]
     assert pair.relay.open_streams == pair.agent.open_streams == 0
 
 
@@ -571,8 +583,10 @@ def test_frames_crossing_a_reset_are_ignored() -> None:
     pair.agent.send_response(sid, {})
     pair.agent.end_stream(sid)
     pair.relay.reset_stream(sid, ErrorCode.CANCEL)
-    assert pair.agent_to_relay() == []
-    assert pair.relay_to_agent() == []  # the stream is already gone on the agent too
+    assert pair.agent_to_relay() == []  # RESPONSE and END cross the RESET: ignored
+    # The agent's side was still half-closed (local): the RESET reaches it.
+    assert pair.relay_to_agent() == [StreamReset(sid, ErrorCode.CANCEL, "")]
+    assert pair.relay.open_streams == pair.agent.open_streams == 0
 
 
 def test_ping_pong() -> None:

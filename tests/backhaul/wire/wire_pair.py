@@ -42,9 +42,7 @@ def deliver(src: Connection, dst: Connection) -> list[Event]:
     return events
 
 
-def connect(
-    relay_settings: Settings | None = None, agent_settings: Settings | None = None
-) -> Pair:
+def connect(relay_settings: Settings | None = None, agent_settings: Settings | None = None) -> Pair:
     """Run the three-message handshake and return both open connections."""
     relay = Connection(Role.RELAY, relay_settings)
     agent = Connection(Role.AGENT, agent_settings)
