@@ -93,7 +93,11 @@ class AgentClaim:
 def parse_agent_hello(payload: dict[str, Any]) -> AgentClaim:
     """Validate the shape of the agent's HELLO (the signature is checked by the caller)."""
     version = payload.get("version")
-    if not isinstance(version, int) or version not in SUPPORTED_PROTOCOL_VERSIONS:
+    if (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or version not in SUPPORTED_PROTOCOL_VERSIONS
+    ):
         raise HandshakeRefused(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version!r} not supported; this relay accepts "

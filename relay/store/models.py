@@ -13,8 +13,10 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
+    Float,
     Dialect,
     ForeignKey,
+    Integer,
     LargeBinary,
     String,
     Text,
@@ -88,6 +90,14 @@ class Gateway(Base):
     owner_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), index=True)
     hpke_public_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: The gateway private key wrapped under the admin's recovery key (JSON; opaque here).
+    wrapped_private_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    load_balancing: Mapped[str] = mapped_column(
+        String(32), default="least-inflight", server_default="least-inflight"
+    )
+    cpu_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    memory_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class EnrollmentToken(Base):
@@ -117,6 +127,9 @@ class Member(Base):
     enrolled_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_seen_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: Lower is preferred by the primary-failover policy (enrollment order by default).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Connector(Base):
@@ -145,6 +158,8 @@ class Connection(Base):
     seal_suite: Mapped[str] = mapped_column(String(64))
     sealed_credentials: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: The gateway key generation these credentials are sealed to (rotation re-seals).
+    key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class ConnectionShare(Base):

@@ -50,6 +50,13 @@ def upgrade() -> None:
         sa.Column("owner_id", ID, sa.ForeignKey("users.id"), nullable=False, index=True),
         sa.Column("hpke_public_key", sa.Text(), nullable=True),
         _ts("created_at"),
+        # Clusters: the private key wrapped under the admin's recovery key (the relay can't
+        # unwrap it), the key generation connections are sealed to, and load balancing.
+        sa.Column("wrapped_private_key", sa.Text(), nullable=True),
+        sa.Column("key_version", sa.Integer(), nullable=False, server_default="1"),
+        sa.Column("load_balancing", sa.String(32), nullable=False, server_default="least-inflight"),
+        sa.Column("cpu_threshold", sa.Float(), nullable=True),
+        sa.Column("memory_threshold", sa.Float(), nullable=True),
     )
     op.create_table(
         "enrollment_tokens",
@@ -83,6 +90,8 @@ def upgrade() -> None:
         _ts("enrolled_at"),
         _ts("revoked_at", nullable=True),
         _ts("last_seen_at", nullable=True),
+        _ts("disabled_at", nullable=True),
+        sa.Column("priority", sa.Integer(), nullable=False, server_default="0"),
     )
     op.create_table(
         "connectors",
@@ -105,6 +114,7 @@ def upgrade() -> None:
         sa.Column("seal_suite", sa.String(64), nullable=False),
         sa.Column("sealed_credentials", sa.LargeBinary(), nullable=False),
         _ts("created_at"),
+        sa.Column("key_version", sa.Integer(), nullable=False, server_default="1"),
     )
     op.create_table(
         "connection_shares",
