@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
-    Float,
     Dialect,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
