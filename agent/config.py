@@ -62,6 +62,7 @@ class TunnelConfig(_Section):
     backoff_max_seconds: float = Field(default=30.0, gt=0)
     max_concurrent_streams: int = Field(default=256, ge=1, le=65535)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    load_report_seconds: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -137,6 +138,8 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     relay_url: str
+    #: More relay instances, in order of preference; the agent fails over between them.
+    relay_urls: list[str] = Field(default_factory=list)
     member_id: str = Field(min_length=1)
     gateway_id: str = Field(min_length=1)
     name: str = Field(default_factory=socket.gethostname, min_length=1)
@@ -156,24 +159,21 @@ class AgentConfig(BaseModel):
     @field_validator("relay_url")
     @classmethod
     def _check_relay_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError("must be an https:// URL, e.g. https://relay.example.com")
-        if parts.username is not None or parts.query or parts.fragment:
-            raise ValueError("must not contain userinfo, a query or a fragment")
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError as exc:
-            raise ValueError("has an invalid port") from exc
-        return urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+        return _relay_url(value)
+
+    @field_validator("relay_urls")
+    @classmethod
+    def _check_relay_urls(cls, value: list[str]) -> list[str]:
+        return [_relay_url(url) for url in value]
 
     @model_validator(mode="after")
     def _finish(self) -> Self:
-        host = urlsplit(self.relay_url).hostname or ""
-        if self.relay_url.startswith("http://") and not (self.dev and is_loopback(host)):
-            raise ValueError(
-                "relay_url: http:// is allowed only with dev = true and a loopback relay host"
-            )
+        for url in self.relays:
+            host = urlsplit(url).hostname or ""
+            if url.startswith("http://") and not (self.dev and is_loopback(host)):
+                raise ValueError(
+                    "relay_url: http:// is allowed only with dev = true and a loopback relay host"
+                )
         base = self.config_dir.expanduser().absolute()
         self.config_dir = base
         self.ca_file = _resolve(base, self.ca_file)
@@ -184,14 +184,37 @@ class AgentConfig(BaseModel):
         return self
 
     @property
+    def relays(self) -> list[str]:
+        """Every relay URL in order of preference: ``relay_urls`` if set, else ``relay_url``."""
+        urls = list(self.relay_urls) or [self.relay_url]
+        return list(dict.fromkeys(urls))
+
+    @property
     def tunnel_url(self) -> str:
         """``wss://<relay>/v1/tunnel`` (``ws://`` for a dev relay on loopback)."""
-        scheme = "ws" if self.relay_url.startswith("http://") else "wss"
-        return scheme + self.relay_url[self.relay_url.index("://") :] + "/v1/tunnel"
+        return tunnel_url(self.relay_url)
 
     @property
     def config_file(self) -> Path:
         return self.config_dir / CONFIG_FILE
+
+
+def tunnel_url(relay_url: str) -> str:
+    scheme = "ws" if relay_url.startswith("http://") else "wss"
+    return scheme + relay_url[relay_url.index("://") :] + "/v1/tunnel"
+
+
+def _relay_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an https:// URL, e.g. https://relay.example.com")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ValueError("must not contain userinfo, a query or a fragment")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    return urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
 def _resolve_path(base: Path, path: Path) -> Path:

@@ -14,6 +14,8 @@ from agent import metrics
 from agent.errors import AgentError, CredentialsInvalid
 from agent.executor import Executor, UpstreamResponse
 from agent.head import RequestHead
+from agent.keyring import Keyring
+from agent.reseal import serve_op
 from agent.state import AgentState
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.errors import SealError
@@ -31,16 +33,25 @@ RESET_CODES = {
     "upstream_unreachable": ErrorCode.UPSTREAM_UNREACHABLE,
     "upstream_timeout": ErrorCode.DEADLINE_EXCEEDED,
     "upstream_error": ErrorCode.UPSTREAM_ERROR,
+    # Not processed: the relay may try a member that already holds the key version.
+    "key_version_unavailable": ErrorCode.REFUSED_STREAM,
 }
 
 
 class Dispatcher:
-    def __init__(self, executor: Executor, gateway_key: GatewayKeyPair, state: AgentState) -> None:
+    def __init__(
+        self, executor: Executor, gateway_key: Keyring | GatewayKeyPair, state: AgentState
+    ) -> None:
         self.executor = executor
-        self.gateway_key = gateway_key
+        self.keyring = (
+            gateway_key if isinstance(gateway_key, Keyring) else Keyring.in_memory(gateway_key)
+        )
         self.state = state
 
     async def handle(self, stream: TunnelStream) -> None:
+        if stream.head is not None and "op" in stream.head:  # a key rotation step
+            await serve_op(stream, self.keyring, self.state.gateway_id)
+            return
         started = time.monotonic()
         self.state.total += 1
         upstream: UpstreamResponse | None = None
@@ -77,11 +88,10 @@ class Dispatcher:
             metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
 
     def _open(self, head: RequestHead) -> dict[str, object]:
+        key = self.keyring.get(head.key_version)
         try:
             blob = b64d(head.sealed)
-            return open_sealed(
-                self.gateway_key, head.suite, blob, head.connection_id, head.base_url
-            )
+            return open_sealed(key, head.suite, blob, head.connection_id, head.base_url)
         except (SealError, ValueError) as exc:
             raise CredentialsInvalid(
                 f"sealed credentials of connection {head.connection_id} do not open here: {exc}"

@@ -9,6 +9,7 @@ that names the target but never contains a credential, a token or a query string
     ├── TargetDenied          the allow-list or the base URL does not cover the target
     ├── BadRequestHead        the relay sent a malformed OPEN payload (unknown field, bad header)
     ├── CredentialsInvalid    the opened credentials lack a field the auth scheme needs
+    ├── KeyVersionUnavailable the request is sealed to a gateway key version not held here
     ├── UpstreamUnreachable   DNS failure, connection refused, TLS handshake failure
     ├── UpstreamTimeout       the deadline passed before response headers, or the body stalled
     ├── UpstreamError         the internal API broke HTTP (protocol error, reset mid-body)
@@ -26,6 +27,7 @@ __all__ = [
     "BadRequestHead",
     "CredentialsInvalid",
     "EnrollError",
+    "KeyVersionUnavailable",
     "TargetDenied",
     "UpstreamError",
     "UpstreamTimeout",
@@ -64,6 +66,21 @@ class CredentialsInvalid(AgentError):
 
     code = "credentials_invalid"
     status = 502
+
+
+class KeyVersionUnavailable(AgentError):
+    """The credentials are sealed to a gateway key version this member does not hold (yet:
+    a rotation is handing it over). The request was not processed; another member may."""
+
+    code = "key_version_unavailable"
+    status = 503
+
+    def __init__(self, version: int, held: list[int]) -> None:
+        super().__init__(
+            f"gateway key version {version} is not held here (held: "
+            f"{', '.join(map(str, held)) or 'none'})"
+        )
+        self.version = version
 
 
 class UpstreamUnreachable(AgentError):

@@ -13,7 +13,11 @@ Schema (JSON)::
      "base_url": "http://127.0.0.1:8080/api/",
      "auth": {"type": "none" | "basic" | "api_key",
               "api_key_name": str | null, "api_key_in": "header" | "query" | null},
-     "suite": "MLKEM768_X25519/...", "sealed": "<base64url>", "timeout_ms": 30000}
+     "suite": "MLKEM768_X25519/...", "sealed": "<base64url>", "timeout_ms": 30000,
+     "key_version": 1}
+
+``key_version`` names the gateway key generation the credentials are sealed to (a rotation
+re-seals them to the next one); a relay that predates rotation leaves it out, meaning 1.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class RequestHead(BaseModel):
     suite: StrictStr = Field(min_length=1, max_length=200)
     sealed: StrictStr = Field(max_length=1024 * 1024)
     timeout_ms: StrictInt = Field(gt=0, le=MAX_TIMEOUT_MS)
+    key_version: StrictInt = Field(default=1, ge=1, le=10**9)
 
     @field_validator("method")
     @classmethod

@@ -23,7 +23,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent import metrics
 from agent.backoff import backoff, should_retry
-from agent.config import AgentConfig
+from agent.config import AgentConfig, tunnel_url
+from agent.load import report_load
 from agent.state import AgentState
 from backhaul import handshake
 from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
@@ -61,7 +62,8 @@ class WebSocketTransport:
             await self.ws.send(data)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
-            raise TransportClosed("relay closed the tunnel", code) from exc
+            reason = exc.rcvd.reason if exc.rcvd and exc.rcvd.reason else "relay closed the tunnel"
+            raise TransportClosed(reason, code) from exc
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
@@ -109,33 +111,41 @@ class Link:
         self._served = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        delays = backoff(
-            self.cfg.tunnel.backoff_initial_seconds, self.cfg.tunnel.backoff_max_seconds
-        )
+        """Connect to the relays in order of preference; back off once all have failed."""
+        tunnel_cfg = self.cfg.tunnel
+        delays = backoff(tunnel_cfg.backoff_initial_seconds, tunnel_cfg.backoff_max_seconds)
+        relays = self.cfg.relays
+        index = 0
         while not stop.is_set():
             self._served = False
             close_code: int | None = None
+            url = relays[index % len(relays)]
+            self.state.relay = url
             try:
-                await self._connect_and_serve(stop)
+                await self._connect_and_serve(url, stop)
             except LinkRefused as exc:
                 self.state.last_error = str(exc)
-                log.error("link.refused", reason=str(exc))
+                log.error("link.refused", relay=url, reason=str(exc))
                 raise
             except TransportClosed as exc:
                 close_code = exc.code
-                self._failed(f"tunnel closed: {exc.reason or 'connection lost'}")
+                self._failed(url, f"tunnel closed: {exc.reason or 'connection lost'}")
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as exc:
-                self._failed(_describe(exc))
+                self._failed(url, _describe(exc))
             except handshake.HandshakeRefused as exc:
-                self._failed(f"handshake failed: {exc.reason}")
+                self._failed(url, f"handshake failed: {exc.reason}")
             if stop.is_set():
                 break
             if close_code is not None and not should_retry(close_code):
                 raise LinkRefused(self.state.last_error or "relay refused this member")
-            if self._served:  # a tunnel that worked restarts the backoff from the bottom
-                delays = backoff(
-                    self.cfg.tunnel.backoff_initial_seconds, self.cfg.tunnel.backoff_max_seconds
-                )
+            if self._served:
+                # A tunnel that worked: start again from the preferred relay, fresh backoff.
+                index = 0
+                delays = backoff(tunnel_cfg.backoff_initial_seconds, tunnel_cfg.backoff_max_seconds)
+            else:
+                index += 1
+                if index % len(relays):
+                    continue  # try the next relay at once; back off only after a full round
             delay = next(delays)
             self.state.reconnects += 1
             metrics.RECONNECTS.inc()
@@ -144,15 +154,16 @@ class Link:
                 async with asyncio.timeout(delay):
                     await stop.wait()
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, url: str, reason: str) -> None:
         self.state.last_error = reason
-        log.warning("link.down", reason=reason)
+        log.warning("link.down", relay=url, reason=reason)
 
-    async def _connect_and_serve(self, stop: asyncio.Event) -> None:
+    async def _connect_and_serve(self, relay_url: str, stop: asyncio.Event) -> None:
         cfg = self.cfg
-        secure = cfg.tunnel_url.startswith("wss://")
+        url = tunnel_url(relay_url)
+        secure = url.startswith("wss://")
         async with connect(
-            cfg.tunnel_url,
+            url,
             ssl=ssl_context(cfg) if secure else None,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             compression=None,
@@ -205,8 +216,9 @@ class Link:
         state.session_id = str(welcome.get("session_id", ""))
         state.connected_since = dt.datetime.now(dt.UTC)
         state.last_error = None
-        log.info("link.connected", relay=self.cfg.relay_url, session_id=state.session_id)
+        log.info("link.connected", relay=state.relay, session_id=state.session_id)
         runner = asyncio.create_task(tunnel.run())
+        reporter = asyncio.create_task(report_load(tunnel, self.cfg.tunnel.load_report_seconds))
         stopper = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,6 +228,7 @@ class Link:
         finally:
             stopper.cancel()
             runner.cancel()
+            reporter.cancel()
             if tunnel.closed and tunnel.close_reason and not stop.is_set():
                 state.last_error = f"tunnel closed: {tunnel.close_reason}"
         if not stop.is_set():

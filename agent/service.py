@@ -13,28 +13,25 @@ import structlog
 from agent.config import AgentConfig
 from agent.dispatch import Dispatcher
 from agent.executor import Executor
+from agent.keyring import Keyring
 from agent.link import Link, LinkRefused
 from agent.state import AgentState
 from agent.status import StatusServer
-from backhaul.errors import KeyFileError, SealError
-from backhaul.keys import b64d, load_signing_key, read_private
+from backhaul.keys import load_signing_key
 from backhaul.seal import GatewayKeyPair
 
 log = structlog.get_logger("backhaul.agent")
 
 
 def load_gateway_key(cfg: AgentConfig) -> GatewayKeyPair:
-    raw = read_private(cfg.gateway_key_file)
-    try:
-        return GatewayKeyPair.from_bytes(b64d(raw.decode("ascii").strip()))
-    except (SealError, ValueError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"key file {cfg.gateway_key_file} is not a gateway key") from exc
+    """The newest gateway key (what a single-key caller needs)."""
+    return Keyring.load(cfg.gateway_key_file).current
 
 
 async def run(cfg: AgentConfig) -> None:
     """Run until SIGTERM/SIGINT; raises LinkRefused when the relay refuses this member."""
     signing_key = load_signing_key(cfg.signing_key_file)
-    gateway_key = load_gateway_key(cfg)
+    keyring = Keyring.load(cfg.gateway_key_file)
     state = AgentState(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id)
     state.bind_metrics()
     stop = asyncio.Event()
@@ -43,7 +40,7 @@ async def run(cfg: AgentConfig) -> None:
         with contextlib.suppress(NotImplementedError):  # Windows: the service manager stops us
             loop.add_signal_handler(sig, stop.set)
     async with Executor(cfg) as executor:
-        dispatcher = Dispatcher(executor, gateway_key, state)
+        dispatcher = Dispatcher(executor, keyring, state)
         status = await StatusServer.for_config(cfg, state.snapshot)
         log.info(
             "agent.started",

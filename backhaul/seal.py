@@ -14,6 +14,7 @@ request it is asked to make stays under it.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,9 @@ class GatewayKeyPair:
             raise SealError("gateway private key has the wrong length")
         return cls(raw[:_MLKEM_SEED], raw[_MLKEM_SEED:])
 
+    @functools.cached_property
     def _private(self) -> hpke.MLKEM768X25519PrivateKey:
+        # Expanding the ML-KEM seed costs more than a whole HPKE open: do it once per key.
         return hpke.MLKEM768X25519PrivateKey(
             mlkem.MLKEM768PrivateKey.from_seed_bytes(self.mlkem_seed),
             x25519.X25519PrivateKey.from_private_bytes(self.x25519_private),
@@ -118,7 +121,7 @@ def open_sealed(
     if suite is None:
         raise SealError(f"unsupported seal suite {suite_name!r}")
     try:
-        plaintext = suite.decrypt(blob, key._private(), info=_info(connection_id, base_url))
+        plaintext = suite.decrypt(blob, key._private, info=_info(connection_id, base_url))
     except (InvalidTag, ValueError) as exc:
         raise SealError("sealed credentials do not open for this connection") from exc
     try:
@@ -131,3 +134,16 @@ def open_sealed(
     if not isinstance(creds, dict):
         raise SealError("sealed credentials are malformed")
     return creds
+
+
+def seal_to(public_key_text: str, info: bytes, plaintext: bytes) -> bytes:
+    """HPKE-seal arbitrary bytes to a gateway public key (the key handover in a rotation)."""
+    return _SUITES[SUITE_NAME].encrypt(plaintext, _public_from_text(public_key_text), info=info)
+
+
+def open_from(key: GatewayKeyPair, info: bytes, blob: bytes) -> bytes:
+    """Open a blob made by :func:`seal_to`; raise SealError when it does not open."""
+    try:
+        return _SUITES[SUITE_NAME].decrypt(blob, key._private, info=info)
+    except (InvalidTag, ValueError) as exc:
+        raise SealError("sealed blob does not open with this key") from exc

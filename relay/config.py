@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from backhaul.errors import ConfigError
 
@@ -66,6 +74,13 @@ class RelayConfig(BaseModel):
     handshake_timeout_seconds: float = Field(default=10, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Encrypts what the relay itself must read back (OAuth tokens, online connections'
+    #: credentials). Never stored in the database; set it here or in the environment.
+    secret_key: SecretStr | None = Field(default=None, min_length=32)
+    oauth_redirect_url: str | None = None
+    oauth_state_ttl_seconds: int = Field(default=600, gt=0)
+    oauth_refresh_margin_seconds: float = Field(default=300, ge=0)
+    online_allow_private_networks: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -84,6 +99,13 @@ class RelayConfig(BaseModel):
         if value is not None and not value.startswith("https://"):
             raise ValueError("must be an https:// URL")
         return value.rstrip("/") if value else None
+
+    @field_validator("oauth_redirect_url")
+    @classmethod
+    def _redirect_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _derived(self) -> RelayConfig:
@@ -105,6 +127,14 @@ class RelayConfig(BaseModel):
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def base_url(self) -> str:
+        """Where callers reach this relay: ``public_url``, else the listen address."""
+        if self.public_url:
+            return self.public_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import structlog
 from backhaul.aio.tunnel import Tunnel
 from backhaul.wire import ErrorCode
 from relay import metrics
+from relay.balancing import DEFAULT_POLICY, RoundRobin, Thresholds, choose
 
 log = structlog.get_logger("backhaul.relay.hub")
 
@@ -32,6 +33,17 @@ class LiveTunnel:
     tunnel: Tunnel
     connected_at: float = field(default_factory=time.time)
     total: int = 0
+    priority: int = 0
+    disabled: bool = False
+    #: Host load the agent reports (percent), for the gateway's thresholds.
+    cpu: float | None = None
+    memory: float | None = None
+    instance_id: str = ""
+
+    @property
+    def draining(self) -> bool:
+        conn = self.tunnel.conn
+        return conn.goaway_received is not None or conn.goaway_sent is not None
 
     @property
     def rtt_ms(self) -> float | None:
@@ -44,7 +56,7 @@ class LiveTunnel:
 
     @property
     def available(self) -> bool:
-        return not self.tunnel.closed and self.tunnel.conn.accepting_streams
+        return not self.disabled and not self.tunnel.closed and self.tunnel.conn.accepting_streams
 
 
 #: What ``Hub.live`` returns; the API reads version, rtt_ms, inflight, total, session_id.
@@ -52,9 +64,11 @@ MemberLive = LiveTunnel
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str = "") -> None:
+        self.instance_id = instance_id
         self._by_member: dict[str, LiveTunnel] = {}
         self._by_gateway: dict[str, dict[str, LiveTunnel]] = {}
+        self._rotation = RoundRobin()
 
     def live(self, member_id: str) -> LiveTunnel | None:
         """The live view of ``member_id``, or None when it has no tunnel here."""
@@ -80,16 +94,28 @@ class Hub:
                 self._by_gateway.pop(live.gateway_id, None)
         metrics.TUNNELS.set(len(self._by_member))
 
-    def pick(self, gateway_id: str, exclude: frozenset[str] = frozenset()) -> LiveTunnel | None:
-        """The available member of ``gateway_id`` with the fewest streams in flight."""
+    def pick(
+        self,
+        gateway_id: str,
+        exclude: frozenset[str] = frozenset(),
+        policy: str = DEFAULT_POLICY,
+        thresholds: Thresholds = Thresholds(),
+    ) -> LiveTunnel | None:
+        """The available member of ``gateway_id`` that ``policy`` prefers."""
         candidates = [
             live
             for live in self._by_gateway.get(gateway_id, {}).values()
             if live.available and live.member_id not in exclude
         ]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda live: live.inflight)
+        return choose(candidates, policy, thresholds, gateway_id, self._rotation)
+
+    def set_disabled(self, member_id: str, disabled: bool) -> None:
+        live = self._by_member.get(member_id)
+        if live is not None:
+            live.disabled = disabled
+
+    def local(self) -> list[LiveTunnel]:
+        return list(self._by_member.values())
 
     async def disconnect(self, member_id: str, reason: str) -> None:
         """Close the tunnel of a revoked member, failing its in-flight streams."""

@@ -26,6 +26,7 @@ from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.keys import b64e
 from backhaul.wire import ErrorCode, StreamUnavailable
 from relay import metrics
+from relay.balancing import Thresholds
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
 from relay.problems import ProblemError
@@ -62,6 +63,7 @@ _RESET_STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.BAD_REQUEST: (400, "Bad request"),
     ErrorCode.HEADERS_TOO_LARGE: (431, "Request header fields too large"),
     ErrorCode.REFUSED_STREAM: (503, "Gateway busy"),
+    ErrorCode.CANCEL: (502, "Gateway member lost"),
 }
 
 
@@ -187,9 +189,15 @@ async def _invoke(
     }
     hub: Hub = request.app.state.hub
     has_body = _has_body(request)
+    thresholds = Thresholds(target.cpu_threshold, target.memory_threshold)
+    idempotent = request.method in ("GET", "HEAD") and not has_body
     tried: set[str] = set()
+    retried = False
+    lost: ProblemError | None = None
     while True:
-        live = hub.pick(target.gateway_id, frozenset(tried))
+        live = hub.pick(target.gateway_id, frozenset(tried), target.load_balancing, thresholds)
+        if live is None and lost is not None:
+            raise lost  # no other member to retry on: the original failure stands
         if live is None:
             detail = f"no member of gateway {target.gateway_id} is online"
             if tried:
@@ -201,6 +209,12 @@ async def _invoke(
         except StreamError as exc:
             if exc.code is ErrorCode.REFUSED_STREAM and not has_body:
                 continue  # never processed: safe to try another member
+            if exc.code is ErrorCode.CANCEL and live.tunnel.closed and idempotent and not retried:
+                # The member died before the response started: a GET or HEAD is retried once.
+                retried = True
+                lost = _problem_for(exc)
+                log.info("invoke.retry", member_id=live.member_id, reason=exc.reason)
+                continue
             raise _problem_for(exc) from None
         except StreamUnavailable:
             continue

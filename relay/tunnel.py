@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, WebSocket
@@ -92,6 +93,7 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
     if previous is not None:
         await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
     tunnel.on_goaway = lambda: log.info("tunnel.draining", member_id=live.member_id)
+    tunnel.on_notice = lambda payload: _on_notice(live, payload)
     tunnel.log = log.bind(member_id=live.member_id, session_id=live.session_id)
     tunnel.log.info("tunnel.connected", gateway_id=live.gateway_id, version=live.version)
     try:
@@ -137,7 +139,23 @@ async def _handshake(ws: WebSocket, tunnel: Tunnel) -> LiveTunnel:
         version=claim.agent_version,
         hostname=claim.hostname,
         tunnel=tunnel,
+        priority=member.priority,
+        disabled=member.disabled,
+        instance_id=ws.app.state.hub.instance_id,
     )
+
+
+def _percent(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100:
+        return float(value)
+    return None
+
+
+def _on_notice(live: LiveTunnel, payload: dict[str, Any]) -> None:
+    """Agent → relay notices: today, the member's host load for the thresholds."""
+    if payload.get("kind") == "load":
+        live.cpu = _percent(payload.get("cpu"))
+        live.memory = _percent(payload.get("memory"))
 
 
 def _peer(ws: WebSocket) -> str:

@@ -143,6 +143,7 @@ class TunnelStream:
         self._fail(StreamError(code, reason))
         self.tunnel.conn.reset_stream(self.id, code, reason)
         self.tunnel._streams.pop(self.id, None)
+        self._discard_unread()
         with contextlib.suppress(TransportClosed):
             await self.tunnel.flush()
 
@@ -153,6 +154,21 @@ class TunnelStream:
             raise self._error
         if self.tunnel.closed:
             raise StreamError(ErrorCode.CANCEL, "tunnel closed")
+
+    def _discard_unread(self) -> None:
+        """Body chunks buffered here will never be read: give their tunnel credit back."""
+        unread = 0
+        kept: list[Any] = []
+        while not self._chunks.empty():
+            item = self._chunks.get_nowait()
+            if isinstance(item, bytes):
+                unread += len(item)
+            else:
+                kept.append(item)
+        for item in kept:
+            self._chunks.put_nowait(item)
+        if unread:
+            self.tunnel.conn.acknowledge(self.id, unread)
 
     def _fail(self, error: StreamError) -> None:
         if self._error is None:

@@ -160,5 +160,5 @@ async def revoke_member(
     gateway = await queries.visible_gateway(session, gateway_id, caller.id, caller.is_admin)
     await queries.revoke_member(session, gateway.id, member_id)
     await session.commit()
-    await _hub(request).disconnect(member_id, "revoked")
+    await _hub(request).disconnect(member_id, "member revoked")
     return Response(status_code=204)

@@ -12,6 +12,9 @@ import secrets
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -146,6 +149,13 @@ class Connector(Base):
         ID, ForeignKey("gateways.id"), nullable=True, index=True
     )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: Imported connectors: the API document as given (OpenAPI 2.0 or 3.x) and what the
+    #: importer read from it and apiProperties.json (relay.importer.ConnectorSettings).
+    definition: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: OAuth client secret, encrypted with the relay's key (relay.secretbox).
+    oauth_client_secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Connection(Base):
@@ -160,6 +170,12 @@ class Connection(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     #: The gateway key generation these credentials are sealed to (rotation re-seals).
     key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    #: Imported connectors: the chosen connectionParameterSets entry, the non-secret
+    #: parameter values, the base URL after dynamichosturl and the set's auth scheme.
+    parameter_set: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    parameter_values: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    base_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    auth_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class ConnectionShare(Base):
@@ -170,3 +186,70 @@ class ConnectionShare(Base):
     )
     user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), primary_key=True, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class ConnectorShare(Base):
+    """A connector shared with a user: ``can_use``, ``can_use_and_share`` or ``can_edit``."""
+
+    __tablename__ = "connector_shares"
+
+    connector_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("connectors.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(24))
+    granted_by: Mapped[str] = mapped_column(ID, ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class OAuthToken(Base):
+    """An online connection's OAuth tokens, encrypted with the relay's key."""
+
+    __tablename__ = "oauth_tokens"
+
+    connection_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    has_refresh_token: Mapped[bool] = mapped_column(Boolean, default=False)
+    scope: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class OAuthState(Base):
+    """One pending consent: the state (hashed) bound to a user and a connection."""
+
+    __tablename__ = "oauth_states"
+
+    state_hash: Mapped[str] = mapped_column(HASH, primary_key=True)
+    connection_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("connections.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id"))
+    #: The PKCE code verifier and the redirect URI, encrypted with the relay's key.
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Who did what to which object, when, with what result (and how many bytes moved).
+
+    No foreign keys: the record outlives the connection, connector or user it names.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    actor_id: Mapped[str] = mapped_column(ID, index=True)
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    object_type: Mapped[str] = mapped_column(String(16))
+    object_id: Mapped[str] = mapped_column(ID, index=True)
+    subject_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    result: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes_in: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes_out: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)

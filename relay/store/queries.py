@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -218,6 +219,8 @@ class MemberRecord:
     name: str
     signing_public_key: str
     revoked: bool
+    disabled: bool = False
+    priority: int = 0
 
 
 async def member_for_handshake(session: AsyncSession, member_id: str) -> MemberRecord | None:
@@ -230,6 +233,8 @@ async def member_for_handshake(session: AsyncSession, member_id: str) -> MemberR
         name=member.name,
         signing_public_key=member.signing_public_key,
         revoked=member.revoked_at is not None,
+        disabled=member.disabled_at is not None,
+        priority=member.priority,
     )
 
 
@@ -389,6 +394,10 @@ class InvokeTarget:
     api_key_in: str | None
     seal_suite: str
     sealed_credentials: bytes
+    #: The gateway's load balancing, read with the connection so routing needs no 2nd query.
+    load_balancing: str = "least-inflight"
+    cpu_threshold: float | None = None
+    memory_threshold: float | None = None
 
 
 async def invoke_target(
@@ -425,4 +434,16 @@ async def invoke_target(
         api_key_in=connector.api_key_in,
         seal_suite=connection.seal_suite,
         sealed_credentials=bytes(connection.sealed_credentials),
+        **await _gateway_routing(session, connector.gateway_id),
     )
+
+
+async def _gateway_routing(session: AsyncSession, gateway_id: str) -> dict[str, Any]:
+    gateway = await session.get(Gateway, gateway_id)
+    if gateway is None:
+        return {}
+    return {
+        "load_balancing": gateway.load_balancing,
+        "cpu_threshold": gateway.cpu_threshold,
+        "memory_threshold": gateway.memory_threshold,
+    }

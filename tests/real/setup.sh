@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install what tests/real needs from Debian's packages (Debian/Ubuntu). Idempotent: packages
+# already installed are left alone, and `apt-get update` runs only when the package lists are
+# missing or an install from the existing lists fails.
+#
+#   krb5-kdc krb5-admin-server  an MIT KDC with its own realm (kdb5_util, kadmin.local)
+#   krb5-user                   kinit / klist / kvno, used to check the KDC is up
+#   apache2 + mod_auth_gssapi   the internal API: Negotiate/Kerberos, NTLM and Basic locations
+#   gss-ntlmssp                 the GSSAPI NTLM mechanism mod_auth_gssapi uses for NTLM
+#   libkrb5-dev                 krb5-config and headers: the gssapi and krb5 Python packages
+#                               (pyspnego's Kerberos backend) build against them
+#
+# Nothing here starts a system service: tests/real/servers.py runs the KDC and Apache as the
+# tests' own child processes with private configuration, ports and directories.
+set -euo pipefail
+
+PACKAGES=(
+    krb5-kdc krb5-admin-server krb5-user
+    apache2 libapache2-mod-auth-gssapi gss-ntlmssp
+    libkrb5-dev gcc
+)
+
+if [[ $(id -u) -ne 0 ]]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "tests/real/setup.sh: all packages present"
+else
+    echo "tests/real/setup.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Package scripts must not start the system's krb5kdc or apache2: the tests run their own.
+    # Docker-style images already ship a policy-rc.d that says so; add one for the install
+    # when there is none, and remove it afterwards.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+        $SUDO chmod 0755 "$policy"
+        trap '$SUDO rm -f "$policy"' EXIT
+    fi
+    install() { $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; }
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+        $SUDO apt-get update -q
+        install
+    elif ! install; then
+        $SUDO apt-get update -q
+        install
+    fi
+fi
+
+for tool in krb5kdc kdb5_util kadmin.local kinit apache2 krb5-config; do
+    if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then
+        echo "tests/real/setup.sh: $tool is missing after the install" >&2
+        exit 1
+    fi
+done
+if [[ ! -e /usr/lib/apache2/modules/mod_auth_gssapi.so ]] \
+    || ! compgen -G '/usr/lib/*/gssntlmssp/gssntlmssp.so' >/dev/null; then
+    echo "tests/real/setup.sh: mod_auth_gssapi or gss-ntlmssp is missing after the install" >&2
+    exit 1
+fi
+echo "tests/real/setup.sh: ready"
