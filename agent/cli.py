@@ -80,6 +80,21 @@ def enroll(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing enrollment in this directory.")
     ] = False,
+    join: Annotated[
+        bool,
+        typer.Option(
+            "--join", help="Join a gateway that already has members (needs --recovery-key)."
+        ),
+    ] = False,
+    recovery_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The gateway's recovery key (bhrk_...). First member: one is generated and "
+            "printed once when omitted.",
+            envvar="BACKHAUL_RECOVERY_KEY",
+            show_envvar=True,
+        ),
+    ] = None,
 ) -> None:
     """Enroll this machine as a gateway member with a one-time token."""
     with _errors():
@@ -92,12 +107,25 @@ def enroll(
             name=name,
             dev=dev,
             force=force,
+            join=join,
+            recovery_key=recovery_key,
         )
     console = Console(highlight=False, soft_wrap=True)
     console.print(
-        f"Enrolled member [bold]{result.member_id}[/bold] in gateway "
-        f"[bold]{result.gateway_name}[/bold] ({result.gateway_id})."
+        f"{'Joined' if result.joined else 'Enrolled'} member [bold]{result.member_id}[/bold] "
+        f"in gateway [bold]{result.gateway_name}[/bold] ({result.gateway_id}), "
+        f"gateway key version {result.key_version}."
     )
+    if result.recovery_key is not None:
+        # Plain print: no markup, no wrapping, nothing that could mangle the key.
+        print(
+            f"\nRecovery key for gateway {result.gateway_name} ({result.gateway_id}):\n\n"
+            f"    {result.recovery_key}\n\n"
+            "Store this safely; it is never shown again. It is needed to add members\n"
+            "(backhaul-agent enroll --join --recovery-key ...) and to rotate the gateway key\n"
+            "(backhaul gateways rotate-key ...). The relay cannot recover it.\n",
+            flush=True,
+        )
     console.print(f"Configuration: {result.config_file}")
     if result.pinned_fingerprint:
         console.print(f"Relay certificate pinned: {result.pinned_fingerprint}")

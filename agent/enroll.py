@@ -5,15 +5,23 @@ Steps, in this order so a failure leaves nothing half-made:
 1. connect to the relay over TLS, verifying with the given CA file (or the system CAs), and
    pin the SHA-256 fingerprint of the certificate it presents; later connections can trust the
    pin even if the CA is replaced;
-2. generate the member's Ed25519 signing key and the gateway's HPKE key pair and write them
-   mode 0600 under ``keys/``;
-3. ``POST /v1/enroll`` with the token and the two public keys; the relay answers 201 with the
-   member and gateway ids, or an RFC 9457 problem document whose ``detail`` is shown as is. On
-   any failure the keys just written are deleted;
-4. write ``agent.toml`` with the ids, the pin, the CA (copied next to it as ``relay-ca.pem``)
+2. ``POST /v1/enroll/prepare`` with the token: the relay checks it *without using it up* and
+   names the gateway, its public key and its wrapped private key, if it has them;
+3. the gateway key: the first member generates the gateway's HPKE key pair and wraps the
+   private key under the recovery key (:mod:`backhaul.recovery`; one is generated when none
+   is given, and returned so the CLI prints it once); a joining member (``--join``) unwraps
+   the relay's copy with the recovery key instead, and checks it against the public key. A
+   wrong recovery key stops here: nothing written, token still valid;
+4. generate the member's Ed25519 signing key and write both keys mode 0600 under ``keys/``
+   (the gateway key as a :class:`~agent.keyring.Keyring`, versioned);
+5. ``POST /v1/enroll`` with the token and the public keys (and the wrapped key, for the first
+   member); the relay answers 201 with the member and gateway ids, or an RFC 9457 problem
+   document whose ``detail`` is shown as is. On any failure the keys just written are deleted;
+6. write ``agent.toml`` with the ids, the pin, the CA (copied next to it as ``relay-ca.pem``)
    and one ``prefix`` allow entry per ``--allow``.
 
-The token is sent once and written nowhere.
+The token is sent twice (prepare, enroll) and written nowhere; the recovery key is sent
+nowhere and written nowhere.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import socket
 import ssl
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,14 +43,15 @@ from pydantic import ValidationError
 
 from agent.config import CONFIG_FILE, AgentConfig, config_from_dict, is_loopback, save_config
 from agent.errors import EnrollError
+from agent.keyring import Keyring
 from agent.policy import AllowEntry
+from backhaul import recovery
+from backhaul.errors import SealError
 from backhaul.keys import (
-    b64e,
     fingerprint,
     generate_signing_key,
     public_key_text,
     save_signing_key,
-    write_private,
 )
 from backhaul.seal import GatewayKeyPair
 from backhaul.version import __version__
@@ -51,6 +60,8 @@ __all__ = ["CA_COPY_NAME", "EnrollResult", "enroll", "peer_certificate"]
 
 CA_COPY_NAME = "relay-ca.pem"
 _TIMEOUT = 15.0
+#: Members per gateway; the relay enforces it, the agent checks early for a clearer message.
+MAX_MEMBERS = 10
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,20 @@ class EnrollResult:
     gateway_name: str
     config_file: Path
     pinned_fingerprint: str | None
+    key_version: int = 1
+    joined: bool = False
+    #: A recovery key generated for this (first) member: print it once, store it nowhere.
+    recovery_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    gateway_id: str
+    gateway_name: str
+    hpke_public_key: str | None
+    wrapped_private_key: dict[str, Any] | None
+    key_version: int
+    members: int
 
 
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -123,8 +148,14 @@ def enroll(
     name: str | None = None,
     dev: bool = False,
     force: bool = False,
+    join: bool = False,
+    recovery_key: str | None = None,
 ) -> EnrollResult:
-    """Enroll this machine as a member of the gateway the token belongs to."""
+    """Enroll this machine as a member of the gateway the token belongs to.
+
+    The first member creates the gateway key (``join=False``); further members join with the
+    admin's recovery key (``join=True``).
+    """
     config_dir = config_dir.expanduser().absolute()
     parts = urlsplit(relay_url.rstrip("/"))
     host = parts.hostname or ""
@@ -147,6 +178,17 @@ def enroll(
             "pass --force to replace it (the old member must then be removed on the relay)"
         )
     member_name = name or socket.gethostname()
+    secret: recovery.RecoveryKey | None = None
+    if recovery_key is not None:
+        try:
+            secret = recovery.parse(recovery_key)
+        except recovery.RecoveryKeyError as exc:
+            raise EnrollError(f"--recovery-key: {exc}") from None
+    if join and secret is None:
+        raise EnrollError(
+            "--join needs --recovery-key: the key printed when the gateway's first member "
+            "enrolled"
+        )
 
     ctx: ssl.SSLContext | None = None
     pin: str | None = None
@@ -154,29 +196,53 @@ def enroll(
         ctx = _tls_context(ca_file)
         pin = fingerprint(peer_certificate(host, parts.port or 443, ctx))
 
+    base = relay_url.rstrip("/")
+    prepared = _prepare(base, token, ctx, pin)
+    generated: str | None = None
+    wrapped: dict[str, Any] | None = None
+    if join:
+        assert secret is not None
+        gateway_key = _unwrap_for_join(prepared, secret)
+    else:
+        if prepared.hpke_public_key is not None:
+            raise EnrollError(
+                f"gateway {prepared.gateway_name} ({prepared.gateway_id}) already has a key "
+                "and members; add this machine with --join --recovery-key KEY"
+            )
+        gateway_key = GatewayKeyPair.generate()
+        if secret is None:
+            secret, generated = recovery.generate()
+        wrapped = recovery.wrap(
+            secret, gateway_key.to_bytes(), prepared.gateway_id, prepared.key_version
+        )
+    del secret
+
     signing_key = generate_signing_key()
-    gateway_key = GatewayKeyPair.generate()
     signing_path = config_dir / "keys" / "member.key"
     gateway_path = config_dir / "keys" / "gateway.key"
     config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (config_dir / "keys").mkdir(exist_ok=True, mode=0o700)
+    stale = [p for p in (config_dir / "keys").glob("gateway.*.key") if p != gateway_path]
+    for path in stale:  # versions of a previous enrollment (--force)
+        path.unlink()
     save_signing_key(signing_path, signing_key)
-    write_private(gateway_path, (b64e(gateway_key.to_bytes()) + "\n").encode("ascii"))
+    keyring = Keyring.create(gateway_path, gateway_key, prepared.key_version)
+    written = [signing_path, gateway_path, keyring.version_path(prepared.key_version)]
 
     try:
-        answer = _post_enroll(
-            relay_url.rstrip("/"),
-            {
-                "token": token,
-                "name": member_name,
-                "hostname": socket.gethostname(),
-                "version": __version__,
-                "signing_public_key": public_key_text(signing_key),
-                "hpke_public_key": gateway_key.public_text(),
-            },
-            ctx,
-            pin,
-        )
+        body: dict[str, Any] = {
+            "token": token,
+            "name": member_name,
+            "hostname": socket.gethostname(),
+            "version": __version__,
+            "signing_public_key": public_key_text(signing_key),
+            "hpke_public_key": gateway_key.public_text(),
+            "join": join,
+            "key_version": prepared.key_version,
+        }
+        if wrapped is not None:
+            body["wrapped_private_key"] = wrapped
+        answer = _post_enroll(base, body, ctx, pin)
         ca_copy: Path | None = None
         if ca_file is not None:
             ca_copy = config_dir / CA_COPY_NAME
@@ -198,7 +264,7 @@ def enroll(
         )
         save_config(cfg.config_file, cfg)
     except BaseException:
-        for path in (signing_path, gateway_path):
+        for path in written:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
@@ -208,32 +274,109 @@ def enroll(
         gateway_name=answer["gateway_name"],
         config_file=cfg.config_file,
         pinned_fingerprint=pin,
+        key_version=prepared.key_version,
+        joined=join,
+        recovery_key=generated,
     )
 
 
-def _post_enroll(
-    relay_url: str, body: dict[str, str], ctx: ssl.SSLContext | None, pin: str | None
-) -> dict[str, str]:
-    url = relay_url + "/v1/enroll"
+def _unwrap_for_join(prepared: _Prepared, secret: recovery.RecoveryKey) -> GatewayKeyPair:
+    """The gateway private key from the relay's wrapped copy, checked against the public key."""
+    where = f"gateway {prepared.gateway_name} ({prepared.gateway_id})"
+    if prepared.hpke_public_key is None:
+        raise EnrollError(f"{where} has no member yet: enroll the first member without --join")
+    if prepared.wrapped_private_key is None:
+        raise EnrollError(
+            f"the relay holds no recovery-wrapped key for {where} (its first member was "
+            "enrolled without one), so no member can join it"
+        )
+    if prepared.members >= MAX_MEMBERS:
+        raise EnrollError(f"{where} already has {prepared.members} members, the maximum")
+    try:
+        raw = recovery.unwrap(
+            secret, prepared.wrapped_private_key, prepared.gateway_id, prepared.key_version
+        )
+        key = GatewayKeyPair.from_bytes(raw)
+    except recovery.RecoveryKeyError as exc:
+        raise EnrollError(
+            f"{exc} for {where}; nothing was written and the enrollment token is still valid"
+        ) from None
+    except SealError:
+        raise EnrollError(f"the wrapped key of {where} is not a gateway key") from None
+    if key.public_text() != prepared.hpke_public_key:
+        raise EnrollError(
+            f"the relay's wrapped key for {where} does not match the gateway's public key; "
+            "refusing to join"
+        )
+    return key
+
+
+def _prepare(base: str, token: str, ctx: ssl.SSLContext | None, pin: str | None) -> _Prepared:
+    status, doc = _post_json(base, "/v1/enroll/prepare", {"token": token}, ctx, pin)
+    if status != 200:
+        raise EnrollError(f"the relay refused enrollment ({status}): {doc}")
+    if not isinstance(doc, dict):
+        raise EnrollError("the relay's enrollment answer is malformed")
+    try:
+        prepared = _Prepared(
+            gateway_id=doc["gateway_id"],
+            gateway_name=doc["gateway_name"],
+            hpke_public_key=doc.get("hpke_public_key"),
+            wrapped_private_key=doc.get("wrapped_private_key"),
+            key_version=doc.get("key_version", 1),
+            members=doc.get("members", 0),
+        )
+    except KeyError:
+        raise EnrollError("the relay's enrollment answer is malformed") from None
+    if not (
+        isinstance(prepared.gateway_id, str)
+        and prepared.gateway_id
+        and isinstance(prepared.gateway_name, str)
+        and isinstance(prepared.hpke_public_key, str | None)
+        and isinstance(prepared.wrapped_private_key, dict | None)
+        and isinstance(prepared.key_version, int)
+        and prepared.key_version >= 1
+        and isinstance(prepared.members, int)
+    ):
+        raise EnrollError("the relay's enrollment answer is malformed")
+    return prepared
+
+
+def _post_json(
+    base: str, path: str, body: dict[str, Any], ctx: ssl.SSLContext | None, pin: str | None
+) -> tuple[int, Any]:
+    """POST ``body``; (status, decoded JSON) on 2xx, (status, problem detail) otherwise."""
     try:
         with (
             httpx.Client(
                 verify=ctx if ctx is not None else True, timeout=_TIMEOUT, trust_env=False
             ) as client,
-            client.stream("POST", url, json=body, headers={"accept": "application/json"}) as resp,
+            client.stream(
+                "POST", base + path, json=body, headers={"accept": "application/json"}
+            ) as resp,
         ):
             if pin is not None:
                 _check_pin(resp, pin)
             resp.read()
     except httpx.HTTPError as exc:
-        raise EnrollError(f"cannot reach the relay at {relay_url}: {exc}") from None
-    if resp.status_code != 201:
-        detail = _problem_detail(resp)
-        raise EnrollError(f"the relay refused enrollment ({resp.status_code}): {detail}")
+        raise EnrollError(f"cannot reach the relay at {base}: {exc}") from None
+    if not 200 <= resp.status_code < 300:
+        return resp.status_code, _problem_detail(resp)
     try:
-        doc = json.loads(resp.content)
+        return resp.status_code, json.loads(resp.content)
+    except ValueError:
+        raise EnrollError("the relay's enrollment answer is malformed") from None
+
+
+def _post_enroll(
+    base: str, body: dict[str, Any], ctx: ssl.SSLContext | None, pin: str | None
+) -> dict[str, str]:
+    status, doc = _post_json(base, "/v1/enroll", body, ctx, pin)
+    if status != 201:
+        raise EnrollError(f"the relay refused enrollment ({status}): {doc}")
+    try:
         answer = {k: doc[k] for k in ("member_id", "gateway_id", "gateway_name")}
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise EnrollError("the relay's enrollment answer is malformed") from None
     if not all(isinstance(v, str) and v for v in answer.values()):
         raise EnrollError("the relay's enrollment answer is malformed")

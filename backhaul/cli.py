@@ -141,31 +141,77 @@ def status(
     if as_json:
         _print_json({"relay": target.relay, "gateways": gateways})
         return
-    table = Table(title=f"Backhaul relay {target.relay}")
-    for column in ("gateway", "member", "online", "version", "RTT ms", "in-flight", "total"):
-        table.add_column(
-            column, justify="right" if column in {"RTT ms", "in-flight", "total"} else "left"
-        )
+    Console().print(_status_table(target.relay, gateways))
+
+
+_COLUMNS = (
+    "gateway",
+    "member",
+    "state",
+    "version",
+    "RTT ms",
+    "in-flight",
+    "total",
+    "CPU %",
+    "mem %",
+    "relay instance",
+)
+_NUMERIC = {"RTT ms", "in-flight", "total", "CPU %", "mem %"}
+
+
+def _gateway_label(gateway: dict[str, Any]) -> str:
+    policy = gateway.get("load_balancing", "least-inflight")
+    limits = [
+        f"{name} ≤ {gateway[key]:g}%"
+        for name, key in (("cpu", "cpu_threshold"), ("mem", "memory_threshold"))
+        if gateway.get(key) is not None
+    ]
+    return f"{gateway['name']} ({gateway['id']})\n{policy}" + (
+        f"\n{', '.join(limits)}" if limits else ""
+    )
+
+
+def _member_state(member: dict[str, Any]) -> str:
+    if member["revoked"]:
+        return "[yellow]revoked[/]"
+    if not member["online"]:
+        return "[red]offline[/]"
+    if member.get("disabled"):
+        return "[yellow]disabled[/]"
+    if member.get("draining"):
+        return "[yellow]draining[/]"
+    return "[green]online[/]"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _status_table(relay: str, gateways: list[dict[str, Any]]) -> Table:
+    """Each cluster with its policy and thresholds, then one row per member."""
+    table = Table(title=f"Backhaul relay {relay}")
+    for column in _COLUMNS:
+        table.add_column(column, justify="right" if column in _NUMERIC else "left")
     for gateway in gateways:
-        label = f"{gateway['name']} ({gateway['id']})"
+        label = _gateway_label(gateway)
         if not gateway["members"]:
-            table.add_row(label, "-", "no members", "", "", "", "")
+            table.add_row(label, "-", "no members", *[""] * (len(_COLUMNS) - 3))
         for member in gateway["members"]:
-            online = "[green]online[/]" if member["online"] else "[red]offline[/]"
-            if member["revoked"]:
-                online = "[yellow]revoked[/]"
             rtt = member["rtt_ms"]
             table.add_row(
                 label,
                 f"{member['name']} ({member['hostname']})",
-                online,
+                _member_state(member),
                 member["version"],
                 "-" if rtt is None else f"{rtt:.1f}",
                 str(member["inflight"]),
                 str(member["total"]),
+                _pct(member.get("cpu")),
+                _pct(member.get("memory")),
+                member.get("instance") or "-",
             )
             label = ""
-    Console().print(table)
+    return table
 
 
 @gateways_app.command("create")
@@ -185,6 +231,52 @@ def gateways_revoke_member(ctx: typer.Context, gateway_id: str, member_id: str) 
     """Revoke a member: its tunnel is closed and it can never reconnect."""
     _call(ctx.obj, "DELETE", f"/v1/gateways/{gateway_id}/members/{member_id}")
     typer.echo(f"member {member_id} revoked", err=True)
+
+
+member_app = typer.Typer(help="One member of a gateway.", no_args_is_help=True)
+gateways_app.add_typer(member_app, name="member")
+
+
+@member_app.command("disable")
+def member_disable(ctx: typer.Context, gateway_id: str, member_id: str) -> None:
+    """Stop routing requests to a member (maintenance); its tunnel stays connected."""
+    _call(ctx.obj, "POST", f"/v1/gateways/{gateway_id}/members/{member_id}/disable")
+    typer.echo(f"member {member_id} disabled", err=True)
+
+
+@member_app.command("enable")
+def member_enable(ctx: typer.Context, gateway_id: str, member_id: str) -> None:
+    """Route requests to a member again."""
+    _call(ctx.obj, "POST", f"/v1/gateways/{gateway_id}/members/{member_id}/enable")
+    typer.echo(f"member {member_id} enabled", err=True)
+
+
+@gateways_app.command("set")
+def gateways_set(
+    ctx: typer.Context,
+    gateway_id: str,
+    load_balancing: Annotated[
+        str | None,
+        typer.Option(help="least-inflight | round-robin | random | primary-failover"),
+    ] = None,
+    cpu_threshold: Annotated[
+        float | None, typer.Option(help="skip members above this CPU %")
+    ] = None,
+    memory_threshold: Annotated[
+        float | None, typer.Option(help="skip members above this memory %")
+    ] = None,
+) -> None:
+    """Change a gateway's load balancing and thresholds."""
+    body = {
+        key: value
+        for key, value in (
+            ("load_balancing", load_balancing),
+            ("cpu_threshold", cpu_threshold),
+            ("memory_threshold", memory_threshold),
+        )
+        if value is not None
+    }
+    _print_json(_call(ctx.obj, "PATCH", f"/v1/gateways/{gateway_id}", body))
 
 
 @connectors_app.command("create")

@@ -16,12 +16,14 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import httpx
+import tomli_w
 
 from backhaul import sampleapi
 
@@ -59,6 +61,7 @@ class DevStack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._files: list[IO[bytes]] = []
         self.relay_url = ""
+        self.relays: dict[str, str] = {}
         self.relay_dir = root / "relay"
         self.ca_file = self.relay_dir / "tls" / "relay.crt"
         self.admin_token = ""
@@ -115,19 +118,25 @@ class DevStack:
 
     # -- relay
 
-    def start_relay(self, port: int | None = None, extra: Sequence[str] = ()) -> str:
+    def start_relay(
+        self, port: int | None = None, extra: Sequence[str] = (), name: str = "relay"
+    ) -> str:
+        """Start a relay process; the first one started is the stack's default relay."""
         port = port or free_port()
-        self.relay_url = f"https://127.0.0.1:{port}"
+        url = f"https://127.0.0.1:{port}"
+        self.relays[name] = url
+        if not self.relay_url or name == "relay":
+            self.relay_url = url
         argv = [command("backhaul-relay"), "serve", "--dev", "--data-dir", str(self.relay_dir)]
-        self.spawn("relay", [*argv, "--listen", f"127.0.0.1:{port}", *extra])
-        self._wait(lambda: self._healthy(), "relay", 30)
-        return self.relay_url
+        self.spawn(name, [*argv, "--listen", f"127.0.0.1:{port}", *extra])
+        self._wait(lambda: self._healthy(url), name, 30)
+        return url
 
-    def _healthy(self) -> bool:
+    def _healthy(self, url: str) -> bool:
         if not self.ca_file.exists():
             return False
         try:
-            return httpx.get(f"{self.relay_url}/healthz", verify=self.tls()).status_code == 200
+            return httpx.get(f"{url}/healthz", verify=self.tls()).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -150,9 +159,11 @@ class DevStack:
         self.admin_token = out.stdout.decode().strip()
         return self.admin_token
 
-    def client(self, token: str | None = None, timeout: float = 60) -> httpx.Client:
+    def client(
+        self, token: str | None = None, timeout: float = 60, relay: str | None = None
+    ) -> httpx.Client:
         return httpx.Client(
-            base_url=self.relay_url,
+            base_url=self.relays[relay] if relay else self.relay_url,
             verify=self.tls(),
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=timeout,
@@ -198,6 +209,13 @@ class DevStack:
         if done.returncode != 0:
             raise StackError(f"enroll failed: {done.stdout.decode()} {done.stderr.decode()}")
         return gateway_id, config_dir
+
+    def set_agent_config(self, config_dir: Path, **keys: Any) -> None:
+        """Change keys of an enrolled agent's agent.toml (e.g. relay_urls)."""
+        path = config_dir / "agent.toml"
+        doc = tomllib.loads(path.read_text())
+        doc.update(keys)
+        path.write_text(tomli_w.dumps(doc))
 
     def start_agent(self, config_dir: Path, name: str | None = None) -> subprocess.Popen[bytes]:
         name = name or config_dir.name

@@ -19,7 +19,9 @@ from backhaul.version import __version__
 from relay import invoke, problems, tunnel
 from relay.api import ROUTERS
 from relay.config import RelayConfig, ensure_data_dir
+from relay.forward import peer_client
 from relay.hub import Hub
+from relay.registry import Registry
 from relay.store import migrate
 from relay.store.db import make_engine, make_session_factory
 
@@ -57,6 +59,15 @@ class AccessLog:
             )
 
 
+def _peer_ca(config: RelayConfig) -> str | None:
+    """CA file for calls between relay instances: configured, else a dev relay's own cert."""
+    if config.peer_ca_file is not None:
+        return str(config.peer_ca_file)
+    if config.dev:
+        return str(config.data_dir / "tls" / "relay.crt")
+    return None
+
+
 def create_app(config: RelayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -67,9 +78,20 @@ def create_app(config: RelayConfig) -> FastAPI:
             await migrate.upgrade(engine)
             app.state.engine = engine
             app.state.db = make_session_factory(engine)
-            app.state.hub = Hub()
+            app.state.hub = Hub(config.instance_id)
+            app.state.registry = Registry(
+                app.state.hub,
+                config.instance_id,
+                config.peer_url,
+                config.redis_url,
+                ttl=config.registry_ttl_seconds,
+            )
+            app.state.peers = peer_client(_peer_ca(config), config.invoke_timeout_max_seconds)
+            await app.state.registry.start()
             yield {}
+            await app.state.registry.stop()
             await app.state.hub.close()
+            await app.state.peers.aclose()
         finally:
             await engine.dispose()
 

@@ -69,6 +69,16 @@ def serve(
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL, e.g. postgresql+asyncpg://host/db")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="redis://host:6379/0 to share tunnels between instances")
+    ] = None,
+    advertise_url: Annotated[
+        str | None, typer.Option(help="https URL other relay instances use to reach this one")
+    ] = None,
+    instance_id: Annotated[str | None, typer.Option(help="name of this relay instance")] = None,
 ) -> None:
     """Serve the HTTP API and the agent tunnel over TLS."""
     import uvicorn
@@ -83,6 +93,10 @@ def serve(
         listen=listen,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        database_url=database_url,
+        redis_url=redis_url,
+        advertise_url=advertise_url,
+        instance_id=instance_id,
     )
     try:
         files = tls.resolve(config)

@@ -9,6 +9,7 @@ request. ``config/relay.toml`` documents every key.
 from __future__ import annotations
 
 import os
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,6 +82,12 @@ class RelayConfig(BaseModel):
     oauth_state_ttl_seconds: int = Field(default=600, gt=0)
     oauth_refresh_margin_seconds: float = Field(default=300, ge=0)
     online_allow_private_networks: bool = False
+    #: Scale-out: instances sharing one PostgreSQL find each other's tunnels through Redis.
+    redis_url: str | None = None
+    instance_id: str = ""
+    advertise_url: str | None = None
+    peer_ca_file: Path | None = None
+    registry_ttl_seconds: float = Field(default=15, ge=3)
 
     @field_validator("listen")
     @classmethod
@@ -116,6 +123,10 @@ class RelayConfig(BaseModel):
             raise ValueError("tls_cert and tls_key must be set together")
         if not self.dev and self.tls_cert is None:
             raise ValueError("tls_cert and tls_key are required unless dev = true")
+        if not self.instance_id:
+            object.__setattr__(self, "instance_id", "rly_" + secrets.token_hex(4))
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError("redis_url must be a redis:// or rediss:// URL")
         if self.invoke_timeout_seconds > self.invoke_timeout_max_seconds:
             raise ValueError("invoke_timeout_seconds exceeds invoke_timeout_max_seconds")
         return self
@@ -127,6 +138,11 @@ class RelayConfig(BaseModel):
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def peer_url(self) -> str:
+        """Where other relay instances reach this one (``advertise_url``, else base_url)."""
+        return (self.advertise_url or self.base_url).rstrip("/")
 
     @property
     def base_url(self) -> str:

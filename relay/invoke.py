@@ -20,35 +20,25 @@ from urllib.parse import unquote
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.datastructures import MutableHeaders
 
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.keys import b64e
 from backhaul.wire import ErrorCode, StreamUnavailable
 from relay import metrics
-from relay.balancing import Thresholds
+from relay.balancing import RoundRobin, Thresholds, choose
+from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
+from relay.headers import HOP_BY_HOP, response_headers
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
 from relay.problems import ProblemError
+from relay.registry import Registry
 from relay.store import Forbidden, NotFound, queries
+from relay.store.queries import InvokeTarget
 
 router = APIRouter()
 log = structlog.get_logger("backhaul.relay.invoke")
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 CALLER_ONLY = frozenset({"authorization", "cookie", "host", "x-backhaul-timeout"})
 TIMEOUT_HEADER = "x-backhaul-timeout"
 _FORBIDDEN_RAW = re.compile(rb"%(2f|5c|00)|\\", re.IGNORECASE)
@@ -189,6 +179,10 @@ async def _invoke(
     }
     hub: Hub = request.app.state.hub
     has_body = _has_body(request)
+    # A small body is read first, so a request refused by a draining member can be replayed
+    # on another one: that is what makes a rolling restart lose nothing.
+    buffered = await _small_body(request) if has_body else None
+    replayable = not has_body or buffered is not None
     thresholds = Thresholds(target.cpu_threshold, target.memory_threshold)
     idempotent = request.method in ("GET", "HEAD") and not has_body
     tried: set[str] = set()
@@ -198,6 +192,10 @@ async def _invoke(
         live = hub.pick(target.gateway_id, frozenset(tried), target.load_balancing, thresholds)
         if live is None and lost is not None:
             raise lost  # no other member to retry on: the original failure stands
+        if live is None and not tried and FORWARDED_HEADER not in request.headers:
+            forwarded = await _forward_elsewhere(request, target, thresholds)
+            if forwarded is not None:
+                return forwarded
         if live is None:
             detail = f"no member of gateway {target.gateway_id} is online"
             if tried:
@@ -205,9 +203,9 @@ async def _invoke(
             raise ProblemError(503, "Gateway offline", detail, {"Retry-After": "5"})
         tried.add(live.member_id)
         try:
-            return await _exchange(live, head, request, has_body, deadline, started)
+            return await _exchange(live, head, request, has_body, buffered, deadline, started)
         except StreamError as exc:
-            if exc.code is ErrorCode.REFUSED_STREAM and not has_body:
+            if exc.code is ErrorCode.REFUSED_STREAM and replayable:
                 continue  # never processed: safe to try another member
             if exc.code is ErrorCode.CANCEL and live.tunnel.closed and idempotent and not retried:
                 # The member died before the response started: a GET or HEAD is retried once.
@@ -220,17 +218,51 @@ async def _invoke(
             continue
 
 
+async def _forward_elsewhere(
+    request: Request, target: InvokeTarget, thresholds: Thresholds
+) -> Response | None:
+    """No member here: stream the request to an instance that holds one (scale-out)."""
+    registry: Registry = request.app.state.registry
+    if not registry.shared:
+        return None
+    candidates = [
+        m
+        for m in await registry.remote_members(target.gateway_id)
+        if not (m.disabled or m.draining)
+    ]
+    while candidates:
+        member = choose(
+            candidates, target.load_balancing, thresholds, target.gateway_id, _REMOTE_ROTATION
+        )
+        assert member is not None
+        try:
+            return await forward(request.app.state.peers, member, request, registry.instance_id)
+        except ForwardFailed as exc:
+            log.warning("invoke.forward_failed", instance_id=member.instance_id, error=str(exc))
+            registry.mark_dead(member.instance_id)
+            candidates = [m for m in candidates if m.instance_id != member.instance_id]
+    return None
+
+
+_REMOTE_ROTATION = RoundRobin()
+
+
 async def _exchange(
     live: LiveTunnel,
     head: dict[str, Any],
     request: Request,
     has_body: bool,
+    buffered: bytes | None,
     deadline: float,
     started: float,
 ) -> Response:
     stream = await live.tunnel.open_stream(head, end_stream=not has_body)
     live.total += 1
-    pump = asyncio.create_task(_pump_request(stream, request)) if has_body else None
+    pump = None
+    if buffered is not None:
+        pump = asyncio.create_task(_send_buffered(stream, buffered))
+    elif has_body:
+        pump = asyncio.create_task(_pump_request(stream, request))
     try:
         remaining = max(0.0, deadline - (time.monotonic() - started))
         try:
@@ -247,24 +279,31 @@ async def _exchange(
         await stream.reset(ErrorCode.CANCEL, "request abandoned")
         raise
     status = int(response_head.get("status", 502))
-    headers = [
-        (str(k), str(v))
-        for k, v in response_head.get("headers", [])
-        if str(k).lower() not in HOP_BY_HOP
-    ]
+    headers = response_headers((str(k), str(v)) for k, v in response_head.get("headers", []))
     return StreamingResponse(
-        _relay_body(stream, pump, request.method == "HEAD"),
-        status_code=status,
-        headers=_header_dict(headers),
+        _relay_body(stream, pump, request.method == "HEAD"), status_code=status, headers=headers
     )
 
 
-def _header_dict(headers: list[tuple[str, str]]) -> MutableHeaders:
-    """Keep repeated fields (Set-Cookie) that a plain dict would fold."""
-    mutable = MutableHeaders()
-    for name, value in headers:
-        mutable.append(name, value)
-    return mutable
+#: Bodies up to this size are buffered (and so replayable); larger ones stream.
+REPLAY_LIMIT = 64 * 1024
+
+
+async def _small_body(request: Request) -> bytes | None:
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > REPLAY_LIMIT:
+        return None
+    return await request.body()
+
+
+async def _send_buffered(stream: TunnelStream, body: bytes) -> None:
+    try:
+        if body:
+            metrics.BYTES.labels(direction="request").inc(len(body))
+            await stream.write(body)
+        await stream.end()
+    except (StreamError, TransportClosed):
+        return
 
 
 async def _pump_request(stream: TunnelStream, request: Request) -> None:

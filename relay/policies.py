@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from relay import RelayError
-from relay.api.connectors import normalize_base_url
+from relay.urls import normalize_base_url
 from relay.importer.settings import Operation, Policy
 
 _EXPRESSION = re.compile(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
@@ -23,6 +24,7 @@ from backhaul.keys import verify_signature
 from backhaul.version import SUBPROTOCOL
 from backhaul.wire import CLOSE_CODE_BASE, Connection, ErrorCode, HelloReceived, Role
 from relay.hub import Hub, LiveTunnel
+from relay.registry import Registry
 from relay.store import queries
 
 router = APIRouter()
@@ -92,6 +94,8 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
     previous = hub.register(live)
     if previous is not None:
         await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+    registry: Registry = ws.app.state.registry
+    await _quietly(registry.announce(live))
     tunnel.on_goaway = lambda: log.info("tunnel.draining", member_id=live.member_id)
     tunnel.on_notice = lambda payload: _on_notice(live, payload)
     tunnel.log = log.bind(member_id=live.member_id, session_id=live.session_id)
@@ -100,6 +104,7 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
         await tunnel.run()
     finally:
         hub.unregister(live)
+        await _quietly(registry.withdraw(live))
         tunnel.log.info("tunnel.disconnected", reason=tunnel.close_reason)
         await transport.close(1000, "")
 
@@ -156,6 +161,14 @@ def _on_notice(live: LiveTunnel, payload: dict[str, Any]) -> None:
     if payload.get("kind") == "load":
         live.cpu = _percent(payload.get("cpu"))
         live.memory = _percent(payload.get("memory"))
+
+
+async def _quietly(call: Awaitable[None]) -> None:
+    """Registry updates must never take a tunnel down (Redis may be briefly unreachable)."""
+    try:
+        await call
+    except Exception as exc:
+        log.warning("tunnel.registry_failed", error=str(exc))
 
 
 def _peer(ws: WebSocket) -> str:

@@ -1,8 +1,10 @@
-"""Connections: a connector plus one caller's credentials, sealed to the gateway at once.
+"""Connections: a connector plus one caller's credentials, protected at once.
 
 The credentials exist in clear only inside this request handler: they are validated, sealed
 with HPKE to the gateway's public key (bound to the connection id and base URL) and dropped.
-Validation errors name the offending field and never echo its value.
+An online connector's credentials are encrypted with the relay's key instead, since the relay
+itself calls that API (:mod:`relay.credentials`). Validation errors name the offending field
+and never echo its value.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, StringConstraints
 
-from backhaul.seal import seal
+from relay import credentials as connection_credentials
+from relay import sharing
 from relay.identity import CurrentUser
+from relay.oauth import tokens as oauth_tokens
 from relay.problems import ProblemError
 from relay.store import Forbidden, queries
 from relay.store.db import SessionDep
@@ -27,18 +31,23 @@ CREDENTIAL_FIELDS: dict[str, tuple[str, ...]] = {
     "none": (),
     "basic": ("username", "password"),
     "api_key": ("api_key",),
+    "oauth2": (),
 }
 MAX_CREDENTIAL_BYTES = 16 * 1024
 
 
 class ConnectionCreate(BaseModel):
     connector_id: str
-    credentials: dict[str, Any]
+    credentials: dict[str, Any] = {}
     name: Annotated[str, StringConstraints(strip_whitespace=True, max_length=128)] | None = None
+    #: Imported connectors: values by the names in apiProperties.json, and which set.
+    parameters: dict[str, Any] | None = None
+    parameter_set: str | None = None
 
 
 class CredentialsUpdate(BaseModel):
-    credentials: dict[str, Any]
+    credentials: dict[str, Any] = {}
+    parameters: dict[str, Any] | None = None
 
 
 class ConnectionView(BaseModel):
@@ -48,6 +57,8 @@ class ConnectionView(BaseModel):
     name: str | None
     seal_suite: str
     created_at: dt.datetime
+    parameter_set: str | None = None
+    parameters: dict[str, Any] | None = None
 
 
 def _invalid(detail: str) -> ProblemError:
@@ -85,16 +96,15 @@ def view(connection: Connection) -> ConnectionView:
         name=connection.name,
         seal_suite=connection.seal_suite,
         created_at=connection.created_at,
+        parameter_set=connection.parameter_set,
+        parameters=connection.parameter_values,
     )
 
 
-async def _sealing_key(session: SessionDep, connector: Connector) -> str:
+async def _sealing_key(session: SessionDep, connector: Connector) -> str | None:
+    """The gateway's HPKE key; None for an online connector (the relay's key protects it)."""
     if connector.gateway_id is None:
-        raise ProblemError(
-            422,
-            "Unsupported connector",
-            f"connector {connector.id} has no gateway; only gateway connectors are supported",
-        )
+        return None
     gateway = await session.get(Gateway, connector.gateway_id)
     if gateway is None or gateway.hpke_public_key is None:
         raise ProblemError(
@@ -107,15 +117,18 @@ async def _sealing_key(session: SessionDep, connector: Connector) -> str:
 
 @router.post("", status_code=201)
 async def create_connection(
-    body: ConnectionCreate, caller: CurrentUser, session: SessionDep
+    body: ConnectionCreate, caller: CurrentUser, session: SessionDep, request: Request
 ) -> ConnectionView:
-    connector = await queries.visible_connector(
-        session, body.connector_id, caller.id, caller.is_admin
+    connector = (await sharing.access(session, body.connector_id, caller)).connector
+    prepared = connection_credentials.prepare(
+        connector, body.credentials, body.parameters, body.parameter_set
     )
-    credentials = check_credentials(connector.auth_type, body.credentials)
+    credentials = check_credentials(prepared.auth_type, prepared.credentials)
     key = await _sealing_key(session, connector)
     connection_id = new_id("cxn")
-    suite, blob = seal(key, connection_id, connector.base_url, credentials)
+    suite, blob = connection_credentials.protect(
+        request.app.state.config, connector, key, connection_id, prepared, credentials
+    )
     del credentials
     connection = await queries.add_connection(
         session,
@@ -126,6 +139,10 @@ async def create_connection(
             name=body.name or None,
             seal_suite=suite,
             sealed_credentials=blob,
+            parameter_set=prepared.parameter_set,
+            parameter_values=prepared.parameter_values,
+            base_url=prepared.base_url,
+            auth_type=prepared.auth_type if prepared.parameter_set is not None else None,
         ),
     )
     await session.commit()
@@ -153,6 +170,7 @@ async def delete_connection(
     connection = await queries.managed_connection(
         session, connection_id, caller.id, caller.is_admin
     )
+    await oauth_tokens.forget(session, connection.id)
     await queries.delete_connection(session, connection)
     await session.commit()
     return Response(status_code=204)
@@ -160,7 +178,11 @@ async def delete_connection(
 
 @router.put("/{connection_id}/credentials")
 async def replace_credentials(
-    connection_id: str, body: CredentialsUpdate, caller: CurrentUser, session: SessionDep
+    connection_id: str,
+    body: CredentialsUpdate,
+    caller: CurrentUser,
+    session: SessionDep,
+    request: Request,
 ) -> ConnectionView:
     """Owner only: an admin may delete a connection but not put words in someone's mouth."""
     connection = await queries.visible_connection(
@@ -170,11 +192,16 @@ async def replace_credentials(
         raise Forbidden(f"only the owner of {connection_id} may replace its credentials")
     connector = await session.get(Connector, connection.connector_id)
     assert connector is not None
-    credentials = check_credentials(connector.auth_type, body.credentials)
+    prepared = connection_credentials.prepare(
+        connector, body.credentials, body.parameters, connection.parameter_set
+    )
+    credentials = check_credentials(prepared.auth_type, prepared.credentials)
     key = await _sealing_key(session, connector)
-    connection.seal_suite, connection.sealed_credentials = seal(
-        key, connection.id, connector.base_url, credentials
+    connection.seal_suite, connection.sealed_credentials = connection_credentials.protect(
+        request.app.state.config, connector, key, connection.id, prepared, credentials
     )
     del credentials
+    connection.parameter_values = prepared.parameter_values
+    connection.base_url = prepared.base_url
     await session.commit()
     return view(connection)

@@ -5,23 +5,33 @@ check failed (unknown, expired, already used): an operator re-running ``enroll``
 know whether to mint a new token. The token is consumed by a conditional UPDATE in the same
 transaction that creates the member, so two agents racing with one token get one member,
 and a refused request (bad key, 409) leaves the token unused.
+
+Clusters (docs/clusters.md): ``POST /v1/enroll/prepare`` checks a token *without* using it
+and tells the agent the gateway's id, public key and recovery-wrapped private key, so a
+joining member can unwrap the key locally (a wrong recovery key then costs nothing) and the
+first member can bind its wrapped key to the gateway id. The first member sends
+``wrapped_private_key``; further members send ``join: true`` and the gateway's current public
+key. A gateway holds at most :data:`~relay.store.clusters.MAX_MEMBERS` non-revoked members;
+each new one gets ``priority`` = the number of members before it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
 from backhaul.errors import SealError
 from backhaul.keys import b64d
+from backhaul.recovery import RecoveryKeyError, check_blob
 from backhaul.seal import validate_public_key
 from relay.identity import ENROLLMENT_TOKEN_PREFIX, hash_token
 from relay.problems import ProblemError
-from relay.store import queries
+from relay.rotation import KeyRecord
+from relay.store import clusters, queries
 from relay.store.db import SessionDep
-from relay.store.models import Gateway, utcnow
+from relay.store.models import EnrollmentToken, Gateway, utcnow
 
 router = APIRouter(prefix="/v1", tags=["enrollment"])
 
@@ -33,12 +43,32 @@ class EnrollRequest(BaseModel):
     version: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
     signing_public_key: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     hpke_public_key: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    #: A further member of a gateway that already has a key (it sends that key).
+    join: bool = False
+    #: First member only: the gateway private key wrapped under the recovery key.
+    wrapped_private_key: dict[str, Any] | None = None
+    #: The key version the agent was told by prepare (checked when given).
+    key_version: int | None = Field(default=None, ge=1)
 
 
 class EnrollResponse(BaseModel):
     member_id: str
     gateway_id: str
     gateway_name: str
+
+
+class PrepareRequest(BaseModel):
+    token: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class PrepareResponse(BaseModel):
+    gateway_id: str
+    gateway_name: str
+    hpke_public_key: str | None
+    wrapped_private_key: dict[str, Any] | None
+    key_version: int
+    members: int
+    max_members: int
 
 
 def _refused(detail: str) -> ProblemError:
@@ -65,32 +95,104 @@ def _check_hpke_key(text: str) -> None:
         raise ProblemError(422, "Invalid request", f"hpke_public_key: {exc}") from exc
 
 
-@router.post("/enroll", status_code=201)
-async def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
-    if not body.token.startswith(ENROLLMENT_TOKEN_PREFIX):
+async def _valid_token(session: SessionDep, text: str) -> EnrollmentToken:
+    if not text.startswith(ENROLLMENT_TOKEN_PREFIX):
         raise _refused("unknown enrollment token")
-    token = await queries.enrollment_by_hash(session, hash_token(body.token))
+    token = await queries.enrollment_by_hash(session, hash_token(text))
     if token is None:
         raise _refused("unknown enrollment token")
     if token.used_at is not None:
         raise _refused("enrollment token already used; create a new one")
     if utcnow() >= token.expires_at:
         raise _refused("enrollment token expired; create a new one")
+    return token
+
+
+@router.post("/enroll/prepare")
+async def prepare(body: PrepareRequest, session: SessionDep) -> PrepareResponse:
+    """Check a token without using it; describe the gateway it enrolls into."""
+    token = await _valid_token(session, body.token)
+    gateway = await session.get(Gateway, token.gateway_id)
+    if gateway is None:
+        raise _refused("unknown enrollment token")
+    return PrepareResponse(
+        gateway_id=gateway.id,
+        gateway_name=gateway.name,
+        hpke_public_key=gateway.hpke_public_key,
+        wrapped_private_key=KeyRecord.load(gateway.wrapped_private_key).wrapped,
+        key_version=gateway.key_version,
+        members=await clusters.active_member_count(session, gateway.id),
+        max_members=clusters.MAX_MEMBERS,
+    )
+
+
+def _join_hint(gateway: Gateway) -> str:
+    return (
+        f"gateway {gateway.name} ({gateway.id}) already has a key; add a further member with "
+        "the gateway's existing key: backhaul-agent enroll --join --recovery-key KEY"
+    )
+
+
+@router.post("/enroll", status_code=201)
+async def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
+    token = await _valid_token(session, body.token)
     _check_signing_key(body.signing_public_key)
     _check_hpke_key(body.hpke_public_key)
+    record: str | None = None
+    if body.wrapped_private_key is not None:
+        if body.join:
+            raise ProblemError(
+                422, "Invalid request", "wrapped_private_key: only the first member sends it"
+            )
+        try:
+            record = KeyRecord(wrapped=check_blob(body.wrapped_private_key)).dump()
+        except RecoveryKeyError as exc:
+            raise ProblemError(422, "Invalid request", f"wrapped_private_key: {exc}") from None
 
     if not await queries.consume_enrollment(session, token.id):
         await session.rollback()
         raise _refused("enrollment token already used; create a new one")
-    gateway_key = await queries.claim_gateway_key(session, token.gateway_id, body.hpke_public_key)
-    if gateway_key != body.hpke_public_key:
+    gateway = await clusters.lock_gateway(session, token.gateway_id)
+    members = await clusters.active_member_count(session, gateway.id)
+    try:
+        if members >= clusters.MAX_MEMBERS:
+            raise ProblemError(
+                409,
+                "Gateway full",
+                f"gateway {gateway.name} ({gateway.id}) already has {members} members, the "
+                f"maximum is {clusters.MAX_MEMBERS}; revoke one before adding another",
+            )
+        if body.key_version is not None and gateway.key_version != body.key_version:
+            raise ProblemError(
+                409,
+                "Gateway key changed",
+                f"gateway {gateway.id} is now at key version {gateway.key_version} (it was "
+                "rotated during enrollment); run the enrollment again",
+            )
+        if body.join:
+            if gateway.hpke_public_key is None:
+                raise ProblemError(
+                    409,
+                    "Gateway has no key",
+                    f"gateway {gateway.name} ({gateway.id}) has no member yet; enroll the first "
+                    "member without --join",
+                )
+            if body.hpke_public_key != gateway.hpke_public_key:
+                raise ProblemError(
+                    409,
+                    "Gateway key mismatch",
+                    "the key this member holds is not the gateway's current key; run the "
+                    "enrollment again",
+                )
+        elif not await clusters.claim_gateway_key(
+            session, gateway.id, body.hpke_public_key, record
+        ):
+            await session.refresh(gateway)
+            if gateway.hpke_public_key != body.hpke_public_key:
+                raise ProblemError(409, "Gateway key mismatch", _join_hint(gateway))
+    except ProblemError:
         await session.rollback()
-        raise ProblemError(
-            409,
-            "Gateway key mismatch",
-            "this gateway already has a key; a further member must join with the gateway's "
-            "existing key",
-        )
+        raise
     member = await queries.add_member(
         session,
         token.gateway_id,
@@ -99,7 +201,7 @@ async def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
         body.signing_public_key,
         body.version,
     )
-    gateway = await session.get(Gateway, token.gateway_id)
-    assert gateway is not None
+    member.priority = members
+    name = gateway.name
     await session.commit()
-    return EnrollResponse(member_id=member.id, gateway_id=gateway.id, gateway_name=gateway.name)
+    return EnrollResponse(member_id=member.id, gateway_id=token.gateway_id, gateway_name=name)

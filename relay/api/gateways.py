@@ -7,17 +7,20 @@ times a second and would be stale the moment they were written.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, StringConstraints
 
+from relay.balancing import DEFAULT_POLICY
 from relay.config import RelayConfig
-from relay.hub import Hub
+from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser, hash_token, new_enrollment_token
+from relay.problems import ProblemError
+from relay.registry import Registry, RemoteMember
 from relay.store import queries
 from relay.store.db import SessionDep
-from relay.store.models import Gateway, Member
+from relay.store.models import Gateway, Member, utcnow
 
 router = APIRouter(prefix="/v1/gateways", tags=["gateways"])
 
@@ -47,6 +50,23 @@ class GatewaySummary(BaseModel):
     owner_id: str
     created_at: dt.datetime
     hpke_public_key: str | None
+    load_balancing: str = DEFAULT_POLICY
+    cpu_threshold: float | None = None
+    memory_threshold: float | None = None
+
+
+Policy = Literal["least-inflight", "round-robin", "random", "primary-failover"]
+
+
+class GatewayUpdate(BaseModel):
+    """PATCH body: only the fields present change (null clears a threshold)."""
+
+    name: GatewayName | None = None
+    load_balancing: (
+        Literal["least-inflight", "round-robin", "random", "primary-failover"] | None
+    ) = None
+    cpu_threshold: float | None = Field(default=None, gt=0, le=100)
+    memory_threshold: float | None = Field(default=None, gt=0, le=100)
 
 
 class MemberView(BaseModel):
@@ -62,6 +82,13 @@ class MemberView(BaseModel):
     revoked: bool
     enrolled_at: dt.datetime
     last_seen_at: dt.datetime | None
+    disabled: bool = False
+    draining: bool = False
+    priority: int = 0
+    cpu: float | None = None
+    memory: float | None = None
+    #: The relay instance holding this member's tunnel (None when offline).
+    instance: str | None = None
 
 
 class GatewayDetail(GatewaySummary):
@@ -71,6 +98,11 @@ class GatewayDetail(GatewaySummary):
 def _hub(request: Request) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
 
 
 def _ttl(request: Request) -> dt.timedelta:
@@ -85,11 +117,19 @@ def _summary(gateway: Gateway) -> dict[str, object]:
         "owner_id": gateway.owner_id,
         "created_at": gateway.created_at,
         "hpke_public_key": gateway.hpke_public_key,
+        "load_balancing": gateway.load_balancing,
+        "cpu_threshold": gateway.cpu_threshold,
+        "memory_threshold": gateway.memory_threshold,
     }
 
 
-def _member_view(member: Member, hub: Hub) -> MemberView:
-    live = hub.live(member.id)
+async def _member_view(member: Member, hub: Hub, registry: Registry) -> MemberView:
+    """DB facts plus the live view: this instance's hub first, then the shared registry."""
+    live: LiveTunnel | RemoteMember | None = hub.live(member.id)
+    instance = hub.instance_id if live is not None else None
+    if live is None:
+        live = await registry.lookup(member.id)
+        instance = live.instance_id if live is not None else None
     return MemberView(
         id=member.id,
         name=member.name,
@@ -103,6 +143,12 @@ def _member_view(member: Member, hub: Hub) -> MemberView:
         revoked=member.revoked_at is not None,
         enrolled_at=member.enrolled_at,
         last_seen_at=member.last_seen_at,
+        disabled=member.disabled_at is not None,
+        draining=live.draining if live is not None else False,
+        priority=member.priority,
+        cpu=live.cpu if live is not None else None,
+        memory=live.memory if live is not None else None,
+        instance=instance,
     )
 
 
@@ -135,10 +181,52 @@ async def get_gateway(
 ) -> GatewayDetail:
     gateway = await queries.visible_gateway(session, gateway_id, caller.id, caller.is_admin)
     members = await queries.gateway_members(session, gateway.id)
-    hub = _hub(request)
-    return GatewayDetail.model_validate(
-        {**_summary(gateway), "members": [_member_view(m, hub) for m in members]}
-    )
+    hub, registry = _hub(request), _registry(request)
+    views = [await _member_view(m, hub, registry) for m in members]
+    return GatewayDetail.model_validate({**_summary(gateway), "members": views})
+
+
+@router.patch("/{gateway_id}")
+async def update_gateway(
+    gateway_id: str, body: GatewayUpdate, caller: CurrentUser, session: SessionDep
+) -> GatewaySummary:
+    """Rename, choose the load-balancing policy, set or clear the CPU/memory thresholds."""
+    gateway = await queries.visible_gateway(session, gateway_id, caller.id, caller.is_admin)
+    for field in body.model_fields_set:
+        value = getattr(body, field)
+        if field in ("name", "load_balancing") and value is None:
+            continue
+        setattr(gateway, field, value)
+    await session.commit()
+    return GatewaySummary.model_validate(_summary(gateway))
+
+
+async def _set_disabled(
+    gateway_id: str, member_id: str, disabled: bool, caller: Any, session: Any, request: Request
+) -> Response:
+    gateway = await queries.visible_gateway(session, gateway_id, caller.id, caller.is_admin)
+    member = await session.get(Member, member_id)
+    if member is None or member.gateway_id != gateway.id:
+        raise ProblemError(404, "Not found", f"no member {member_id} in gateway {gateway_id}")
+    member.disabled_at = utcnow() if disabled else None
+    await session.commit()
+    await _registry(request).set_disabled(member_id, disabled)
+    return Response(status_code=204)
+
+
+@router.post("/{gateway_id}/members/{member_id}/disable", status_code=204)
+async def disable_member(
+    gateway_id: str, member_id: str, caller: CurrentUser, session: SessionDep, request: Request
+) -> Response:
+    """Stop routing to a member without revoking it (maintenance); its tunnel stays up."""
+    return await _set_disabled(gateway_id, member_id, True, caller, session, request)
+
+
+@router.post("/{gateway_id}/members/{member_id}/enable", status_code=204)
+async def enable_member(
+    gateway_id: str, member_id: str, caller: CurrentUser, session: SessionDep, request: Request
+) -> Response:
+    return await _set_disabled(gateway_id, member_id, False, caller, session, request)
 
 
 @router.post("/{gateway_id}/enrollment-tokens", status_code=201)
@@ -160,5 +248,5 @@ async def revoke_member(
     gateway = await queries.visible_gateway(session, gateway_id, caller.id, caller.is_admin)
     await queries.revoke_member(session, gateway.id, member_id)
     await session.commit()
-    await _hub(request).disconnect(member_id, "member revoked")
+    await _registry(request).disconnect(member_id, "member revoked")
     return Response(status_code=204)

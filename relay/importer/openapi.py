@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from relay.api.connectors import normalize_base_url
+from relay.urls import normalize_base_url
 from relay.importer import jsondoc
 from relay.importer.errors import DefinitionError
 from relay.importer.settings import Operation

@@ -7,6 +7,7 @@
 #   krb5-user                   kinit / klist / kvno, used to check the KDC is up
 #   apache2 + mod_auth_gssapi   the internal API: Negotiate/Kerberos, NTLM and Basic locations
 #   gss-ntlmssp                 the GSSAPI NTLM mechanism mod_auth_gssapi uses for NTLM
+#   faketime                    runs a second KDC an hour ahead, for the clock-skew test
 #   libkrb5-dev                 krb5-config and headers: the gssapi and krb5 Python packages
 #                               (pyspnego's Kerberos backend) build against them
 #
@@ -17,7 +18,7 @@ set -euo pipefail
 PACKAGES=(
     krb5-kdc krb5-admin-server krb5-user
     apache2 libapache2-mod-auth-gssapi gss-ntlmssp
-    libkrb5-dev gcc
+    libkrb5-dev gcc faketime
 )
 
 if [[ $(id -u) -ne 0 ]]; then
