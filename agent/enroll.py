@@ -186,8 +186,7 @@ def enroll(
             raise EnrollError(f"--recovery-key: {exc}") from None
     if join and secret is None:
         raise EnrollError(
-            "--join needs --recovery-key: the key printed when the gateway's first member "
-            "enrolled"
+            "--join needs --recovery-key: the key printed when the gateway's first member enrolled"
         )
 
     ctx: ssl.SSLContext | None = None

@@ -13,6 +13,7 @@ that names the target but never contains a credential, a token or a query string
     ├── UpstreamUnreachable   DNS failure, connection refused, TLS handshake failure
     ├── UpstreamTimeout       the deadline passed before response headers, or the body stalled
     ├── UpstreamError         the internal API broke HTTP (protocol error, reset mid-body)
+    ├── WindowsAuthFailed     NTLM / Kerberos / Negotiate failed; ``reason`` says why
     ├── AgentNotRunning       no agent answers on the local status socket
     └── EnrollError           enrollment failed (relay refused the token, TLS, network)
 """
@@ -32,6 +33,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnreachable",
+    "WindowsAuthFailed",
 ]
 
 
@@ -102,6 +104,21 @@ class UpstreamError(AgentError):
 
     code = "upstream_error"
     status = 502
+
+
+class WindowsAuthFailed(AgentError):
+    """Windows authentication to the internal API failed (see :mod:`agent.winauth`).
+
+    ``reason`` is a stable slug (``wrong_password``, ``clock_skew``, ...); the message starts
+    with it in brackets so it survives the RESET frame and the relay can hand it to the caller.
+    """
+
+    code = "windows_auth_failed"
+    status = 502
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"[{reason}] {message}")
+        self.reason = reason
 
 
 class AgentNotRunning(AgentError):

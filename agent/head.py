@@ -11,8 +11,10 @@ Schema (JSON)::
     {"method": "GET", "url": "http://127.0.0.1:8080/api/x?q=1",
      "headers": [["accept", "*/*"]], "connection_id": "cxn_...",
      "base_url": "http://127.0.0.1:8080/api/",
-     "auth": {"type": "none" | "basic" | "api_key",
-              "api_key_name": str | null, "api_key_in": "header" | "query" | null},
+     "auth": {"type": "none" | "basic" | "api_key" | "windows",
+              "api_key_name": str | null, "api_key_in": "header" | "query" | null,
+              "windows_scheme": "negotiate" | "ntlm" | "kerberos",   (windows only)
+              "spn": "HTTP/host" | null},                             (windows only)
      "suite": "MLKEM768_X25519/...", "sealed": "<base64url>", "timeout_ms": 30000,
      "key_version": 1}
 
@@ -40,7 +42,7 @@ from pydantic import (
 
 from agent.errors import BadRequestHead
 
-__all__ = ["MAX_HEADER_BYTES", "AuthSpec", "RequestHead", "is_token", "valid_field_value"]
+__all__ = ["MAX_HEADER_BYTES", "SPN_RE", "AuthSpec", "RequestHead", "is_token", "valid_field_value"]
 
 #: RFC 9110 §5.6.2 ``token``.
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -50,6 +52,8 @@ MAX_HEADERS = 256
 MAX_HEADER_BYTES = 64 * 1024
 MAX_URL = 16 * 1024
 MAX_TIMEOUT_MS = 3_600_000
+#: A Kerberos service principal for HTTP: ``SERVICE/host`` (the realm comes from krb5.conf).
+SPN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}/[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$")
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
@@ -67,9 +71,24 @@ class AuthSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["none", "basic", "api_key"]
+    type: Literal["none", "basic", "api_key", "windows"]
     api_key_name: StrictStr | None = None
     api_key_in: Literal["header", "query"] | None = None
+    #: Windows auth only (sent only for it, so older agents never see the keys).
+    windows_scheme: Literal["negotiate", "ntlm", "kerberos"] | None = None
+    spn: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _windows_fields(self) -> Self:
+        if self.type != "windows":
+            if self.windows_scheme is not None or self.spn is not None:
+                raise ValueError("windows_scheme and spn apply only to windows auth")
+            return self
+        if self.windows_scheme is None:
+            object.__setattr__(self, "windows_scheme", "negotiate")
+        if self.spn is not None and not SPN_RE.match(self.spn):
+            raise ValueError("spn must look like SERVICE/host (e.g. HTTP/api.corp.example)")
+        return self
 
     @model_validator(mode="after")
     def _api_key_fields(self) -> Self:

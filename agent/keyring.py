@@ -139,6 +139,9 @@ class Keyring:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for held, held_key in self._keys.items():
+            if not self.version_path(held).exists():  # an agent from before versioned files
+                write_private(self.version_path(held), encode_key(held_key))
         write_private(self.version_path(version), encode_key(key))
         if not self._keys or version >= max(self._keys):
             write_private(self.path, encode_key(key))

@@ -5,8 +5,8 @@ They arrive as streams whose OPEN head has an ``"op"`` field instead of a method
 and are answered with RESPONSE 200 and a small JSON body, or a RESET whose reason says what
 went wrong. The relay is not trusted with any of this:
 
-* ``gateway-key`` ``{"op", "from_version", "key_version", "public_key", "handover"}``: the
-  handover opens only with a key this member holds and must prove that its author held that
+* ``gateway-key`` ``{"op", "from_version", "key_version", "public_key", "transport"}``: the
+  transport opens only with a key this member holds and must prove that its author held that
   key too (:func:`backhaul.rotation.open_successor`), so a relay cannot slip in a key of its
   own. Answer ``{"key_version", "public_key"}``.
 * ``reseal`` ``{"op", "connection_id", "base_url", "suite", "sealed", "from_version",
@@ -50,7 +50,7 @@ class GatewayKeyOp(_Op):
     from_version: Version
     key_version: Version
     public_key: Text
-    handover: Text
+    transport: Text
 
 
 class ResealOp(_Op):
@@ -104,7 +104,7 @@ def _gateway_key(op: GatewayKeyOp, keyring: Keyring, gateway_id: str) -> dict[st
     current = keyring.get(op.from_version)
     try:
         successor = open_successor(
-            current, op.handover, gateway_id, op.from_version, op.key_version, op.public_key
+            current, op.transport, gateway_id, op.from_version, op.key_version, op.public_key
         )
     except SealError as exc:
         raise _Refused(ErrorCode.CREDENTIALS_INVALID, f"key handover refused: {exc}") from None
@@ -116,7 +116,7 @@ def _gateway_key(op: GatewayKeyOp, keyring: Keyring, gateway_id: str) -> dict[st
 def _reseal(op: ResealOp, keyring: Keyring) -> dict[str, Any]:
     if op.to_version <= op.from_version:
         raise _Refused(ErrorCode.BAD_REQUEST, "to_version must be higher than from_version")
-    old, new = keyring.get(op.from_version), keyring.get(op.to_version)
+    old, new = keyring.get(op.from_version), keyring.get(op.from_version)
     try:
         suite, blob = reseal(old, new, op.suite, b64d(op.sealed), op.connection_id, op.base_url)
     except (SealError, ValueError) as exc:

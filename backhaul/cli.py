@@ -95,11 +95,18 @@ def _problem_text(response: httpx.Response) -> str:
     return response.reason_phrase
 
 
-def _call(target: Target, method: str, path: str, body: Any = None) -> Any:
+def _call(
+    target: Target, method: str, path: str, body: Any = None, timeout: float | None = None
+) -> Any:
     """One API call; every transport or HTTP failure becomes a one-line error."""
     try:
         with _client(target) as client:
-            response = client.request(method, path, json=body)
+            response = client.request(
+                method,
+                path,
+                json=body,
+                timeout=TIMEOUT if timeout is None else httpx.Timeout(timeout, connect=10.0),
+            )
     except httpx.ConnectError as exc:
         cause = exc.__cause__ or exc.__context__
         while cause is not None and not isinstance(cause, ssl.SSLError):
@@ -231,6 +238,63 @@ def gateways_revoke_member(ctx: typer.Context, gateway_id: str, member_id: str) 
     """Revoke a member: its tunnel is closed and it can never reconnect."""
     _call(ctx.obj, "DELETE", f"/v1/gateways/{gateway_id}/members/{member_id}")
     typer.echo(f"member {member_id} revoked", err=True)
+
+
+@gateways_app.command("rotate-key")
+def gateways_rotate_key(
+    ctx: typer.Context,
+    gateway_id: str,
+    recovery_key: Annotated[
+        str,
+        typer.Option(
+            "--recovery-key",
+            envvar="BACKHAUL_RECOVERY_KEY",
+            prompt="Recovery key",
+            hide_input=True,
+            help="The gateway's recovery key (bhrk_...); prompted for when not given.",
+        ),
+    ],
+    timeout: Annotated[
+        float, typer.Option(help="seconds to wait for the members to re-seal everything")
+    ] = 600.0,
+) -> None:
+    """Give the gateway a new key pair and re-seal every connection to it.
+
+    The current key is unwrapped here with the recovery key; the relay never sees either.
+    """
+    from backhaul import recovery
+    from backhaul.errors import SealError
+    from backhaul.rotation import rotation_request
+
+    try:
+        secret = recovery.parse(recovery_key)
+    except recovery.RecoveryKeyError as exc:
+        _die(f"--recovery-key: {exc}")
+    doc = _call(ctx.obj, "GET", f"/v1/gateways/{gateway_id}/key")
+    try:
+        body = rotation_request(doc, secret)
+    except recovery.RecoveryKeyError as exc:
+        _die(f"{exc} for gateway {gateway_id}; nothing was changed")
+    except (SealError, KeyError, TypeError, ValueError) as exc:
+        _die(f"cannot rotate gateway {gateway_id}: {exc}")
+    del secret
+    typer.echo(f"rotating gateway {gateway_id} to key version {body['key_version']}...", err=True)
+    result = _call(
+        ctx.obj, "POST", f"/v1/gateways/{gateway_id}/key-rotation", body, timeout=timeout
+    )
+    _print_json(result)
+    if result.get("phase") == "complete":
+        typer.echo(
+            f"gateway {gateway_id} now uses key version {result['gateway_key_version']}; "
+            f"{result.get('resealed', 0)} connection(s) re-sealed",
+            err=True,
+        )
+    else:
+        typer.echo(
+            f"rotation recorded; it finishes when a member is online "
+            f"({result.get('waiting_for') or 'waiting'})",
+            err=True,
+        )
 
 
 member_app = typer.Typer(help="One member of a gateway.", no_args_is_help=True)

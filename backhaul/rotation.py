@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from backhaul.errors import SealError
 from backhaul.keys import b64d, b64e
+from backhaul.recovery import RecoveryKey, unwrap, wrap
 from backhaul.seal import GatewayKeyPair, open_from, open_sealed, seal, seal_to
 
-__all__ = ["open_successor", "reseal", "seal_successor"]
+__all__ = ["open_successor", "reseal", "rotation_request", "seal_successor"]
 
 _PROOF_KEY_INFO = b"backhaul gateway key handover proof v1"
 
@@ -123,3 +124,34 @@ def reseal(
         return seal(new.public_text(), connection_id, base_url, credentials)
     finally:
         del credentials
+
+
+def rotation_request(key_doc: dict[str, Any], secret: RecoveryKey) -> dict[str, Any]:
+    """What the admin's CLI uploads to rotate a gateway key.
+
+    ``key_doc`` is ``GET /v1/gateways/{id}/key``. The current private key is unwrapped here,
+    on the admin's machine, with the recovery key; the successor is generated here, wrapped
+    under the same recovery key (bound to the next version) and sealed to the current public
+    key for the members. Raises RecoveryKeyError (wrong key) or SealError.
+    """
+    gateway_id = str(key_doc["gateway_id"])
+    version = int(key_doc["key_version"])
+    public = key_doc.get("hpke_public_key")
+    wrapped = key_doc.get("wrapped_private_key")
+    if not public:
+        raise SealError(f"gateway {gateway_id} has no key yet: enroll a member first")
+    if not wrapped:
+        raise SealError(
+            f"the relay holds no recovery-wrapped key for gateway {gateway_id} (its first member "
+            "was enrolled without one), so its key cannot be rotated"
+        )
+    current = GatewayKeyPair.from_bytes(unwrap(secret, wrapped, gateway_id, version))
+    if current.public_text() != public:
+        raise SealError("the relay's wrapped key does not match the gateway's public key")
+    successor = GatewayKeyPair.generate()
+    return {
+        "hpke_public_key": successor.public_text(),
+        "wrapped_private_key": wrap(secret, successor.to_bytes(), gateway_id, version + 1),
+        "transport": seal_successor(current, successor, gateway_id, version, version + 1),
+        "key_version": version + 1,
+    }

@@ -702,10 +702,16 @@ async def start_server(
 
     Closing the returned server stops accepting; open connections end with the loop.
     """
+    server, _ = await _listen(host, port, basic, api_key)
+    return server
+
+
+async def _listen(
+    host: str, port: int, basic: tuple[str, str] | None, api_key: tuple[str, str] | None
+) -> tuple[asyncio.Server, _Server]:
     state = _Server(SampleAPIConfig(basic=basic, api_key=api_key))
     server = await asyncio.start_server(state.handle, host, port, limit=MAX_HEAD, backlog=1024)
-    server._backhaul_sample_state = state  # type: ignore[attr-defined]
-    return server
+    return server, state
 
 
 async def serve(
@@ -723,8 +729,7 @@ async def serve(
     Once listening, writes ``ready_file`` (JSON host/port/url/pid, atomically) and calls
     ``on_ready(host, port)`` with the actual port (useful with ``port=0``).
     """
-    server = await start_server(host, port, basic=basic, api_key=api_key)
-    state: _Server = server._backhaul_sample_state  # type: ignore[attr-defined]
+    server, state = await _listen(host, port, basic, api_key)
     bound_port = int(server.sockets[0].getsockname()[1])
     try:
         if ready_file is not None:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul.version import __version__
-from relay import invoke, problems, tunnel
+from relay import audit, cache, egress, invoke, problems, rotation, tunnel
 from relay.api import ROUTERS
 from relay.config import RelayConfig, ensure_data_dir
 from relay.forward import peer_client
@@ -69,6 +69,8 @@ def _peer_ca(config: RelayConfig) -> str | None:
 
 
 def create_app(config: RelayConfig) -> FastAPI:
+    cache.install()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         if config.database_url.startswith("sqlite"):
@@ -89,9 +91,12 @@ def create_app(config: RelayConfig) -> FastAPI:
             app.state.peers = peer_client(_peer_ca(config), config.invoke_timeout_max_seconds)
             await app.state.registry.start()
             yield {}
+            await rotation.shutdown(app.state)
             await app.state.registry.stop()
             await app.state.hub.close()
             await app.state.peers.aclose()
+            await egress.close(app.state)
+            await audit.drain()
         finally:
             await engine.dispose()
 

@@ -81,9 +81,7 @@ def prepare(
     found = connector_settings.load(connector.settings)
     if found is None:
         if parameters or parameter_set is not None:
-            raise _invalid(
-                f"connector {connector.id} was not imported; give its credentials only"
-            )
+            raise _invalid(f"connector {connector.id} was not imported; give its credentials only")
         return Prepared(connector.auth_type, dict(credentials), {}, None, None, None)
     pset = found.parameter_set(parameter_set)
     if pset is None:
@@ -116,7 +114,7 @@ def prepare(
     if sum(len(str(v).encode()) for v in values.values()) > MAX_VALUE_BYTES:
         raise _invalid(f"parameters: larger than {MAX_VALUE_BYTES} bytes")
     present = [p for p in pset.parameters if p.name in values]
-    creds = {p.role: values[p.name] for p in present if p.role}
+    creds: dict[str, Any] = {p.role: values[p.name] for p in present if p.role}
     secrets = {p.name: values[p.name] for p in present if p.secret and not p.role}
     plain = {p.name: values[p.name] for p in present if not p.secret and not p.role}
     try:
@@ -152,7 +150,9 @@ def protect(
         box = box_for(config)
     except SecretBoxError as exc:
         raise ProblemError(503, "Relay secret key missing", str(exc)) from None
-    return SUITE, box.seal(PURPOSE, connection_id, {"credentials": clean, "secrets": prepared.secrets})
+    return SUITE, box.seal(
+        PURPOSE, connection_id, {"credentials": clean, "secrets": prepared.secrets}
+    )
 
 
 def open_online(config: RelayConfig, connection_id: str, suite: str, blob: bytes) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from relay.cache import ReadCache
 from relay.problems import ProblemError
 from relay.store import queries
 from relay.store.db import sessions
@@ -81,16 +82,28 @@ async def current_user(
     token = credentials.credentials
     if not token.startswith(API_TOKEN_PREFIX):
         raise unauthorized("invalid, revoked or deleted-user token")
+    digest = hash_token(token)
+    cached: tuple[Principal, dt.datetime] | None = _TOKENS.get(digest)
+    now = utcnow()
+    if cached is not None and now - cached[1] <= TOUCH_EVERY:
+        return cached[0]
     async with sessions(request)() as session:
-        found = await queries.user_for_token_hash(session, hash_token(token))
+        found = await queries.user_for_token_hash(session, digest)
         if found is None:
             raise unauthorized("invalid, revoked or deleted-user token")
         user, api_token = found
-        now = utcnow()
-        if api_token.last_used_at is None or now - api_token.last_used_at > TOUCH_EVERY:
+        last_used = api_token.last_used_at
+        if last_used is None or now - last_used > TOUCH_EVERY:
             await queries.touch_api_token(session, api_token.id, now)
             await session.commit()
-        return Principal(id=user.id, name=user.name, role=user.role)
+            last_used = now
+        principal = Principal(id=user.id, name=user.name, role=user.role)
+    _TOKENS.put(digest, (principal, last_used))
+    return principal
+
+
+#: Token hash → (caller, last recorded use); any write to the store invalidates it.
+_TOKENS = ReadCache()
 
 
 async def require_admin(user: Annotated[Principal, Depends(current_user)]) -> Principal:

@@ -13,19 +13,23 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 import structlog
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
+from starlette.datastructures import MutableHeaders
+from starlette.types import Receive, Scope, Send
 
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.keys import b64e
 from backhaul.wire import ErrorCode, StreamUnavailable
-from relay import metrics
+from relay import audit, metrics, online
+from relay import plan as invoke_plan
 from relay.balancing import RoundRobin, Thresholds, choose
+from relay.cache import ReadCache
 from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
 from relay.headers import HOP_BY_HOP, response_headers
 from relay.hub import Hub, LiveTunnel
@@ -82,6 +86,32 @@ def _sub_path(request: Request, connection_id: str) -> str:
     return text
 
 
+#: (connection, caller) → InvokeTarget or the ProblemError to answer; see relay.cache.
+_TARGETS = ReadCache()
+
+
+async def _target(
+    request: Request, connection_id: str, user_id: str, is_admin: bool
+) -> InvokeTarget:
+    """The connection's routing facts for this caller, from the cache when the store is
+    unchanged since they were read."""
+    key = (connection_id, user_id, is_admin)
+    cached = _TARGETS.get(key)
+    if cached is None:
+        async with request.app.state.db() as session:
+            try:
+                cached = await queries.invoke_target(session, connection_id, user_id, is_admin)
+            except NotFound as exc:
+                cached = ProblemError(404, "Not found", str(exc))
+            except Forbidden as exc:
+                cached = ProblemError(403, "Forbidden", str(exc))
+        _TARGETS.put(key, cached)
+    if isinstance(cached, ProblemError):
+        raise ProblemError(cached.status, cached.title, cached.detail)
+    target: InvokeTarget = cached
+    return target
+
+
 def _deadline(request: Request) -> float:
     config = request.app.state.config
     maximum = float(config.invoke_timeout_max_seconds)
@@ -130,10 +160,11 @@ async def invoke(connection_id: str, path: str, request: Request, user: CurrentU
         log.info(
             "invoke.refused", connection_id=connection_id, status=exc.status, detail=exc.detail
         )
+        await audit.invoke_refused(request, user, connection_id, exc.status, exc.detail)
         raise
     metrics.REQUESTS.labels(code=str(response.status_code)).inc()
     metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
-    return response
+    return audit.track_invoke(request, user, connection_id, response)
 
 
 # One route per method, so each has its own operation id in the OpenAPI document.
@@ -153,29 +184,24 @@ async def _invoke(
 ) -> Response:
     sub_path = _sub_path(request, connection_id)
     deadline = _deadline(request)
-    async with request.app.state.db() as session:
-        try:
-            target = await queries.invoke_target(session, connection_id, user_id, is_admin)
-        except NotFound as exc:
-            raise ProblemError(404, "Not found", str(exc)) from None
-        except Forbidden as exc:
-            raise ProblemError(403, "Forbidden", str(exc)) from None
+    target = await _target(request, connection_id, user_id, is_admin)
+    plan = await invoke_plan.for_target(request, target)
+    if target.gateway_id is None:
+        headers = _forward_headers(request)
+        return await online.invoke(request, target, plan, sub_path, headers, deadline, started)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    url = target.base_url + sub_path + (f"?{query}" if query else "")
+    parts = plan.rewrite(request.method, sub_path, query, _forward_headers(request))
     head: dict[str, Any] = {
-        "method": request.method,
-        "url": url,
-        "headers": _forward_headers(request),
+        "method": parts.method,
+        "url": parts.url,
+        "headers": [list(h) for h in parts.headers],
         "connection_id": target.connection_id,
-        "base_url": target.base_url,
-        "auth": {
-            "type": target.auth_type,
-            "api_key_name": target.api_key_name,
-            "api_key_in": target.api_key_in,
-        },
+        "base_url": plan.base_url,
+        "auth": plan.auth_spec(),
         "suite": target.seal_suite,
         "sealed": b64e(target.sealed_credentials),
         "timeout_ms": int(deadline * 1000),
+        "key_version": target.key_version,
     }
     hub: Hub = request.app.state.hub
     has_body = _has_body(request)
@@ -223,17 +249,14 @@ async def _forward_elsewhere(
 ) -> Response | None:
     """No member here: stream the request to an instance that holds one (scale-out)."""
     registry: Registry = request.app.state.registry
-    if not registry.shared:
+    gateway_id = target.gateway_id
+    if not registry.shared or gateway_id is None:
         return None
     candidates = [
-        m
-        for m in await registry.remote_members(target.gateway_id)
-        if not (m.disabled or m.draining)
+        m for m in await registry.remote_members(gateway_id) if not (m.disabled or m.draining)
     ]
     while candidates:
-        member = choose(
-            candidates, target.load_balancing, thresholds, target.gateway_id, _REMOTE_ROTATION
-        )
+        member = choose(candidates, target.load_balancing, thresholds, gateway_id, _REMOTE_ROTATION)
         assert member is not None
         try:
             return await forward(request.app.state.peers, member, request, registry.instance_id)
@@ -280,9 +303,7 @@ async def _exchange(
         raise
     status = int(response_head.get("status", 502))
     headers = response_headers((str(k), str(v)) for k, v in response_head.get("headers", []))
-    return StreamingResponse(
-        _relay_body(stream, pump, request.method == "HEAD"), status_code=status, headers=headers
-    )
+    return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
 
 
 #: Bodies up to this size are buffered (and so replayable); larger ones stream.
@@ -320,26 +341,72 @@ async def _pump_request(stream: TunnelStream, request: Request) -> None:
         await stream.reset(ErrorCode.CANCEL, "caller aborted the upload")
 
 
-async def _relay_body(
-    stream: TunnelStream, pump: asyncio.Task[None] | None, is_head: bool
-) -> AsyncIterator[bytes]:
-    finished = False
-    try:
-        while True:
-            chunk = await stream.read()
-            if not chunk:
-                finished = True
-                return
-            metrics.BYTES.labels(direction="response").inc(len(chunk))
-            if not is_head:
-                yield chunk
-    except StreamError as exc:
-        log.warning("invoke.body_aborted", stream_id=stream.id, reason=str(exc))
-        raise
-    finally:
-        if pump is not None and not pump.done():
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-        if not finished:
+class TunnelResponse(Response):
+    """Streams the agent's response body to the caller.
+
+    Starlette's StreamingResponse runs a task group per response just to notice a caller
+    that hangs up; here a watcher starts only once a body turns out to span several chunks
+    (and the request body is fully read, so the two never share ``receive``). A one-chunk
+    answer — the common case — costs no extra task at all.
+    """
+
+    def __init__(
+        self,
+        stream: TunnelStream,
+        pump: asyncio.Task[None] | None,
+        is_head: bool,
+        status: int,
+        headers: MutableHeaders,
+    ) -> None:
+        self.stream = stream
+        self.pump = pump
+        self.is_head = is_head
+        self.status_code = status
+        self.background = None
+        self.raw_headers = headers.raw
+        #: Called with (result, body bytes sent) once the body ends: "ok", "error", "aborted".
+        self.on_complete: list[Callable[[str, int], object]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        stream, finished, sent = self.stream, False, 0
+        watcher: asyncio.Task[None] | None = None
+        try:
+            while True:
+                chunk = await stream.read()
+                if not chunk:
+                    finished = True
+                    break
+                metrics.BYTES.labels(direction="response").inc(len(chunk))
+                if not self.is_head:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent += len(chunk)
+                if watcher is None and (self.pump is None or self.pump.done()):
+                    watcher = asyncio.create_task(_watch_disconnect(receive, stream))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except StreamError as exc:
+            log.warning("invoke.body_aborted", stream_id=stream.id, reason=str(exc))
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if self.pump is not None and not self.pump.done():
+                self.pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.pump
+            if not finished:
+                await stream.reset(ErrorCode.CANCEL, "caller went away")
+            result = "aborted" if not finished else "ok" if self.status_code < 400 else "error"
+            for callback in self.on_complete:
+                callback(result, sent)
+
+
+async def _watch_disconnect(receive: Receive, stream: TunnelStream) -> None:
+    """Reset the stream when the caller hangs up mid-body, so the agent stops reading."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
             await stream.reset(ErrorCode.CANCEL, "caller went away")
+            return

@@ -31,8 +31,8 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from relay import RelayError
-from relay.urls import normalize_base_url
 from relay.importer.settings import Operation, Policy
+from relay.urls import normalize_base_url
 
 _EXPRESSION = re.compile(
     r"@(?P<name>[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)*)(?P<call>\((?P<args>[^()]*)\))?"

@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from relay.cache import GENERATION
 from relay.hub import Hub, LiveTunnel
 
 log = structlog.get_logger("backhaul.relay.registry")
@@ -93,6 +94,7 @@ class Registry:
         self._tasks: list[asyncio.Task[None]] = []
         #: Instances a forward to recently failed: skipped until their entries expire.
         self._dead: dict[str, float] = {}
+        self._pending: set[asyncio.Task[None]] = set()
 
     @property
     def shared(self) -> bool:
@@ -109,9 +111,12 @@ class Registry:
             asyncio.create_task(self._refresh_loop()),
             asyncio.create_task(self._listen()),
         ]
+        GENERATION.listeners.append(self._store_changed)
         log.info("registry.started", instance_id=self.instance_id, url=self.url)
 
     async def stop(self) -> None:
+        if self._store_changed in GENERATION.listeners:
+            GENERATION.listeners.remove(self._store_changed)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -205,6 +210,7 @@ class Registry:
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             "disconnect": self._on_disconnect,
             "disabled": self._on_disabled,
+            "invalidate": self._on_invalidate,
         }
         while True:
             try:
@@ -227,6 +233,15 @@ class Registry:
 
     async def _on_disconnect(self, event: dict[str, Any]) -> None:
         await self.hub.disconnect(str(event["member_id"]), str(event.get("reason", "revoked")))
+
+    def _store_changed(self) -> None:
+        """A local write: other instances drop their cached reads too (see relay.cache)."""
+        task = asyncio.get_running_loop().create_task(self._publish({"kind": "invalidate"}))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _on_invalidate(self, _: dict[str, Any]) -> None:
+        GENERATION.bump(notify=False)
 
     async def _on_disabled(self, event: dict[str, Any]) -> None:
         self.hub.set_disabled(str(event["member_id"]), bool(event.get("disabled")))

@@ -626,9 +626,7 @@ async def _retire(app_state: Any, gateway_id: str, key_version: int) -> None:
         return
     hub: Hub = app_state.hub
     lives = [live for live in hub.members(gateway_id) if _reachable(live)]
-    await asyncio.gather(
-        *(_retire_on(live, key_version) for live in lives), return_exceptions=True
-    )
+    await asyncio.gather(*(_retire_on(live, key_version) for live in lives), return_exceptions=True)
 
 
 async def _retire_on(live: LiveTunnel, key_version: int) -> None:

@@ -81,7 +81,9 @@ async def role_of(
 async def access(session: AsyncSession, connector_id: str, caller: Principal) -> ConnectorAccess:
     """The caller's access to a connector; NotFound when it has none (not even its name)."""
     connector = await session.get(Connector, connector_id)
-    role = None if connector is None else await role_of(session, connector, caller.id, caller.is_admin)
+    role = (
+        None if connector is None else await role_of(session, connector, caller.id, caller.is_admin)
+    )
     if connector is None or role is None:
         raise NotFound(f"no connector {connector_id}")
     return ConnectorAccess(connector, role)
@@ -121,7 +123,9 @@ async def share_connector(
     if role not in ROLES:
         raise Conflict(f"role must be one of {', '.join(ROLES)}")
     if not found.can_share:
-        raise Forbidden(f"your access to {found.connector.id} ({found.role}) does not allow sharing")
+        raise Forbidden(
+            f"your access to {found.connector.id} ({found.role}) does not allow sharing"
+        )
     if not found.may_grant(role):
         raise Forbidden(f"with {found.role} you may share as can_use or can_use_and_share only")
     if user_id == found.connector.owner_id:
@@ -190,9 +194,7 @@ async def delete_connector(session: AsyncSession, found: ConnectorAccess) -> int
 # -- connection shares -----------------------------------------------------------------------
 
 
-async def connection_sharing_refusal(
-    session: AsyncSession, connection: Connection
-) -> str | None:
+async def connection_sharing_refusal(session: AsyncSession, connection: Connection) -> str | None:
     """Why a connection may not be shared (``allowSharing: false``), or None."""
     connector = await session.get(Connector, connection.connector_id)
     if connector is None:

@@ -23,6 +23,7 @@ from backhaul.aio.tunnel import TransportClosed, Tunnel
 from backhaul.keys import verify_signature
 from backhaul.version import SUBPROTOCOL
 from backhaul.wire import CLOSE_CODE_BASE, Connection, ErrorCode, HelloReceived, Role
+from relay import rotation
 from relay.hub import Hub, LiveTunnel
 from relay.registry import Registry
 from relay.store import queries
@@ -100,6 +101,8 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
     tunnel.on_notice = lambda payload: _on_notice(live, payload)
     tunnel.log = log.bind(member_id=live.member_id, session_id=live.session_id)
     tunnel.log.info("tunnel.connected", gateway_id=live.gateway_id, version=live.version)
+    # Key rotation: hand over a gateway key this member missed (returns at once).
+    await rotation.after_handshake(ws.app.state, live)
     try:
         await tunnel.run()
     finally:

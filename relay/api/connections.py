@@ -115,6 +115,14 @@ async def _sealing_key(session: SessionDep, connector: Connector) -> str | None:
     return gateway.hpke_public_key
 
 
+async def _key_version(session: SessionDep, connector: Connector) -> int:
+    """The gateway key generation :func:`_sealing_key` returned (1 for online connectors)."""
+    gateway = (
+        None if connector.gateway_id is None else await session.get(Gateway, connector.gateway_id)
+    )
+    return 1 if gateway is None else gateway.key_version
+
+
 @router.post("", status_code=201)
 async def create_connection(
     body: ConnectionCreate, caller: CurrentUser, session: SessionDep, request: Request
@@ -139,6 +147,7 @@ async def create_connection(
             name=body.name or None,
             seal_suite=suite,
             sealed_credentials=blob,
+            key_version=await _key_version(session, connector),
             parameter_set=prepared.parameter_set,
             parameter_values=prepared.parameter_values,
             base_url=prepared.base_url,
@@ -201,6 +210,7 @@ async def replace_credentials(
         request.app.state.config, connector, key, connection.id, prepared, credentials
     )
     del credentials
+    connection.key_version = await _key_version(session, connector)
     connection.parameter_values = prepared.parameter_values
     connection.base_url = prepared.base_url
     await session.commit()

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, StringConstraints, field_validator, model_validator
 
+from relay import audit, sharing
 from relay.identity import CurrentUser
 from relay.store import queries
 from relay.store.db import SessionDep
@@ -59,9 +60,13 @@ class ConnectorView(BaseModel):
     api_key_in: str | None
     gateway_id: str | None
     created_at: dt.datetime
+    #: The caller's access: owner, admin, can_use, can_use_and_share or can_edit.
+    access: str = "owner"
+    #: "openapi2" or "openapi3" for imported connectors, None for hand-made ones.
+    source: str | None = None
 
 
-def view(connector: Connector) -> ConnectorView:
+def view(connector: Connector, access: str = sharing.OWNER) -> ConnectorView:
     return ConnectorView(
         id=connector.id,
         name=connector.name,
@@ -72,6 +77,8 @@ def view(connector: Connector) -> ConnectorView:
         api_key_in=connector.api_key_in,
         gateway_id=connector.gateway_id,
         created_at=connector.created_at,
+        access=access,
+        source=(connector.settings or {}).get("source"),
     )
 
 
@@ -99,18 +106,30 @@ async def create_connector(
 
 @router.get("")
 async def list_connectors(caller: CurrentUser, session: SessionDep) -> list[ConnectorView]:
-    return [view(c) for c in await queries.visible_connectors(session, caller.id, caller.is_admin)]
+    return [view(a.connector, a.role) for a in await sharing.visible(session, caller)]
 
 
 @router.get("/{connector_id}")
 async def get_connector(
     connector_id: str, caller: CurrentUser, session: SessionDep
 ) -> ConnectorView:
-    return view(await queries.visible_connector(session, connector_id, caller.id, caller.is_admin))
+    found = await sharing.access(session, connector_id, caller)
+    return view(found.connector, found.role)
 
 
 @router.delete("/{connector_id}", status_code=204)
 async def delete_connector(connector_id: str, caller: CurrentUser, session: SessionDep) -> Response:
-    await queries.delete_connector(session, connector_id, caller.id, caller.is_admin)
+    """Owner or admin; the connector's connections (and their shares and tokens) go with it."""
+    found = await sharing.access(session, connector_id, caller)
+    removed = await sharing.delete_connector(session, found)
+    audit.add(
+        session,
+        actor_id=caller.id,
+        action=audit.CONNECTOR_DELETE,
+        object_type="connector",
+        object_id=connector_id,
+        result="ok",
+        detail=f"{removed} connection(s) deleted with it",
+    )
     await session.commit()
     return Response(status_code=204)

@@ -1,4 +1,8 @@
-"""Sharing a connection lets another user invoke it with the owner's credentials."""
+"""Sharing a connection lets another user invoke it with the owner's credentials.
+
+Refused when the connector's parameter set says ``allowSharing: false`` (relay.sharing);
+every share and unshare is in the audit log.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import datetime as dt
 from fastapi import APIRouter, Response
 from pydantic import BaseModel
 
+from relay import audit, sharing
 from relay.identity import CurrentUser
 from relay.problems import ProblemError
 from relay.store import NotFound, queries
@@ -43,7 +48,19 @@ async def share(
         raise NotFound(f"no user {body.user_id}")
     if body.user_id == connection.owner_id:
         raise ProblemError(409, "Conflict", "the owner already has access to the connection")
+    refusal = await sharing.connection_sharing_refusal(session, connection)
+    if refusal is not None:
+        raise ProblemError(403, "Sharing not allowed", refusal)
     row = await queries.add_share(session, connection.id, body.user_id)
+    audit.add(
+        session,
+        actor_id=caller.id,
+        action=audit.CONNECTION_SHARE,
+        object_type="connection",
+        object_id=connection.id,
+        subject_id=body.user_id,
+        result="ok",
+    )
     await session.commit()
     return view(row)
 
@@ -68,5 +85,14 @@ async def unshare(
     else:
         await queries.managed_connection(session, connection_id, caller.id, caller.is_admin)
     await queries.remove_share(session, connection_id, user_id)
+    audit.add(
+        session,
+        actor_id=caller.id,
+        action=audit.CONNECTION_UNSHARE,
+        object_type="connection",
+        object_id=connection_id,
+        subject_id=user_id,
+        result="ok",
+    )
     await session.commit()
     return Response(status_code=204)

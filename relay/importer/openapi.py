@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from relay.urls import normalize_base_url
 from relay.importer import jsondoc
 from relay.importer.errors import DefinitionError
 from relay.importer.settings import Operation
+from relay.urls import normalize_base_url
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch")
 _VARIABLE = re.compile(r"\{([^{}]+)\}")

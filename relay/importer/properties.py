@@ -19,8 +19,8 @@ from relay.importer.openapi import ApiDocument
 from relay.importer.settings import (
     AuthType,
     ExistsAction,
-    Operation,
     OAuthSettings,
+    Operation,
     Parameter,
     ParameterSet,
     ParameterType,
@@ -74,7 +74,10 @@ def properties_of(api_properties: dict[str, Any] | None) -> dict[str, Any]:
 
 def _allowed(raw: dict[str, Any]) -> list[Any] | None:
     ui = jsondoc.obj(raw, "uiDefinition")
-    for source in (jsondoc.get(raw, "allowedValues"), jsondoc.get(jsondoc.obj(ui, "constraints"), "allowedValues")):
+    for source in (
+        jsondoc.get(raw, "allowedValues"),
+        jsondoc.get(jsondoc.obj(ui, "constraints"), "allowedValues"),
+    ):
         if isinstance(source, list) and source:
             return [jsondoc.get(v, "value", v) if isinstance(v, dict) else v for v in source]
     return None
@@ -97,7 +100,9 @@ def _parameter(name: str, raw: dict[str, Any], ptype: ParameterType) -> Paramete
     )
 
 
-def _with_role(params: list[Parameter], role: Role, names: set[str], secret: bool) -> list[Parameter]:
+def _with_role(
+    params: list[Parameter], role: Role, names: set[str], secret: bool
+) -> list[Parameter]:
     """Mark the parameter that carries ``role``, adding one when the file declares none."""
     chosen = next((p for p in params if _compact(p.name) in names and p.role is None), None)
     if chosen is None and role == "api_key":
@@ -115,7 +120,11 @@ def _allow_sharing(*sources: Any) -> bool:
     for source in sources:
         if not isinstance(source, dict):
             continue
-        for holder in (source, jsondoc.obj(source, "metadata"), jsondoc.obj(source, "uiDefinition")):
+        for holder in (
+            source,
+            jsondoc.obj(source, "metadata"),
+            jsondoc.obj(source, "uiDefinition"),
+        ):
             value = jsondoc.get(holder, "allowSharing")
             if value is not None:
                 return jsondoc.truthy(value, True)
@@ -175,7 +184,7 @@ def parameter_set(
     scheme = api.security
     if oauth_raw is not None:
         auth = "oauth2"
-        urls = (None, None, None)
+        urls: tuple[str | None, str | None, str | None] = (None, None, None)
         if scheme is not None and scheme.kind == "oauth2":
             urls = (scheme.authorization_url, scheme.token_url, scheme.refresh_url)
         settings = providers.resolve(
@@ -334,7 +343,9 @@ def policies(
         for op in policy.operations or []:
             if op not in known_ops:
                 warnings.append(f"{label}: operation {op!r} is not in the definition")
-        texts = [t for t in (policy.value, policy.url_template, policy.new_path, policy.http_method) if t]
+        texts = [
+            t for t in (policy.value, policy.url_template, policy.new_path, policy.http_method) if t
+        ]
         for text in texts:
             for expr in policy_rules.unsupported_expressions(text):
                 warnings.append(f"{label}: expression {expr} is not supported; sent as written")
@@ -397,7 +408,9 @@ def _policy(
                 "is sealed with the credentials); not applied"
             )
             return None
-        return Policy(template="dynamichosturl", title=title, url_template=url, operations=operations)
+        return Policy(
+            template="dynamichosturl", title=title, url_template=url, operations=operations
+        )
     new_path = jsondoc.text(params.get("newpath"))
     if new_path is None:
         warnings.append(f"{label}: no newPath; not applied")

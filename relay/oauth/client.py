@@ -38,7 +38,7 @@ class ConsentRequired(OAuthError):
 @dataclass(frozen=True)
 class TokenSet:
     access_token: str
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - the scheme name
     refresh_token: str | None = None
     #: Seconds since the epoch; None when the provider did not say.
     expires_at: float | None = None

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from relay.config import RelayConfig
 from relay.importer.settings import OAuthSettings
 from relay.oauth import tokens
-from relay.oauth.client import OAuthError, redeem
+from relay.oauth.client import OAuthError, TokenSet, redeem
 from relay.secretbox import SecretBox
 from relay.store.models import Connection, OAuthState, utcnow
 
@@ -122,9 +122,7 @@ async def claim(session: AsyncSession, box: SecretBox, state: str) -> PendingCon
     row = await session.scalar(select(OAuthState).where(OAuthState.state_hash == state_hash))
     if row is None:
         raise ConsentError("unknown or already used state: start the sign-in again")
-    result = await session.execute(
-        delete(OAuthState).where(OAuthState.state_hash == state_hash)
-    )
+    result = await session.execute(delete(OAuthState).where(OAuthState.state_hash == state_hash))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConsentError("unknown or already used state: start the sign-in again")
     if row.expires_at <= utcnow():
@@ -147,7 +145,7 @@ async def finish(
     settings: OAuthSettings,
     client_secret: str | None,
     code: str,
-) -> tokens.TokenSet:
+) -> TokenSet:
     try:
         got = await redeem(
             http, config, settings, client_secret, code, pending.verifier, pending.redirect_uri

@@ -135,7 +135,7 @@ def resolve(
                 )
                 resource = None
             authorize = f"{login}/{tenant}/oauth2/v2.0/authorize"
-            token = f"{login}/{tenant}/oauth2/v2.0/token"  # noqa: S105 - a URL
+            token = f"{login}/{tenant}/oauth2/v2.0/token"
             if "offline_access" not in scopes:
                 scopes.append("offline_access")
     elif provider == GITHUB:

@@ -37,7 +37,7 @@ from relay.store.models import OAuthState, OAuthToken, utcnow
 log = structlog.get_logger("backhaul.relay.oauth")
 
 PURPOSE = "oauth-token"
-SECRET_PURPOSE = "oauth-client-secret"
+SECRET_PURPOSE = "oauth-client-secret"  # noqa: S105 - a label
 _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
@@ -70,9 +70,7 @@ async def save(session: AsyncSession, box: SecretBox, connection_id: str, tokens
     row = await session.get(OAuthToken, connection_id)
     sealed = box.seal(PURPOSE, connection_id, tokens.to_doc())
     expires = (
-        None
-        if tokens.expires_at is None
-        else dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC)
+        None if tokens.expires_at is None else dt.datetime.fromtimestamp(tokens.expires_at, dt.UTC)
     )
     if row is None:
         row = OAuthToken(connection_id=connection_id)
@@ -149,7 +147,9 @@ class Tokens:
                 raise
             except OAuthError as exc:
                 if not tokens.expires_within(0):
-                    log.warning("oauth.refresh_failed", connection_id=target.connection_id, error=str(exc))
+                    log.warning(
+                        "oauth.refresh_failed", connection_id=target.connection_id, error=str(exc)
+                    )
                     return tokens.access_token
                 raise
 
@@ -168,7 +168,11 @@ class Tokens:
             try:
                 return (await self._refresh(box, target, tokens)).access_token
             except OAuthError as exc:
-                log.info("oauth.refresh_after_401_failed", connection_id=target.connection_id, error=str(exc))
+                log.info(
+                    "oauth.refresh_after_401_failed",
+                    connection_id=target.connection_id,
+                    error=str(exc),
+                )
                 return None
 
     async def _refresh(self, box: SecretBox, target: OAuthTarget, tokens: TokenSet) -> TokenSet:

@@ -101,7 +101,7 @@ async def connections_below(
             sealed_credentials=bytes(connection.sealed_credentials),
             key_version=connection.key_version,
         )
-        for connection, connector in rows.tuples()
+        for connection, connector in rows
     ]
 
 

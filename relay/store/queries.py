@@ -387,7 +387,8 @@ class InvokeTarget:
 
     connection_id: str
     connector_id: str
-    gateway_id: str
+    #: None for an online connector: the relay calls the API itself (relay.online).
+    gateway_id: str | None
     base_url: str
     auth_type: str
     api_key_name: str | None
@@ -398,6 +399,8 @@ class InvokeTarget:
     load_balancing: str = "least-inflight"
     cpu_threshold: float | None = None
     memory_threshold: float | None = None
+    #: The gateway key generation ``sealed_credentials`` is sealed to (the OPEN head says it).
+    key_version: int = 1
 
 
 async def invoke_target(
@@ -422,8 +425,11 @@ async def invoke_target(
     connection, connector = row[0], row[1]
     if not await _can_use(session, connection, user_id):
         raise Forbidden(f"connection {connection_id} is neither owned by nor shared with you")
-    if connector.gateway_id is None:
-        raise NotFound(f"connection {connection_id} is not served by a gateway")
+    routing = (
+        {}
+        if connector.gateway_id is None
+        else await _gateway_routing(session, connector.gateway_id)
+    )
     return InvokeTarget(
         connection_id=connection.id,
         connector_id=connector.id,
@@ -434,7 +440,8 @@ async def invoke_target(
         api_key_in=connector.api_key_in,
         seal_suite=connection.seal_suite,
         sealed_credentials=bytes(connection.sealed_credentials),
-        **await _gateway_routing(session, connector.gateway_id),
+        key_version=connection.key_version,
+        **routing,
     )
 
 

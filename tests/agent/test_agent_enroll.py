@@ -4,6 +4,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import ssl
 import stat
 import threading
@@ -24,6 +25,8 @@ from agent.cli import app
 from agent.config import load_config
 from agent.enroll import enroll
 from agent.errors import EnrollError
+from agent.keyring import Keyring
+from backhaul import recovery
 from backhaul.keys import b64d, fingerprint, load_signing_key, public_key_text, read_private
 from backhaul.seal import GatewayKeyPair, open_sealed, seal
 
@@ -36,6 +39,8 @@ class FakeRelay:
     ca_pem: Path
     leaf_der: bytes
     received: list[dict[str, Any]] = field(default_factory=list)
+    #: What prepare says about the gateway (a first member's gateway has no key).
+    gateway: dict[str, Any] = field(default_factory=dict)
 
 
 def _cert(
@@ -81,8 +86,18 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers["content-length"])
         body = json.loads(self.rfile.read(length))
         self.relay.received.append(body)
-        if self.path != "/v1/enroll":
+        if self.path not in ("/v1/enroll", "/v1/enroll/prepare"):
             self._send(404, {"title": "Not Found"}, "application/problem+json")
+        elif body.get("token") == TOKEN and self.path == "/v1/enroll/prepare":
+            doc = {
+                "gateway_id": "gw_xyz",
+                "gateway_name": "plant-7",
+                "hpke_public_key": None,
+                "wrapped_private_key": None,
+                "key_version": 1,
+                "members": 0,
+            }
+            self._send(200, doc | self.relay.gateway, "application/json")
         elif body.get("token") == TOKEN:
             self._send(
                 201,
@@ -277,3 +292,169 @@ def test_cli_enroll(relay: FakeRelay, tmp_path: Path) -> None:
     result = runner.invoke(app, bad)
     assert result.exit_code == 1
     assert "token is invalid or has expired" in result.stderr
+
+
+# -------------------------------------------------------------------- clusters
+
+
+@pytest.fixture
+def fresh(relay: FakeRelay) -> Iterator[FakeRelay]:
+    relay.gateway = {}
+    relay.received.clear()
+    yield relay
+    relay.gateway = {}
+
+
+def _keyfiles(config_dir: Path) -> list[str]:
+    keys = config_dir / "keys"
+    return sorted(p.name for p in keys.iterdir()) if keys.exists() else []
+
+
+def test_first_member_generates_and_returns_a_recovery_key(
+    fresh: FakeRelay, tmp_path: Path
+) -> None:
+    config_dir = tmp_path / "agent"
+    result = enroll(fresh.url, TOKEN, config_dir, ca_file=fresh.ca_pem)
+    assert result.recovery_key is not None and result.recovery_key.startswith("bhrk_")
+    assert result.key_version == 1 and not result.joined
+    assert [r.get("join") for r in fresh.received] == [None, False]  # prepare, then enroll
+    sent = fresh.received[-1]
+    assert _keyfiles(config_dir) == ["gateway.1.key", "gateway.key", "member.key"]
+    gateway = Keyring.load(config_dir / "keys" / "gateway.key").get(1)
+    assert sent["hpke_public_key"] == gateway.public_text()
+    secret = recovery.parse(result.recovery_key)
+    assert recovery.unwrap(secret, sent["wrapped_private_key"], "gw_xyz", 1) == (gateway.to_bytes())
+    on_disk = _all_bytes(config_dir)
+    assert result.recovery_key.encode() not in on_disk
+    assert secret.secret not in on_disk
+    assert result.recovery_key not in repr(result)
+
+
+def test_first_member_with_a_given_recovery_key(fresh: FakeRelay, tmp_path: Path) -> None:
+    secret, text = recovery.generate()
+    result = enroll(fresh.url, TOKEN, tmp_path / "agent", ca_file=fresh.ca_pem, recovery_key=text)
+    assert result.recovery_key is None
+    wrapped = fresh.received[-1]["wrapped_private_key"]
+    gateway = Keyring.load(tmp_path / "agent" / "keys" / "gateway.key").current
+    assert recovery.unwrap(secret, wrapped, "gw_xyz", 1) == gateway.to_bytes()
+
+
+def test_first_member_of_a_gateway_with_a_key_is_told_to_join(
+    fresh: FakeRelay, tmp_path: Path
+) -> None:
+    fresh.gateway = {"hpke_public_key": GatewayKeyPair.generate().public_text(), "members": 1}
+    with pytest.raises(EnrollError, match="--join --recovery-key"):
+        enroll(fresh.url, TOKEN, tmp_path / "agent", ca_file=fresh.ca_pem)
+    assert [r.get("join") for r in fresh.received] == [None]  # the token was never spent
+    assert not (tmp_path / "agent").exists()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, Any]:
+    secret, text = recovery.generate()
+    key = GatewayKeyPair.generate()
+    return {
+        "text": text,
+        "key": key,
+        "gateway": {
+            "hpke_public_key": key.public_text(),
+            "wrapped_private_key": recovery.wrap(secret, key.to_bytes(), "gw_xyz", 3),
+            "key_version": 3,
+            "members": 2,
+        },
+    }
+
+
+def test_join_unwraps_the_gateway_key(
+    fresh: FakeRelay, tmp_path: Path, cluster: dict[str, Any]
+) -> None:
+    fresh.gateway = cluster["gateway"]
+    config_dir = tmp_path / "agent"
+    result = enroll(
+        fresh.url, TOKEN, config_dir, ca_file=fresh.ca_pem, join=True, recovery_key=cluster["text"]
+    )
+    assert result.joined and result.key_version == 3 and result.recovery_key is None
+    sent = fresh.received[-1]
+    assert sent["join"] is True and sent["key_version"] == 3
+    assert "wrapped_private_key" not in sent
+    assert sent["hpke_public_key"] == cluster["key"].public_text()
+    ring = Keyring.load(config_dir / "keys" / "gateway.key")
+    assert ring.versions == [3] and ring.current.to_bytes() == cluster["key"].to_bytes()
+    assert cluster["text"].encode() not in _all_bytes(config_dir)
+
+
+def test_join_with_a_wrong_recovery_key_writes_nothing_and_keeps_the_token(
+    fresh: FakeRelay, tmp_path: Path, cluster: dict[str, Any]
+) -> None:
+    fresh.gateway = cluster["gateway"]
+    with pytest.raises(EnrollError, match="wrong recovery key") as info:
+        enroll(
+            fresh.url,
+            TOKEN,
+            tmp_path / "agent",
+            ca_file=fresh.ca_pem,
+            join=True,
+            recovery_key=recovery.generate()[1],
+        )
+    assert "token is still valid" in str(info.value)
+    assert [r.get("join") for r in fresh.received] == [None]  # prepare only
+    assert not (tmp_path / "agent").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"join": True}, "--join needs --recovery-key"),
+        ({"join": True, "recovery_key": "bhrk_1234-5678"}, "not a valid recovery key"),
+        ({"recovery_key": "short"}, "at least 16"),
+    ],
+)
+def test_recovery_key_mistakes_are_caught_before_any_request(
+    fresh: FakeRelay, tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(EnrollError, match=message):
+        enroll(fresh.url, TOKEN, tmp_path / "agent", ca_file=fresh.ca_pem, **kwargs)
+    assert fresh.received == []
+
+
+def test_join_refuses_a_wrapped_key_that_is_not_the_gateway_key(
+    fresh: FakeRelay, tmp_path: Path, cluster: dict[str, Any]
+) -> None:
+    other = GatewayKeyPair.generate().public_text()
+    fresh.gateway = cluster["gateway"] | {"hpke_public_key": other}
+    with pytest.raises(EnrollError, match="does not match the gateway's public key"):
+        enroll(
+            fresh.url,
+            TOKEN,
+            tmp_path / "agent",
+            ca_file=fresh.ca_pem,
+            join=True,
+            recovery_key=cluster["text"],
+        )
+    fresh.gateway = cluster["gateway"] | {"members": 10}
+    with pytest.raises(EnrollError, match="10 members, the maximum"):
+        enroll(
+            fresh.url,
+            TOKEN,
+            tmp_path / "agent",
+            ca_file=fresh.ca_pem,
+            join=True,
+            recovery_key=cluster["text"],
+        )
+
+
+def test_cli_prints_a_generated_recovery_key_once(fresh: FakeRelay, tmp_path: Path) -> None:
+    args = ["enroll", "--relay", fresh.url, "--token", TOKEN, "--ca-file", str(fresh.ca_pem)]
+    result = CliRunner().invoke(app, [*args, "--config-dir", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    keys = re.findall(r"bhrk_[0-9A-Z-]+", result.stdout)
+    assert len(keys) == 1
+    assert "never shown again" in result.stdout
+    assert keys[0] not in result.stderr
+    assert keys[0].encode() not in _all_bytes(tmp_path / "a")
+
+    _, text = recovery.generate()
+    given = [*args, "--config-dir", str(tmp_path / "b"), "--recovery-key", text]
+    result = CliRunner().invoke(app, given)
+    assert result.exit_code == 0, result.output
+    assert "bhrk_" not in result.output and "never shown again" not in result.output

@@ -1,0 +1,175 @@
+"""The audit log: who shared, unshared or invoked what, when, with what result and volume.
+
+One row per event in ``audit_events``, readable by admins (``GET /v1/audit``,
+``backhaul audit``). Rows carry ids, never names or secrets, and have no foreign keys: the
+record outlives the connection, connector or user it mentions.
+
+An invoke is recorded when it ends, not when it starts, so the row has the status the caller
+saw and the bytes that actually went through: the response body is counted as it streams, and
+the row is written when the stream finishes or breaks. Request bytes are the declared
+``Content-Length`` (online invokes count them as they stream). Writing the row never fails
+the request it describes: an audit write error is logged.
+
+Event ids are time-ordered (``aud_`` + nanoseconds + random), so ``before=<id>`` pages back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from relay.identity import Principal
+from relay.store.models import AuditEvent, utcnow
+
+log = structlog.get_logger("backhaul.relay.audit")
+
+CONNECTION_SHARE = "connection.share"
+CONNECTION_UNSHARE = "connection.unshare"
+CONNECTOR_SHARE = "connector.share"
+CONNECTOR_UNSHARE = "connector.unshare"
+CONNECTOR_DELETE = "connector.delete"
+OAUTH_CONSENT = "oauth.consent"
+INVOKE = "invoke"
+#: Where online invokes leave the request bytes they streamed.
+BYTES_IN_KEY = "backhaul.bytes_in"
+
+_pending: set[asyncio.Task[None]] = set()
+
+
+def new_event_id() -> str:
+    return f"aud_{time.time_ns():019d}{secrets.token_hex(4)}"
+
+
+def add(session: AsyncSession, **fields: Any) -> AuditEvent:
+    """Add an event to the caller's transaction (committed with the change it describes)."""
+    event = AuditEvent(id=new_event_id(), at=utcnow(), **fields)
+    session.add(event)
+    return event
+
+
+async def write(engine: AsyncEngine, **fields: Any) -> None:
+    """Write an event in its own transaction; failures are logged, never raised.
+
+    A Core insert rather than an ORM session: an audit row changes nothing the invoke path
+    caches (relay.cache), so it must not count as a store write.
+    """
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(insert(AuditEvent).values(id=new_event_id(), at=utcnow(), **fields))
+    except Exception as exc:  # the audited request must not fail because of its record
+        log.error("audit.write_failed", action=fields.get("action"), error=type(exc).__name__)
+
+
+def _later(engine: AsyncEngine, **fields: Any) -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(write(engine, **fields))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+    return task
+
+
+async def drain() -> None:
+    """Wait for invoke records still being written (shutdown, tests)."""
+    while _pending:
+        await asyncio.gather(*list(_pending), return_exceptions=True)
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+async def invoke_refused(
+    request: Request, user: Principal, connection_id: str, status: int, detail: str
+) -> None:
+    await write(
+        request.app.state.engine,
+        actor_id=user.id,
+        action=INVOKE,
+        object_type="connection",
+        object_id=connection_id[:40],
+        result="refused",
+        status=status,
+        bytes_in=0,
+        bytes_out=0,
+        detail=detail[:500],
+    )
+
+
+def track_invoke(
+    request: Request, user: Principal, connection_id: str, response: Response
+) -> Response:
+    """Record the invoke when its response body has been sent (or has broken off)."""
+    engine: AsyncEngine = request.app.state.engine
+    fields: dict[str, Any] = {
+        "actor_id": user.id,
+        "action": INVOKE,
+        "object_type": "connection",
+        "object_id": connection_id,
+        "status": response.status_code,
+        "detail": f"{request.method} {request.url.path}"[:500],
+    }
+    callbacks: list[Any] | None = getattr(response, "on_complete", None)
+    if callbacks is not None:  # a tunnel response reports its own end and byte count
+
+        def done(result: str, sent: int) -> None:
+            bytes_in = request.scope.get(BYTES_IN_KEY, _declared_length(request))
+            _later(engine, **fields, result=result, bytes_in=bytes_in, bytes_out=sent)
+
+        callbacks.append(done)
+        return response
+    if not isinstance(response, StreamingResponse):
+        _later(
+            engine,
+            **fields,
+            result="ok" if response.status_code < 400 else "error",
+            bytes_in=_declared_length(request),
+            bytes_out=len(response.body),
+        )
+        return response
+    body = response.body_iterator
+
+    async def counted() -> AsyncIterator[Any]:
+        sent = 0
+        result = "aborted"
+        try:
+            async for chunk in body:
+                sent += len(chunk)
+                yield chunk
+            result = "ok" if response.status_code < 400 else "error"
+        finally:
+            bytes_in = request.scope.get(BYTES_IN_KEY, _declared_length(request))
+            task = _later(engine, **fields, result=result, bytes_in=bytes_in, bytes_out=sent)
+            await asyncio.shield(task)
+
+    response.body_iterator = counted()
+    return response
+
+
+async def events(
+    session: AsyncSession,
+    *,
+    limit: int,
+    before: str | None = None,
+    action: str | None = None,
+    actor_id: str | None = None,
+    object_id: str | None = None,
+) -> list[AuditEvent]:
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if before is not None:
+        query = query.where(AuditEvent.id < before)
+    if action is not None:
+        query = query.where(AuditEvent.action == action)
+    if actor_id is not None:
+        query = query.where(AuditEvent.actor_id == actor_id)
+    if object_id is not None:
+        query = query.where(AuditEvent.object_id == object_id)
+    return list(await session.scalars(query))
