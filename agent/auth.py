@@ -11,6 +11,8 @@ Credential documents (the JSON the relay sealed)::
     none     {}
     basic    {"username": "...", "password": "..."}
     api_key  {"api_key": "..."}
+    windows  {"username": "...", "password": "..."} or {"identity": "service"}
+             (checked and used by agent.winpool)
 
 A missing or non-string field raises :class:`~agent.errors.CredentialsInvalid`; messages name
 the field, never its value.
@@ -65,6 +67,10 @@ def apply_credentials(
     """Return the query, headers and httpx auth to send for ``spec`` with ``credentials``."""
     if spec.type == "none":
         return AppliedAuth(query, headers, None)
+    if spec.type == "windows":
+        # The handshake is agent.winpool's; here only the caller's own header goes.
+        rest = [(k, v) for k, v in headers if k.lower() != "authorization"]
+        return AppliedAuth(query, rest, None)
     if spec.type == "basic":
         username = _field(credentials, "username", "basic", connection_id)
         password = _field(credentials, "password", "basic", connection_id)

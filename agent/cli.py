@@ -95,6 +95,14 @@ def enroll(
             show_envvar=True,
         ),
     ] = None,
+    target_ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM file of the internal CA that HTTPS targets are checked against; copied "
+            "next to agent.toml and set as [upstream] ca_file.",
+            metavar="PEM",
+        ),
+    ] = None,
 ) -> None:
     """Enroll this machine as a gateway member with a one-time token."""
     with _errors():
@@ -109,6 +117,7 @@ def enroll(
             force=force,
             join=join,
             recovery_key=recovery_key,
+            target_ca_file=target_ca_file,
         )
     console = Console(highlight=False, soft_wrap=True)
     console.print(

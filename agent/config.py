@@ -34,7 +34,9 @@ __all__ = [
     "CONFIG_FILE",
     "ENV_PREFIX",
     "AgentConfig",
+    "KerberosConfig",
     "LogConfig",
+    "ProxyConfig",
     "StatusConfig",
     "TunnelConfig",
     "UpstreamConfig",
@@ -81,6 +83,24 @@ class UpstreamConfig(_Section):
     ca_file: Path | None = None
 
 
+class KerberosConfig(_Section):
+    """Kerberos for ``windows`` connections on Linux (on Windows, SSPI needs none of it).
+
+    Each key, when set, becomes the standard MIT variable for the agent process, so what an
+    operator already knows from ``kinit`` applies; unset keys leave the environment alone.
+    """
+
+    #: ``KRB5_CONFIG``: the krb5.conf naming the realms and their KDCs.
+    krb5_config: Path | None = None
+    #: ``KRB5_CLIENT_KTNAME``: the keytab of the agent's own service identity.
+    client_keytab: Path | None = None
+    #: ``KRB5CCNAME``: the credential cache of the service identity (``MEMORY:...`` by default
+    #: when ``client_keytab`` is set, so its tickets never land in a shared file).
+    ccache: str | None = Field(default=None, min_length=1)
+    #: Ask for forwardable tickets and delegate them to the API (unconstrained delegation).
+    delegate: bool = False
+
+
 class StatusConfig(_Section):
     """The local status endpoint read by ``backhaul-agent status`` and Prometheus."""
 
@@ -115,8 +135,40 @@ def _split_listen(value: str) -> tuple[str, int]:
 class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Also write JSON lines to this file, rotated by size and pruned by age.
+    file: Path | None = None
+    max_file_mb: int = Field(default=100, ge=1)
+    max_age_days: int = Field(default=30, ge=1)
 
     @field_validator("format", "level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ProxyConfig(_Section):
+    """The HTTP proxy the tunnel goes through (CONNECT); see agent/proxy.py."""
+
+    #: http://[user:password@]host:port; unset: HTTPS_PROXY from the environment, if any.
+    url: str | None = None
+    from_environment: bool = True
+    #: Hosts, .domains, IPs, CIDRs or host:port reached directly; NO_PROXY is added to it.
+    no_proxy: list[str] = Field(default_factory=list)
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    auth: Literal["auto", "basic", "ntlm", "negotiate"] = "auto"
+    connect_timeout_seconds: float = Field(default=15.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from agent.proxy import parse_proxy_url
+
+            parse_proxy_url(value)
+        return value
+
+    @field_validator("auth", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -150,8 +202,10 @@ class AgentConfig(BaseModel):
     gateway_key_file: Path = Path("keys/gateway.key")
     tunnel: TunnelConfig = Field(default_factory=TunnelConfig)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    kerberos: KerberosConfig = Field(default_factory=KerberosConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     allow: list[AllowEntry] = Field(default_factory=list)
     #: Where agent.toml lives; not a key in the file. Relative paths resolve against it.
     config_dir: Path = Field(default=Path("."), exclude=True)
@@ -180,7 +234,10 @@ class AgentConfig(BaseModel):
         self.signing_key_file = _resolve_path(base, self.signing_key_file)
         self.gateway_key_file = _resolve_path(base, self.gateway_key_file)
         self.upstream.ca_file = _resolve(base, self.upstream.ca_file)
+        self.kerberos.krb5_config = _resolve(base, self.kerberos.krb5_config)
+        self.kerberos.client_keytab = _resolve(base, self.kerberos.client_keytab)
         self.status.socket = _resolve_path(base, self.status.socket)
+        self.log.file = _resolve(base, self.log.file)
         return self
 
     @property

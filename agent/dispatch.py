@@ -33,6 +33,7 @@ RESET_CODES = {
     "upstream_unreachable": ErrorCode.UPSTREAM_UNREACHABLE,
     "upstream_timeout": ErrorCode.DEADLINE_EXCEEDED,
     "upstream_error": ErrorCode.UPSTREAM_ERROR,
+    "windows_auth_failed": ErrorCode.UPSTREAM_AUTH_FAILED,
     # Not processed: the relay may try a member that already holds the key version.
     "key_version_unavailable": ErrorCode.REFUSED_STREAM,
 }

@@ -18,7 +18,9 @@ Steps, in this order so a failure leaves nothing half-made:
    member); the relay answers 201 with the member and gateway ids, or an RFC 9457 problem
    document whose ``detail`` is shown as is. On any failure the keys just written are deleted;
 6. write ``agent.toml`` with the ids, the pin, the CA (copied next to it as ``relay-ca.pem``)
-   and one ``prefix`` allow entry per ``--allow``.
+   and one ``prefix`` allow entry per ``--allow``; ``--target-ca-file`` (the internal CA that
+   HTTPS targets are checked against) is copied as ``target-ca.pem`` and set as
+   ``[upstream] ca_file``, so that trust decision stays on the agent.
 
 The token is sent twice (prepare, enroll) and written nowhere; the recovery key is sent
 nowhere and written nowhere.
@@ -56,9 +58,10 @@ from backhaul.keys import (
 from backhaul.seal import GatewayKeyPair
 from backhaul.version import __version__
 
-__all__ = ["CA_COPY_NAME", "EnrollResult", "enroll", "peer_certificate"]
+__all__ = ["CA_COPY_NAME", "TARGET_CA_COPY_NAME", "EnrollResult", "enroll", "peer_certificate"]
 
 CA_COPY_NAME = "relay-ca.pem"
+TARGET_CA_COPY_NAME = "target-ca.pem"
 _TIMEOUT = 15.0
 #: Members per gateway; the relay enforces it, the agent checks early for a clearer message.
 MAX_MEMBERS = 10
@@ -85,6 +88,16 @@ class _Prepared:
     wrapped_private_key: dict[str, Any] | None
     key_version: int
     members: int
+
+
+def _check_ca_file(path: Path, option: str) -> None:
+    """The file exists and holds at least one PEM certificate a TLS context accepts."""
+    if not path.is_file():
+        raise EnrollError(f"{option} {path} does not exist")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise EnrollError(f"{option} {path} is not a PEM CA certificate: {exc}") from None
 
 
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -149,6 +162,7 @@ def enroll(
     dev: bool = False,
     force: bool = False,
     join: bool = False,
+    target_ca_file: Path | None = None,
     recovery_key: str | None = None,
 ) -> EnrollResult:
     """Enroll this machine as a member of the gateway the token belongs to.
@@ -172,6 +186,8 @@ def enroll(
         raise EnrollError(f"--allow: {first}") from None
     if ca_file is not None and not ca_file.is_file():
         raise EnrollError(f"--ca-file {ca_file} does not exist")
+    if target_ca_file is not None:
+        _check_ca_file(target_ca_file, "--target-ca-file")
     if _already_enrolled(config_dir) and not force:
         raise EnrollError(
             f"{config_dir / CONFIG_FILE} already holds an enrolled member; "
@@ -247,6 +263,11 @@ def enroll(
             ca_copy = config_dir / CA_COPY_NAME
             if ca_file.absolute() != ca_copy:
                 shutil.copyfile(ca_file, ca_copy)
+        target_copy: Path | None = None
+        if target_ca_file is not None:
+            target_copy = config_dir / TARGET_CA_COPY_NAME
+            if target_ca_file.absolute() != target_copy:
+                shutil.copyfile(target_ca_file, target_copy)
         cfg: AgentConfig = config_from_dict(
             {
                 "relay_url": relay_url.rstrip("/"),
@@ -257,6 +278,7 @@ def enroll(
                 "allow": [e.model_dump(exclude_none=True) for e in entries],
                 **({"ca_file": str(ca_copy)} if ca_copy else {}),
                 **({"pinned_fingerprint": pin} if pin else {}),
+                **({"upstream": {"ca_file": str(target_copy)}} if target_copy else {}),
             },
             config_dir,
             origin="enrollment",

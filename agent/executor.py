@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Self
 
 import h11
@@ -46,6 +46,8 @@ from agent.errors import (
 )
 from agent.head import RequestHead
 from agent.policy import NormalizedURL, Policy, is_under, normalize_url
+from agent.tickets import apply_environment as apply_kerberos_environment
+from agent.winpool import WindowsPool
 from backhaul.logging import redact_text
 from backhaul.version import __version__
 
@@ -115,9 +117,15 @@ def _map_error(exc: httpx.HTTPError, target: NormalizedURL, phase: str) -> Agent
 class UpstreamResponse:
     """The internal API's response: status and headers now, the body as it arrives."""
 
-    def __init__(self, response: httpx.Response, target: NormalizedURL) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        target: NormalizedURL,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._response = response
         self._target = target
+        self._on_close = on_close
         self.status: int = response.status_code
         raw = [
             (name.decode("latin-1").lower(), value.decode("latin-1"))
@@ -145,7 +153,12 @@ class UpstreamResponse:
             raise _map_error(exc, self._target, "sending the response body") from exc
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        try:
+            await self._response.aclose()
+        finally:
+            if self._on_close is not None:
+                on_close, self._on_close = self._on_close, None
+                await on_close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -218,9 +231,18 @@ class Executor:
         for name in list(self._client.headers):
             del self._client.headers[name]
         self._client.headers["user-agent"] = f"backhaul-agent/{__version__}"
+        # Windows auth has its own connections, one credential per connection (agent.winpool).
+        apply_kerberos_environment(config.kerberos)
+        self._windows = WindowsPool(
+            _ssl_context(config),
+            max_lanes=min(up.max_connections, 16),
+            delegate=config.kerberos.delegate,
+            transport_factory=(lambda: transport) if transport is not None else None,
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._windows.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -262,6 +284,7 @@ class Executor:
             deadline, connect=min(up.connect_timeout_seconds, deadline), pool=deadline
         )
         target: NormalizedURL | None = None
+        release: Callable[[], Awaitable[None]] | None = None
         try:
             async with asyncio.timeout(deadline):
                 target = await self.check_target(head)
@@ -274,18 +297,27 @@ class Executor:
                 if first is not None:
                     content = _CountingBody(first, body)
                 url = target.display() + (f"?{applied.query}" if applied.query else "")
-                request = self._client.build_request(
-                    head.method,
-                    url,
-                    headers=[
-                        (k.encode("latin-1"), v.encode("latin-1")) for k, v in applied.headers
-                    ],
-                    content=content,
-                    timeout=timeout,
-                )
-                response = await self._client.send(
-                    request, stream=True, auth=applied.auth, follow_redirects=False
-                )
+                raw_headers = [
+                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in applied.headers
+                ]
+                if head.auth.type == "windows":
+                    response, release = await self._windows.send(
+                        head.auth,
+                        credentials,
+                        head.connection_id,
+                        head.method,
+                        url,
+                        raw_headers,
+                        content,
+                        timeout,
+                    )
+                else:
+                    request = self._client.build_request(
+                        head.method, url, headers=raw_headers, content=content, timeout=timeout
+                    )
+                    response = await self._client.send(
+                        request, stream=True, auth=applied.auth, follow_redirects=False
+                    )
         except TimeoutError:
             where = target.display() if target is not None else "the target"
             raise UpstreamTimeout(
@@ -302,4 +334,4 @@ class Executor:
         except httpx.HTTPError as exc:
             assert target is not None
             raise _map_error(exc, target, "sending the request") from exc
-        return UpstreamResponse(response, target)
+        return UpstreamResponse(response, target, release)

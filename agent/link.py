@@ -25,6 +25,7 @@ from agent import metrics
 from agent.backoff import backoff, should_retry
 from agent.config import AgentConfig, tunnel_url
 from agent.load import report_load
+from agent.proxy import connect_options
 from agent.state import AgentState
 from backhaul import handshake
 from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
@@ -164,6 +165,7 @@ class Link:
         secure = url.startswith("wss://")
         async with connect(
             url,
+            **await connect_options(cfg, url),  # the corporate proxy, when one is configured
             ssl=ssl_context(cfg) if secure else None,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             compression=None,

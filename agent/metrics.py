@@ -8,7 +8,8 @@ name                                   type        meaning
 =====================================  ==========  ============================================
 backhaul_agent_requests_total          counter     streams finished, by ``outcome`` (ok,
                                                    denied, bad_head, credentials, unreachable,
-                                                   timeout, upstream_error, cancelled, error)
+                                                   timeout, upstream_error, auth_failed,
+                                                   cancelled, error)
 backhaul_agent_request_seconds         histogram   OPEN to end of the response body
 backhaul_agent_bytes_total             counter     body bytes, by ``direction``: ``up`` (caller
                                                    to internal API) and ``down`` (back)
@@ -16,6 +17,10 @@ backhaul_agent_tunnel_connected        gauge       1 while the tunnel is up
 backhaul_agent_reconnects_total        counter     tunnel reconnect attempts
 backhaul_agent_rtt_seconds             gauge       last PING/PONG round trip to the relay
 =====================================  ==========  ============================================
+
+:mod:`agent.winauth` adds ``backhaul_agent_windows_handshakes_total`` (security contexts
+started, by ``mechanism``: kerberos, ntlm) and ``backhaul_agent_windows_legs_total`` (requests
+sent for Windows auth, by ``kind``: token, probe, bare) to the same registry.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ _OUTCOMES = {
     "upstream_unreachable": "unreachable",
     "upstream_timeout": "timeout",
     "upstream_error": "upstream_error",
+    "windows_auth_failed": "auth_failed",
 }
 
 

@@ -116,7 +116,7 @@ def _gateway_key(op: GatewayKeyOp, keyring: Keyring, gateway_id: str) -> dict[st
 def _reseal(op: ResealOp, keyring: Keyring) -> dict[str, Any]:
     if op.to_version <= op.from_version:
         raise _Refused(ErrorCode.BAD_REQUEST, "to_version must be higher than from_version")
-    old, new = keyring.get(op.from_version), keyring.get(op.from_version)
+    old, new = keyring.get(op.from_version), keyring.get(op.to_version)
     try:
         suite, blob = reseal(old, new, op.suite, b64d(op.sealed), op.connection_id, op.base_url)
     except (SealError, ValueError) as exc:

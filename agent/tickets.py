@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RENEW_MARGIN_SECONDS", "TicketCache", "credential_key"]
+from agent.config import KerberosConfig
 
+__all__ = ["RENEW_MARGIN_SECONDS", "TicketCache", "apply_environment", "credential_key"]
+
+#: The service identity's cache when a client keytab is configured and no cache is named.
+DEFAULT_SERVICE_CCACHE = "MEMORY:backhaul-agent"
 #: Replace a TGT this long before it ends, so a context never starts on a dying ticket.
 RENEW_MARGIN_SECONDS = 300
 #: Retired caches are destroyed this long after being replaced.
@@ -47,6 +53,28 @@ def credential_key(*parts: str) -> str:
         data = part.encode("utf-8", "surrogatepass")
         mac.update(len(data).to_bytes(4, "big") + data)
     return mac.hexdigest()
+
+
+def apply_environment(
+    cfg: KerberosConfig, environ: MutableMapping[str, str] | None = None
+) -> dict[str, str]:
+    """Export ``[kerberos]`` of agent.toml as the MIT variables; return what was set.
+
+    The library reads them when a Kerberos context is created, so this runs once at start,
+    before any request. Keys left unset keep whatever the environment already says.
+    """
+    env = os.environ if environ is None else environ
+    wanted: dict[str, str] = {}
+    if cfg.krb5_config is not None:
+        wanted["KRB5_CONFIG"] = str(cfg.krb5_config)
+    if cfg.client_keytab is not None:
+        wanted["KRB5_CLIENT_KTNAME"] = str(cfg.client_keytab)
+    if cfg.ccache is not None:
+        wanted["KRB5CCNAME"] = cfg.ccache
+    elif cfg.client_keytab is not None and "KRB5CCNAME" not in env:
+        wanted["KRB5CCNAME"] = DEFAULT_SERVICE_CCACHE
+    env.update(wanted)
+    return wanted
 
 
 @dataclass

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlencode
 
 import httpx
 import typer
@@ -25,7 +26,9 @@ app = typer.Typer(
     add_completion=False,
 )
 gateways_app = typer.Typer(help="Gateways and their enrollment tokens.", no_args_is_help=True)
-connectors_app = typer.Typer(help="Connectors (APIs behind a gateway).", no_args_is_help=True)
+connectors_app = typer.Typer(
+    help="Connectors (APIs behind a gateway or called online).", no_args_is_help=True
+)
 connections_app = typer.Typer(help="Connections (a connector plus credentials).")
 app.add_typer(gateways_app, name="gateways")
 app.add_typer(connectors_app, name="connectors")
@@ -365,6 +368,147 @@ def connectors_create(
     if api_key_in is not None:
         body["api_key_in"] = api_key_in
     _print_json(_call(ctx.obj, "POST", "/v1/connectors", body))
+
+
+#: Files ``connectors import`` reads from a custom connector's folder (names as the Power
+#: Platform's tools write them; matched without regard to case).
+SWAGGER_FILE = "apidefinition.swagger.json"
+PROPERTIES_FILE = "apiproperties.json"
+SCRIPT_FILE = "script.csx"
+OPENAPI_FILES = ("openapi.json", "openapi3.json")
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        _die(f"{path} is not UTF-8 text")
+
+
+def _definition_files(directory: Path) -> dict[str, Path]:
+    if not directory.is_dir():
+        _die(f"{directory} is not a directory")
+    found = {p.name.lower(): p for p in directory.iterdir() if p.is_file()}
+    if SWAGGER_FILE not in found:
+        swagger = [p for name, p in found.items() if name.endswith(".swagger.json")]
+        if len(swagger) == 1:
+            found[SWAGGER_FILE] = swagger[0]
+    return found
+
+
+@connectors_app.command("import")
+def connectors_import(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            help="folder with apiDefinition.swagger.json + apiProperties.json (+ script.csx), "
+            "or openapi.json"
+        ),
+    ],
+    gateway_id: Annotated[
+        str | None, typer.Option("--gateway", help="route through this gateway")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="instead of info.title")] = None,
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="OAuth client id, when the files lack it")
+    ] = None,
+    client_secret_stdin: Annotated[
+        bool, typer.Option("--client-secret-stdin", help="read the OAuth client secret from stdin")
+    ] = False,
+) -> None:
+    """Import a custom connector definition; warnings go to stderr, the result to stdout."""
+    files = _definition_files(directory)
+    body: dict[str, Any] = {}
+    if SWAGGER_FILE in files:
+        body["swagger"] = _read_text(files[SWAGGER_FILE])
+        if PROPERTIES_FILE in files:
+            body["api_properties"] = _read_text(files[PROPERTIES_FILE])
+        if SCRIPT_FILE in files:
+            body["script"] = _read_text(files[SCRIPT_FILE])
+    else:
+        openapi = next((files[n] for n in OPENAPI_FILES if n in files), None)
+        if openapi is None:
+            _die(f"{directory} has neither apiDefinition.swagger.json nor openapi.json")
+        body["openapi"] = _read_text(openapi)
+    if gateway_id is not None:
+        body["gateway_id"] = gateway_id
+    if name is not None:
+        body["name"] = name
+    oauth: dict[str, str] = {}
+    if client_id is not None:
+        oauth["client_id"] = client_id
+    if client_secret_stdin:
+        oauth["client_secret"] = sys.stdin.readline().rstrip("\r\n")
+    if oauth:
+        body["oauth"] = oauth
+    result = _call(ctx.obj, "POST", "/v1/connectors/import", body)
+    for warning in result.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
+    _print_json(result)
+
+
+@connectors_app.command("share")
+def connectors_share(
+    ctx: typer.Context,
+    connector_id: str,
+    user_id: str,
+    role: Annotated[
+        str, typer.Option("--role", help="can_use | can_use_and_share | can_edit")
+    ] = "can_use",
+) -> None:
+    """Share a connector: the user makes their own connections with their own credentials."""
+    body = {"user_id": user_id, "role": role}
+    _print_json(_call(ctx.obj, "POST", f"/v1/connectors/{connector_id}/shares", body))
+
+
+@app.command()
+def audit(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
+    action: Annotated[
+        str | None, typer.Option("--action", help="invoke, connection.share, connector.share, ...")
+    ] = None,
+    actor: Annotated[str | None, typer.Option("--actor", help="a user id")] = None,
+    object_id: Annotated[
+        str | None, typer.Option("--object", help="a connection or connector id")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The audit log (admins): shares, unshares, consents and invokes, newest first."""
+    query = {"limit": limit, "action": action, "actor_id": actor, "object_id": object_id}
+    params = urlencode({k: v for k, v in query.items() if v is not None})
+    events = _call(ctx.obj, "GET", f"/v1/audit?{params}")
+    if as_json:
+        _print_json(events)
+        return
+    table = Table(title=f"Audit log of {ctx.obj.relay}")
+    for column in (
+        "when (UTC)",
+        "who",
+        "action",
+        "object",
+        "subject",
+        "result",
+        "status",
+        "bytes in/out",
+    ):
+        table.add_column(column)
+    for event in events:
+        moved = f"{event['bytes_in'] if event['bytes_in'] is not None else '-'}/"
+        moved += f"{event['bytes_out'] if event['bytes_out'] is not None else '-'}"
+        table.add_row(
+            str(event["at"])[:19].replace("T", " "),
+            event["actor_id"],
+            event["action"],
+            event["object_id"],
+            event["subject_id"] or "",
+            event["result"],
+            "" if event["status"] is None else str(event["status"]),
+            moved,
+        )
+    Console(width=200).print(table)
 
 
 @connections_app.command("create")

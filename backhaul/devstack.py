@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -66,6 +67,8 @@ class DevStack:
         self.ca_file = self.relay_dir / "tls" / "relay.crt"
         self.admin_token = ""
         self.api: sampleapi.SampleAPIProcess | None = None
+        #: Gateway id → the recovery key its first member printed (or was given).
+        self.recovery_keys: dict[str, str] = {}
 
     # -- lifecycle
 
@@ -190,24 +193,47 @@ class DevStack:
     # -- agents
 
     def enroll(
-        self, gateway_id: str | None = None, name: str = "agent", allow: Sequence[str] = ()
+        self,
+        gateway_id: str | None = None,
+        name: str = "agent",
+        allow: Sequence[str] = (),
+        *,
+        join: bool | None = None,
+        recovery_key: str | None = None,
+        token: str | None = None,
     ) -> tuple[str, Path]:
-        """Create a gateway (unless given) and enroll an agent into it: (gateway id, dir)."""
+        """Create a gateway (unless given) and enroll an agent into it: (gateway id, dir).
+
+        The first member's generated recovery key is kept in ``recovery_keys``; a further
+        member (``gateway_id`` given) joins with it unless told otherwise. The key goes to the
+        command in its environment, not its argv, as an operator's script should do it.
+        """
         if gateway_id is None:
             gateway = self.call("POST", "/v1/gateways", json={"name": f"{name}-gw"})
             gateway_id, token = gateway["id"], gateway["enrollment_token"]
-        else:
+            join = bool(join)
+        elif token is None:
             token = self.call("POST", f"/v1/gateways/{gateway_id}/enrollment-tokens")[
                 "enrollment_token"
             ]
+        join = True if join is None else join
+        key = recovery_key or (self.recovery_keys.get(gateway_id) if join else None)
         config_dir = self.root / name
         argv = [command("backhaul-agent"), "enroll", "--relay", self.relay_url, "--token", token]
         argv += ["--ca-file", str(self.ca_file), "--config-dir", str(config_dir), "--name", name]
         for prefix in allow:
             argv += ["--allow", prefix]
-        done = subprocess.run(argv, capture_output=True, env=self.env)  # noqa: S603
+        if join:
+            argv.append("--join")
+        env = {k: v for k, v in self.env.items() if k != "BACKHAUL_RECOVERY_KEY"}
+        if key:
+            env["BACKHAUL_RECOVERY_KEY"] = key
+        done = subprocess.run(argv, capture_output=True, env=env)  # noqa: S603
         if done.returncode != 0:
             raise StackError(f"enroll failed: {done.stdout.decode()} {done.stderr.decode()}")
+        if not join:
+            printed = re.search(r"\bbhrk_[0-9A-Z]{4}(?:-[0-9A-Z]{4}){13}\b", done.stdout.decode())
+            self.recovery_keys[gateway_id] = key or (printed.group(0) if printed else "")
         return gateway_id, config_dir
 
     def set_agent_config(self, config_dir: Path, **keys: Any) -> None:

@@ -4,6 +4,8 @@
    challenge for this connection only.
 2. agent → relay HELLO  ``{"version", "member_id", "gateway_id", "agent_version",
    "hostname", "signature"}``: the member's Ed25519 signature over the transcript below.
+   ``"probe": true`` marks ``backhaul-agent diagnose``: the relay checks the proof and sends
+   WELCOME as usual but never routes to that connection (the running agent keeps its tunnel).
 3. relay → agent WELCOME ``{"session_id", "member_id", "ping_interval"}``, or a close with
    ``4000 + ErrorCode.UNAUTHORIZED`` before any stream exists.
 
@@ -61,6 +63,7 @@ def agent_hello(
     member_id: str,
     gateway_id: str,
     hostname: str,
+    probe: bool = False,
 ) -> dict[str, Any]:
     """Answer the relay's HELLO; raises HandshakeRefused if we share no version."""
     versions = relay.get("versions")
@@ -70,7 +73,7 @@ def agent_hello(
         )
     challenge = _challenge(relay)
     signature = key.sign(transcript(challenge, member_id, gateway_id, PROTOCOL_VERSION))
-    return {
+    hello = {
         "version": PROTOCOL_VERSION,
         "member_id": member_id,
         "gateway_id": gateway_id,
@@ -78,6 +81,7 @@ def agent_hello(
         "hostname": hostname,
         "signature": b64e(signature),
     }
+    return {**hello, "probe": True} if probe else hello
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class AgentClaim:
     agent_version: str
     hostname: str
     signature: bytes
+    probe: bool = False
 
 
 def parse_agent_hello(payload: dict[str, Any]) -> AgentClaim:
@@ -120,6 +125,7 @@ def parse_agent_hello(payload: dict[str, Any]) -> AgentClaim:
         fields["agent_version"],
         fields["hostname"],
         signature,
+        payload.get("probe") is True,
     )
 
 

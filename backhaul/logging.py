@@ -40,9 +40,11 @@ SENSITIVE_KEY_PARTS = (
     "credential",
     "sealed",
     "private",
+    "recovery",
 )
 
-_TOKEN_RE = re.compile(r"\b(bhe?_)[A-Za-z0-9_\-.]+")
+#: API tokens (bh_), enrollment tokens (bhe_) and recovery keys (bhrk_).
+_TOKEN_RE = re.compile(r"\b(bh(?:e|rk)?_)[A-Za-z0-9_\-.]+")
 _AUTH_HEADER_RE = re.compile(
     r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=,]\s*[\"']?"
     r"(?:basic|bearer|negotiate|ntlm|digest|token)\s+)[^\s,;\"']+"

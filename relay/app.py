@@ -19,6 +19,7 @@ from backhaul.version import __version__
 from relay import audit, cache, egress, invoke, problems, rotation, tunnel
 from relay.api import ROUTERS
 from relay.config import RelayConfig, ensure_data_dir
+from relay.fastpath import InvokeFastPath
 from relay.forward import peer_client
 from relay.hub import Hub
 from relay.registry import Registry
@@ -112,5 +113,6 @@ def create_app(config: RelayConfig) -> FastAPI:
         app.include_router(router)
     app.include_router(tunnel.router)
     app.include_router(invoke.router)
+    app.add_middleware(InvokeFastPath)
     app.add_middleware(AccessLog)
     return app

@@ -77,9 +77,13 @@ async def current_user(
     Uses its own short session rather than the request's, so a long streaming invoke does
     not hold a database connection for its whole life.
     """
-    if credentials is None or not credentials.credentials:
+    return await authenticate(request, credentials.credentials if credentials else None)
+
+
+async def authenticate(request: Request, token: str | None) -> Principal:
+    """The caller behind a bearer token, or a 401 problem (RFC 6750 §3)."""
+    if not token:
         raise unauthorized("missing bearer token (Authorization: Bearer bh_...)")
-    token = credentials.credentials
     if not token.startswith(API_TOKEN_PREFIX):
         raise unauthorized("invalid, revoked or deleted-user token")
     digest = hash_token(token)

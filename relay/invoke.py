@@ -45,6 +45,7 @@ log = structlog.get_logger("backhaul.relay.invoke")
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 CALLER_ONLY = frozenset({"authorization", "cookie", "host", "x-backhaul-timeout"})
 TIMEOUT_HEADER = "x-backhaul-timeout"
+_REASON = re.compile(r"^\[([a-z_]{1,40})\] (.+)$", re.DOTALL)
 _FORBIDDEN_RAW = re.compile(rb"%(2f|5c|00)|\\", re.IGNORECASE)
 
 #: How each reset code reaches the caller: (status, title).
@@ -55,6 +56,7 @@ _RESET_STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.CREDENTIALS_INVALID: (502, "Credentials unusable"),
     ErrorCode.DEADLINE_EXCEEDED: (504, "Gateway timeout"),
     ErrorCode.BAD_REQUEST: (400, "Bad request"),
+    ErrorCode.UPSTREAM_AUTH_FAILED: (502, "Upstream authentication failed"),
     ErrorCode.HEADERS_TOO_LARGE: (431, "Request header fields too large"),
     ErrorCode.REFUSED_STREAM: (503, "Gateway busy"),
     ErrorCode.CANCEL: (502, "Gateway member lost"),
@@ -64,6 +66,10 @@ _RESET_STATUS: dict[ErrorCode, tuple[int, str]] = {
 def _problem_for(exc: StreamError) -> ProblemError:
     status, title = _RESET_STATUS.get(exc.code, (502, "Bad gateway"))
     detail = exc.reason or f"the agent reset the request ({exc.code.name})"
+    # "[wrong_password] ..." from the agent's Windows auth: the slug becomes ``reason``.
+    found = _REASON.match(detail) if exc.code is ErrorCode.UPSTREAM_AUTH_FAILED else None
+    if found is not None:
+        return ProblemError(status, title, found[2], extra={"reason": found[1]})
     return ProblemError(status, title, detail)
 
 

@@ -40,14 +40,22 @@ class Plan:
     online: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
     oauth: OAuthTarget | None = None
+    #: auth_type "windows" (relay.windows): the scheme and the SPN override.
+    windows_scheme: str | None = None
+    spn: str | None = None
 
     def auth_spec(self) -> dict[str, Any]:
         """The OPEN head's ``auth`` object (the credentials travel sealed beside it)."""
-        return {
+        spec: dict[str, Any] = {
             "type": self.auth_type,
             "api_key_name": self.api_key_name,
             "api_key_in": self.api_key_in,
         }
+        if self.auth_type == "windows":
+            # Only for windows, so an agent that predates it never meets unknown keys.
+            spec["windows_scheme"] = self.windows_scheme or "negotiate"
+            spec["spn"] = self.spn
+        return spec
 
     def rewrite(
         self,
@@ -128,4 +136,6 @@ async def load(session: AsyncSession, target: InvokeTarget) -> Plan:
         parameters=dict(connection.parameter_values or {}),
         oauth=oauth,
         online=connector.gateway_id is None,
+        windows_scheme=connector.windows_scheme,
+        spn=connector.spn,
     )

@@ -64,15 +64,18 @@ class ProblemError(RelayError):
         title: str,
         detail: str,
         headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{status} {title}: {detail}")
         self.status = status
         self.title = title
         self.detail = detail
         self.headers = dict(headers or {})
+        #: Extension members of the problem document (RFC 9457 §3.2), e.g. ``reason``.
+        self.extra = dict(extra or {})
 
     def response(self) -> JSONResponse:
-        return problem(self.status, self.title, self.detail, self.headers)
+        return problem(self.status, self.title, self.detail, self.headers, extra=self.extra)
 
 
 def _phrase(status: int) -> str:

@@ -23,7 +23,7 @@ from backhaul.aio.tunnel import TransportClosed, Tunnel
 from backhaul.keys import verify_signature
 from backhaul.version import SUBPROTOCOL
 from backhaul.wire import CLOSE_CODE_BASE, Connection, ErrorCode, HelloReceived, Role
-from relay import rotation
+from relay import probe, rotation
 from relay.hub import Hub, LiveTunnel
 from relay.registry import Registry
 from relay.store import queries
@@ -92,6 +92,10 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
         log.warning("tunnel.refused", client=_peer(ws), reason=exc.reason, code=exc.code.name)
         await tunnel.close(exc.code, exc.reason)
         return
+    except probe.Probe as exc:  # backhaul-agent diagnose: proven, answered, never routed to
+        log.info("tunnel.probe", member_id=exc.member_id, client=_peer(ws))
+        await probe.serve(tunnel)
+        return
     previous = hub.register(live)
     if previous is not None:
         await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
@@ -140,6 +144,8 @@ async def _handshake(ws: WebSocket, tunnel: Tunnel) -> LiveTunnel:
         }
     )
     await tunnel.flush()
+    if claim.probe:
+        raise probe.Probe(member.id, session_id)
     return LiveTunnel(
         member_id=member.id,
         gateway_id=member.gateway_id,

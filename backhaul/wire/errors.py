@@ -41,6 +41,8 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_VERSION = 15
     ENHANCE_YOUR_CALM = 16
     BAD_REQUEST = 17
+    #: The internal API refused the connection's Windows credentials, or the handshake failed.
+    UPSTREAM_AUTH_FAILED = 18
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, StringConstraints
 
 from relay import credentials as connection_credentials
-from relay import sharing
+from relay import sharing, windows
 from relay.identity import CurrentUser
 from relay.oauth import tokens as oauth_tokens
 from relay.problems import ProblemError
@@ -67,6 +67,8 @@ def _invalid(detail: str) -> ProblemError:
 
 def check_credentials(auth_type: str, credentials: dict[str, Any]) -> dict[str, str]:
     """Return the credentials when they fit ``auth_type``; the message never holds a value."""
+    if auth_type == "windows":
+        return windows.check_credentials(credentials)
     wanted = CREDENTIAL_FIELDS.get(auth_type)
     if wanted is None:
         raise _invalid(f"auth type {auth_type!r} is not supported for gateway connections")

@@ -17,12 +17,13 @@ from relay.store import queries
 from relay.store.db import SessionDep
 from relay.store.models import Connector
 from relay.urls import normalize_base_url
+from relay.windows import WindowsScheme, check_spn
 
 __all__ = ["normalize_base_url", "router"]
 
 router = APIRouter(prefix="/v1/connectors", tags=["connectors"])
 
-AuthType = Literal["none", "basic", "api_key"]
+AuthType = Literal["none", "basic", "api_key", "windows"]
 
 
 class ConnectorCreate(BaseModel):
@@ -32,6 +33,9 @@ class ConnectorCreate(BaseModel):
     gateway_id: str | None = None
     api_key_name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     api_key_in: Literal["header", "query"] | None = None
+    #: auth_type windows only (relay.windows): default negotiate, and an SPN override.
+    windows_scheme: WindowsScheme | None = None
+    spn: Annotated[str, StringConstraints(min_length=3, max_length=255)] | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -47,6 +51,14 @@ class ConnectorCreate(BaseModel):
                 self.api_key_in = "header"
         elif self.api_key_name is not None or self.api_key_in is not None:
             raise ValueError("api_key_name and api_key_in apply only to auth_type api_key")
+        if self.auth_type == "windows":
+            if self.gateway_id is None:
+                raise ValueError("auth_type windows needs a gateway_id: only an agent can do it")
+            self.windows_scheme = self.windows_scheme or "negotiate"
+            if self.spn is not None:
+                check_spn(self.spn)
+        elif self.windows_scheme is not None or self.spn is not None:
+            raise ValueError("windows_scheme and spn apply only to auth_type windows")
         return self
 
 
@@ -60,6 +72,8 @@ class ConnectorView(BaseModel):
     api_key_in: str | None
     gateway_id: str | None
     created_at: dt.datetime
+    windows_scheme: str | None = None
+    spn: str | None = None
     #: The caller's access: owner, admin, can_use, can_use_and_share or can_edit.
     access: str = "owner"
     #: "openapi2" or "openapi3" for imported connectors, None for hand-made ones.
@@ -77,6 +91,8 @@ def view(connector: Connector, access: str = sharing.OWNER) -> ConnectorView:
         api_key_in=connector.api_key_in,
         gateway_id=connector.gateway_id,
         created_at=connector.created_at,
+        windows_scheme=connector.windows_scheme,
+        spn=connector.spn,
         access=access,
         source=(connector.settings or {}).get("source"),
     )
@@ -98,6 +114,8 @@ async def create_connector(
             api_key_name=body.api_key_name,
             api_key_in=body.api_key_in,
             gateway_id=body.gateway_id,
+            windows_scheme=body.windows_scheme,
+            spn=body.spn,
         ),
     )
     await session.commit()

@@ -149,6 +149,9 @@ class Connector(Base):
         ID, ForeignKey("gateways.id"), nullable=True, index=True
     )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    #: auth_type "windows": negotiate | ntlm | kerberos, and the SPN override (migration 0002).
+    windows_scheme: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    spn: Mapped[str | None] = mapped_column(String(255), nullable=True)
     #: Imported connectors: the API document as given (OpenAPI 2.0 or 3.x) and what the
     #: importer read from it and apiProperties.json (relay.importer.ConnectorSettings).
     definition: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -14,10 +15,11 @@ from agent.errors import KeyVersionUnavailable
 from agent.head import RequestHead
 from agent.keyring import Keyring, encode_key
 from agent.state import AgentState
+from backhaul import rotation as handover
 from backhaul.errors import KeyFileError
 from backhaul.keys import b64d, b64e, write_private
 from backhaul.rotation import seal_successor
-from backhaul.seal import GatewayKeyPair, open_sealed, seal
+from backhaul.seal import GatewayKeyPair, open_sealed, seal, seal_to
 from backhaul.wire import ErrorCode
 
 GW = "gw_keyring"
@@ -122,9 +124,15 @@ def test_gateway_key_op(tmp_path: Path, keys: list[GatewayKeyPair]) -> None:
 
 def test_gateway_key_op_refusals(tmp_path: Path, keys: list[GatewayKeyPair]) -> None:
     ring = Keyring.create(tmp_path / "gateway.key", keys[0], 1)
-    forged = seal_successor(keys[2], keys[1], GW, 1, 2)  # made without the current key
+    other = seal_successor(keys[2], keys[1], GW, 1, 2)  # sealed to another key
+    # Sealed to the right key by someone who does not hold it (a relay): no valid proof.
+    doc = {"private_key": b64e(keys[1].to_bytes()), "proof": b64e(b"\0" * 32)}
+    forged = b64e(
+        seal_to(keys[0].public_text(), handover._info(GW, 1, 2), json.dumps(doc).encode())
+    )
     for head, message in (
-        (_gateway_key_op(keys[0], keys[1], transport=forged), "key handover refused"),
+        (_gateway_key_op(keys[0], keys[1], transport=other), "key handover refused"),
+        (_gateway_key_op(keys[0], keys[1], transport=forged), "not made by a holder"),
         (_gateway_key_op(keys[0], keys[1], public_key=keys[2].public_text()), "another key"),
         (_gateway_key_op(keys[0], keys[1], extra=1), "bad GatewayKeyOp head: extra"),
         ({"op": "format-disk"}, "unknown operation"),

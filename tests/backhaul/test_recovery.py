@@ -230,3 +230,14 @@ def test_rotation_request(key: tuple[recovery.RecoveryKey, str]) -> None:
         rotation_request(doc, recovery.generate()[0])
     with pytest.raises(SealError, match="does not match"):
         rotation_request(doc | {"hpke_public_key": new.public_text()}, key[0])
+
+
+def test_logs_redact_recovery_keys(key: tuple[recovery.RecoveryKey, str]) -> None:
+    from backhaul.logging import redact, redact_text
+
+    _, text = key
+    assert text not in redact_text(f"enroll --recovery-key {text} failed")
+    assert text[5:] not in redact_text(f"key={text}")
+    assert redact({"event": "x", "recovery_key": "correct horse battery"})["recovery_key"] != (
+        "correct horse battery"
+    )

@@ -4,6 +4,7 @@ and key rotation driven through real agent dispatchers over in-memory tunnels.""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import pytest
 
 from backhaul import recovery
 from backhaul.keys import b64e
-from backhaul.rotation import rotation_request, seal_successor
+from backhaul.rotation import rotation_request
 from backhaul.seal import GatewayKeyPair, open_sealed
 from relay import rotation
 from tests.relay.cluster_helpers import Member, connect, keyring_in
@@ -26,7 +27,8 @@ BASE = "http://127.0.0.1:9/api/"
 
 
 @pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:  # TEMP: dev CA for the peer client
+async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
+    """The shared fixture, plus the dev certificate a dev relay's peer client trusts."""
     from relay.tls import generate_dev_certificate
     from tests.relay.relay_helpers import make_config, start
 
@@ -413,9 +415,8 @@ async def test_a_forged_transport_changes_nothing(
     ring = keyring_in(tmp_path / "m0", cluster.key)
     members.append(await connect(relay.app.state, cluster.members[0], cluster.gateway_id, ring))
     body = rotation_request(await key_doc(relay, cluster.gateway_id), secret[0])
-    stranger = GatewayKeyPair.generate()
-    body["transport"] = seal_successor(
-        stranger, GatewayKeyPair.generate(), cluster.gateway_id, 1, 2
+    body["transport"], body["hpke_public_key"] = forged_transport(
+        cluster.key.public_text(), cluster.gateway_id
     )
     r = await relay.call(
         "POST", f"/v1/gateways/{cluster.gateway_id}/key-rotation", relay.admin_token, body
@@ -448,6 +449,17 @@ async def test_rotation_request_checks(
         "POST", f"/v1/gateways/{empty['id']}/key-rotation", relay.admin_token, body
     )
     assert "no member yet" in assert_problem(r, 409)["detail"]
+
+
+def forged_transport(public_key: str, gateway_id: str) -> tuple[str, str]:
+    """What someone who knows only the public key can make: a key pair of its own, sealed
+    right, with a proof it cannot compute. (transport, the key it announces)."""
+    from backhaul import rotation as handover
+
+    own = GatewayKeyPair.generate()
+    doc = {"private_key": b64e(own.to_bytes()), "proof": b64e(b"\0" * 32)}
+    info = handover._info(gateway_id, 1, 2)
+    return b64e(handover.seal_to(public_key, info, json.dumps(doc).encode())), own.public_text()
 
 
 async def until(relay: Relay, gateway_id: str, check: Any, timeout: float = 10) -> dict:

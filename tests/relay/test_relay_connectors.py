@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.relay.relay_helpers import Relay, assert_problem, gateway_with_member
 
 from relay.api.connectors import normalize_base_url
+from tests.relay.relay_helpers import Relay, assert_problem, gateway_with_member
 
 
 @pytest.mark.parametrize(
@@ -95,14 +95,22 @@ async def test_gateway_must_be_visible(relay: Relay) -> None:
     assert_problem(await relay.call("POST", "/v1/connectors", relay.admin_token, body), 404)
 
 
-async def test_connector_in_use_cannot_be_deleted(relay: Relay) -> None:
+async def test_deleting_a_connector_deletes_its_connections(relay: Relay) -> None:
     gw = await gateway_with_member(relay, relay.admin_token)
+    bob = await relay.user("bob")
     body = {"name": "x", "base_url": "https://h/", "auth_type": "none", "gateway_id": gw.gateway_id}
     ctr = (await relay.call("POST", "/v1/connectors", relay.admin_token, body)).json()
     r = await relay.call(
         "POST", "/v1/connections", relay.admin_token, {"connector_id": ctr["id"], "credentials": {}}
     )
     assert r.status_code == 201
-    assert_problem(
-        await relay.call("DELETE", f"/v1/connectors/{ctr['id']}", relay.admin_token), 409
-    )
+    cxn = r.json()["id"]
+    share = {"user_id": bob["id"]}
+    assert (
+        await relay.call("POST", f"/v1/connections/{cxn}/shares", relay.admin_token, share)
+    ).status_code == 201
+    assert (
+        await relay.call("DELETE", f"/v1/connectors/{ctr['id']}", relay.admin_token)
+    ).status_code == 204
+    assert_problem(await relay.call("GET", f"/v1/connections/{cxn}", relay.admin_token), 404)
+    assert (await relay.call("GET", "/v1/connections", bob["token"])).json() == []

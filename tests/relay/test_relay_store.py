@@ -19,6 +19,10 @@ TABLES = {
     "connectors",
     "connections",
     "connection_shares",
+    "connector_shares",
+    "oauth_tokens",
+    "oauth_states",
+    "audit_events",
 }
 
 
@@ -37,7 +41,7 @@ async def test_migration_creates_every_table_and_matches_models(tmp_path: Path) 
                 )
                 assert cols == set(table.columns.keys()), table.name
             version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-            assert version == "0001"
+            assert version == "0003"
     finally:
         await engine.dispose()
 

@@ -1,0 +1,184 @@
+"""The tunnel through a real squid: open, Basic auth, NTLM, a refusing ACL, and NO_PROXY.
+
+The relay, the agent and squid are real processes on loopback; the agent is pointed at squid
+through ``HTTPS_PROXY`` or ``[proxy] url`` exactly as an operator would, and squid's own
+access log proves which way each tunnel went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from agent.config import load_config
+from agent.proxy import ProxyAuthRequired, ProxyRoute, open_tunnel
+from agent.status import fetch_status
+from backhaul.devstack import DevStack, command
+from backhaul.errors import BackhaulError
+from tests.ops.squid import Squid
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "Squid-pw-42!"
+
+
+def api_base(stack: DevStack) -> str:
+    assert stack.api is not None
+    return stack.api.url.rstrip("/") + "/"
+
+
+def relay_port(stack: DevStack) -> int:
+    port = urlsplit(stack.relay_url).port
+    assert port is not None
+    return port
+
+
+@contextmanager
+def agent(stack: DevStack, name: str, env: dict[str, str], **config: Any) -> Iterator[Path]:
+    """Enroll an agent (directly, no proxy), then run it with ``env`` and ``config`` keys."""
+    _gateway, config_dir = stack.enroll(name=name, allow=[api_base(stack)])
+    if config:
+        stack.set_agent_config(config_dir, **config)
+    saved = dict(stack.env)
+    stack.env.update(env)
+    try:
+        stack.spawn(name, [command("backhaul-agent"), "run", "--config-dir", str(config_dir)])
+    finally:
+        stack.env.clear()
+        stack.env.update(saved)
+    try:
+        yield config_dir
+    finally:
+        stack.stop_process(name, timeout=10)
+
+
+def status(config_dir: Path) -> dict[str, Any]:
+    """The agent's status document, read from its socket in-process (no CLI start-up)."""
+    try:
+        return asyncio.run(fetch_status(load_config(config_dir), 2.0))
+    except BackhaulError:
+        return {}
+
+
+def wait_status(
+    stack: DevStack, config_dir: Path, check: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    doc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        doc = status(config_dir)
+        if check(doc):
+            return doc
+        time.sleep(0.05)
+    log = stack.log_text(config_dir.name)[-2000:]
+    raise AssertionError(f"agent status never matched: {doc}\n{log}")
+
+
+def connected(doc: dict[str, Any]) -> bool:
+    return bool(doc.get("connected"))
+
+
+def tunnel_lines(proxy: Squid, port: int) -> list[str]:
+    return [line for line in proxy.access().splitlines() if f"CONNECT 127.0.0.1:{port} " in line]
+
+
+def test_tunnel_through_squid_from_https_proxy(
+    ops_stack: DevStack, squid: Callable[..., Squid]
+) -> None:
+    proxy = squid("open")
+    with agent(ops_stack, "via-env", {"HTTPS_PROXY": proxy.url}) as config_dir:
+        doc = wait_status(ops_stack, config_dir, connected)
+        assert doc["last_error"] is None
+    # squid writes a tunnel's line when it closes: the agent has stopped now.
+    lines = tunnel_lines(proxy, relay_port(ops_stack))
+    assert any("TCP_TUNNEL/200" in line for line in lines), proxy.access()
+
+
+def test_request_flows_through_squid_with_basic_auth(
+    ops_stack: DevStack, squid: Callable[..., Squid]
+) -> None:
+    proxy = squid("basic", users={"alice": PASSWORD})
+    port = proxy.port
+    with agent(
+        ops_stack,
+        "via-basic",
+        {},
+        proxy={"url": f"http://alice:{PASSWORD.replace('!', '%21')}@127.0.0.1:{port}"},
+    ) as config_dir:
+        wait_status(ops_stack, config_dir, connected)
+        gateway = next(
+            g for g in ops_stack.call("GET", "/v1/gateways") if g["name"] == "via-basic-gw"
+        )
+        connection_id = ops_stack.connection(gateway["id"], api_base(ops_stack))
+        with ops_stack.client() as client:
+            response = client.get(f"/v1/connections/{connection_id}/invoke/hello")
+        assert response.status_code == 200, response.text
+        # The agent's log never shows the proxy password.
+        assert PASSWORD not in ops_stack.log_text("via-basic")
+    lines = tunnel_lines(proxy, relay_port(ops_stack))
+    assert any("TCP_TUNNEL/200" in line and " alice " in line for line in lines), proxy.access()
+
+
+def test_407_without_credentials_is_named(ops_stack: DevStack, squid: Callable[..., Squid]) -> None:
+    proxy = squid("basic", users={"alice": PASSWORD})
+    with agent(ops_stack, "no-creds", {"HTTPS_PROXY": proxy.url}) as config_dir:
+        doc = wait_status(ops_stack, config_dir, lambda d: bool(d.get("last_error")))
+        assert not doc["connected"]
+        assert (
+            'requires authentication (407; it offers Basic realm="backhaul-test")'
+            in (doc["last_error"])
+        )
+        assert "[proxy] username and password" in doc["last_error"]
+    with agent(
+        ops_stack,
+        "bad-creds",
+        {"HTTPS_PROXY": proxy.url},
+        proxy={"username": "alice", "password": "wrong"},
+    ) as config_dir:
+        doc = wait_status(ops_stack, config_dir, lambda d: bool(d.get("last_error")))
+        assert "rejected the Basic credentials of user 'alice'" in doc["last_error"]
+
+
+def test_refused_connect_reports_squids_status(
+    ops_stack: DevStack, squid: Callable[..., Squid]
+) -> None:
+    proxy = squid("open", deny_ports=[relay_port(ops_stack)])
+    with agent(ops_stack, "refused", {"HTTPS_PROXY": proxy.url}) as config_dir:
+        doc = wait_status(ops_stack, config_dir, lambda d: bool(d.get("last_error")))
+    assert not doc["connected"]
+    assert (
+        f"refused CONNECT 127.0.0.1:{relay_port(ops_stack)}: 403 Forbidden (ERR_ACCESS_DENIED 0)"
+        in doc["last_error"]
+    )
+    assert "TCP_DENIED/403" in proxy.access()
+
+
+def test_no_proxy_goes_direct(ops_stack: DevStack, squid: Callable[..., Squid]) -> None:
+    proxy = squid("open")
+    env = {"HTTPS_PROXY": proxy.url, "NO_PROXY": "localhost,127.0.0.1"}
+    with agent(ops_stack, "bypass", env) as config_dir:
+        wait_status(ops_stack, config_dir, connected)
+    assert tunnel_lines(proxy, relay_port(ops_stack)) == []
+
+
+async def test_ntlm_handshake_with_squid(squid: Callable[..., Squid]) -> None:
+    """squid's ntlm_fake_auth runs the real three-message NTLM exchange (and accepts any
+    account); squid offers NTLM and Basic, and the stronger one is chosen."""
+    pytest.importorskip("spnego")
+    proxy = squid("ntlm", users={"alice": PASSWORD})
+    route = ProxyRoute("127.0.0.1", proxy.port, "test", "CORP\\alice", PASSWORD)
+    target = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    result = await open_tunnel(route, "127.0.0.1", port, 10)
+    result.sock.close()
+    assert (result.status, result.scheme, result.legs) == (200, "ntlm", 3)
+    with pytest.raises(ProxyAuthRequired, match="offers NTLM, Basic"):
+        await open_tunnel(ProxyRoute("127.0.0.1", proxy.port, "test"), "127.0.0.1", port, 10)
+    target.close()
