@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean venv services
+.PHONY: demo test lint typecheck unit bench clean venv services real-setup build-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | build-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -24,10 +24,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Kerberos for the agent (gssapi, krb5) builds against libkrb5-dev.
+build-deps:
+	bash tests/real/setup.sh --build-deps
+
+# The real KDC, Apache and friends of tests/real (installed, never started as services).
+real-setup:
+	bash tests/real/setup.sh
+
 services:
 	bash scripts/services.sh
 
-test: $(STAMP) lint typecheck services
+test: real-setup $(STAMP) lint typecheck services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from agent.config import load_config
@@ -231,6 +232,41 @@ def status(
         print(json.dumps({"running": True, **doc}, indent=2))
         return
     Console(highlight=False).print(_table(doc))
+
+
+@app.command()
+def diagnose(
+    config_dir: ConfigDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    relay: Annotated[
+        str | None, typer.Option(help="Test this relay URL instead of the preferred one.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 10.0,
+) -> None:
+    """Test the way to the relay step by step (DNS, TCP, proxy, TLS, WebSocket, handshake,
+    RTT), then every allow-listed target. Exit status 1 when a step fails."""
+    from agent.diagnose import diagnose as run_diagnose
+    from agent.diagnose import failed_config
+
+    try:
+        config = load_config(config_dir)
+    except BackhaulError as exc:
+        report = failed_config(str(exc))
+    else:
+        report = asyncio.run(run_diagnose(config, relay=relay, limit_seconds=timeout))
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        console = Console(highlight=False, soft_wrap=True)
+        for step in report.steps:
+            mark = "[green]ok  [/green]" if step.ok else "[red]FAIL[/red]"
+            if step.skipped:
+                mark = "[yellow]skip[/yellow]"
+            console.print(f"{mark} [bold]{step.name}[/bold]: {escape(step.detail)}")
+            if step.hint:
+                console.print(f"       hint: {escape(step.hint)}")
+        console.print("[green]all steps passed[/green]" if report.ok else "[red]failed[/red]")
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()

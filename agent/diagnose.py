@@ -140,6 +140,8 @@ class _Diagnosis:
         self.limit = limit
         self.report = Report()
         self.route: ProxyRoute | None = None
+        self._ws: ClientConnection | None = None
+        self._tunnel: Tunnel | None = None
 
     # -- helpers
 
@@ -179,20 +181,20 @@ class _Diagnosis:
             f"relay {self.relay}",
         )
         key_ok = await self.run_step("keys", self._keys)
-        chain = ["proxy", "dns", "tcp", "connect", "tls", "websocket", "handshake", "rtt"]
-        proxy_ok = await self.run_step("proxy", self._proxy)
-        if not proxy_ok:
-            self.report.skip(chain[1:], "no usable proxy setting")
-        else:
-            if self.route is None:
-                chain.remove("connect")
-            for position, name in enumerate(chain[1:], start=1):
-                if name == "handshake" and not key_ok:
-                    self.report.skip(chain[position:], "the member key could not be loaded")
-                    break
-                if not await self.run_step(name, getattr(self, "_" + name)):
-                    self.report.skip(chain[position + 1 :], f"{name} failed")
-                    break
+        chain = ["dns", "tcp", "proxy", "tls", "websocket", "handshake", "rtt"]
+        try:
+            self.route = select_proxy(self.url, self.cfg.proxy, self.environ)
+        except ProxyError as exc:
+            self.report.add("proxy", False, str(exc), "use http://[user:password@]host:port")
+            self.report.skip([n for n in chain if n != "proxy"], "no usable proxy setting")
+            chain = []
+        for position, name in enumerate(chain):
+            if name == "handshake" and not key_ok:
+                self.report.skip(chain[position:], "the member key could not be loaded")
+                break
+            if not await self.run_step(name, getattr(self, "_" + name)):
+                self.report.skip(chain[position + 1 :], f"{name} failed")
+                break
         for entry in cfg.allow:
             await self._target(entry)
         if not cfg.allow:
@@ -214,17 +216,6 @@ class _Diagnosis:
                 "agent runs as",
             ) from None
         return f"member key {self.cfg.signing_key_file} loads (mode 0600)", None
-
-    async def _proxy(self) -> tuple[str, str | None]:
-        try:
-            self.route = select_proxy(self.url, self.cfg.proxy, self.environ)
-        except ProxyError as exc:
-            raise _Failed(str(exc), "fix the proxy URL: http://[user:password@]host:port") from None
-        if self.route is None:
-            return f"not used: the tunnel goes directly to {self.host}:{self.port}", None
-        route = self.route
-        who = f", as {route.username}" if route.username else ""
-        return f"{route.url} (from {route.source}{who}, auth {route.auth})", None
 
     async def _dns(self) -> tuple[str, str | None]:
         host = self.route.host if self.route else self.host
@@ -248,7 +239,7 @@ class _Diagnosis:
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         detail = f"{role} {host} → {', '.join(addresses)} ({_ms(time.perf_counter() - started)})"
         if self.route:
-            detail += f"; the proxy resolves the relay's name {self.host}"
+            detail += f"; the proxy ({self.route.source}) resolves the relay's name {self.host}"
         return detail, None
 
     async def _tcp(self) -> tuple[str, str | None]:
@@ -276,11 +267,15 @@ class _Diagnosis:
             ) from None
         peer = sock.getpeername()
         sock.close()
-        return f"connected to {role} {peer[0]}:{peer[1]} in {_ms(time.perf_counter() - started)}", None
+        return (
+            f"connected to {role} {peer[0]}:{peer[1]} in {_ms(time.perf_counter() - started)}",
+            None,
+        )
 
-    async def _connect(self) -> tuple[str, str | None]:
+    async def _proxy(self) -> tuple[str, str | None]:
         route = self.route
-        assert route is not None
+        if route is None:
+            return f"not used: the tunnel goes directly to {self.host}:{self.port}", None
         try:
             sock = await connect_tcp(route.host, route.port)
             result = await self._timed(
@@ -291,7 +286,7 @@ class _Diagnosis:
         except ProxyError as exc:
             hint = {
                 "proxy_auth_required": "set [proxy] username and password (for NTLM: "
-                "DOMAIN\\user), or auth = \"negotiate\" with a Kerberos ticket",
+                'DOMAIN\\user), or auth = "negotiate" with a Kerberos ticket',
                 "proxy_auth_failed": "check the proxy account's name and password",
                 "proxy_refused": "ask the proxy's administrators to allow CONNECT to "
                 f"{self.host}:{self.port}",
@@ -301,8 +296,10 @@ class _Diagnosis:
             raise _Failed(f"cannot connect to proxy {route.url}: {_errno_text(exc)}") from None
         result.sock.close()
         auth = f", {result.scheme} authentication" if result.scheme else ""
+        who = f" as {route.username}" if route.username and result.scheme else ""
         return (
-            f"CONNECT {self.host}:{self.port} → {result.status} {result.reason}{auth} "
+            f"{route.url} (from {route.source}): CONNECT {self.host}:{self.port} → "
+            f"{result.status} {result.reason}{auth}{who} "
             f"({result.legs} leg{'s' if result.legs > 1 else ''})"
         ), None
 
@@ -326,8 +323,10 @@ class _Diagnosis:
         except ssl.SSLCertVerificationError as exc:
             raise await self._explain_untrusted(exc) from None
         except (ssl.SSLError, OSError) as exc:
-            hint = "the peer does not speak TLS on this port, or something in between cuts it"
-            raise _Failed(f"TLS handshake failed: {exc}", hint) from None
+            raise _Failed(
+                f"TLS handshake failed: {exc}",
+                "the peer does not speak TLS on this port, or something in between cuts it",
+            ) from None
         cert = x509.load_der_x509_certificate(der)
         days = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
         detail = (
@@ -335,7 +334,7 @@ class _Diagnosis:
             f"verified against {self.cfg.ca_file or 'the system CAs'}, name {self.host} matches, "
             f"valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days} days)"
         )
-        hint = None
+        hint: str | None = None
         if days < EXPIRY_WARNING_DAYS:
             hint = f"the relay's certificate expires in {days} days: renew it"
         seen = fingerprint(der)
@@ -430,20 +429,33 @@ class _Diagnosis:
         )
 
     async def _handshake(self) -> tuple[str, str | None]:
-        self._welcome: dict[str, Any] = {}
         try:
-            self._ws = await self._open_ws()
+            ws = await self._open_ws()
         except (InvalidHandshake, OSError, TimeoutError, ProxyError) as exc:
             raise _Failed(f"could not reopen the WebSocket: {exc}") from None
-        self._tunnel = Tunnel(Connection(Role.AGENT), WebSocketTransport(self._ws))
+        tunnel = Tunnel(Connection(Role.AGENT), WebSocketTransport(ws))
+        try:
+            welcome = await self._prove(tunnel)
+        except BaseException:
+            await ws.close()
+            raise
+        self._ws, self._tunnel = ws, tunnel
+        cfg = self.cfg
+        return (
+            f"relay accepted member {cfg.member_id} of gateway {cfg.gateway_id} (its "
+            f"challenge signed with the member key; probe session "
+            f"{welcome.get('session_id', '?')}, never routed to)"
+        ), None
+
+    async def _prove(self, tunnel: Tunnel) -> dict[str, Any]:
         cfg = self.cfg
         try:
             async with asyncio.timeout(self.limit):
-                events = await self._tunnel.receive_events()
+                events = await tunnel.receive_events()
                 hello = next((e for e in events if isinstance(e, HelloReceived)), None)
                 if hello is None:
                     raise _Failed("the relay sent no HELLO")
-                self._tunnel.conn.send_hello(
+                tunnel.conn.send_hello(
                     handshake.agent_hello(
                         hello.payload,
                         load_signing_key(cfg.signing_key_file),
@@ -453,39 +465,34 @@ class _Diagnosis:
                         probe=True,
                     )
                 )
-                await self._tunnel.flush()
-                while not self._welcome:
-                    for event in await self._tunnel.receive_events():
+                await tunnel.flush()
+                while True:
+                    for event in await tunnel.receive_events():
                         if isinstance(event, WelcomeReceived):
-                            self._welcome = event.payload
+                            return event.payload
         except TimeoutError:
-            await self._ws.close()
             raise _Failed(f"no WELCOME from the relay within {self.limit:g} s") from None
         except TransportClosed as exc:
             raise _refusal(exc) from None
         except handshake.HandshakeRefused as exc:
-            await self._ws.close()
             raise _Failed(f"handshake refused: {exc.reason}") from None
-        return (
-            f"relay accepted member {cfg.member_id} of gateway {cfg.gateway_id} "
-            f"(challenge signed with the member key; probe session "
-            f"{self._welcome.get('session_id', '?')})",
-            None,
-        )
 
     async def _rtt(self) -> tuple[str, str | None]:
-        tunnel = self._tunnel
+        tunnel, ws = self._tunnel, self._ws
+        assert tunnel is not None and ws is not None
         samples: list[float] = []
         try:
             async with asyncio.timeout(self.limit):
-                for _ in range(PINGS):
+                while len(samples) < PINGS:
                     sent = time.monotonic_ns()
                     tunnel.conn.ping(sent)
                     await tunnel.flush()
-                    while len(samples) < _ + 1:
+                    answered = False
+                    while not answered:
                         for event in await tunnel.receive_events():
                             if isinstance(event, PongReceived) and event.opaque == sent:
                                 samples.append((time.monotonic_ns() - sent) / 1e6)
+                                answered = True
         except TimeoutError:
             raise _Failed(
                 f"no PONG within {self.limit:g} s",
@@ -495,6 +502,7 @@ class _Diagnosis:
             raise _Failed(f"the relay closed the tunnel during the PINGs: {exc.reason}") from None
         finally:
             await tunnel.close(ErrorCode.NO_ERROR, "diagnose finished")
+            await ws.close()
         low, mean = min(samples), sum(samples) / len(samples)
         hint = None
         if low > 500:
@@ -522,6 +530,12 @@ class _Diagnosis:
             context = ssl.create_default_context()
             context.load_verify_locations(str(upstream.ca_file))
             verify = context
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        failure = await self._tcp_failure(host, port)
+        if failure is not None:
+            return False, failure, "check the URL, that the API runs, and the firewall"
         started = time.perf_counter()
         try:
             async with httpx.AsyncClient(
@@ -545,22 +559,31 @@ class _Diagnosis:
         took = _ms(time.perf_counter() - started)
         return True, f"reachable: GET answered HTTP {status} in {took} (no credentials sent)", None
 
+    async def _tcp_failure(self, host: str, port: int) -> str | None:
+        """Why ``host:port`` can't be reached over TCP, or None when it can."""
+        try:
+            async with asyncio.timeout(self.limit):
+                sock = await connect_tcp(host, port)
+        except TimeoutError:
+            return f"{host}:{port} does not answer within {self.limit:g} s"
+        except socket.gaierror as exc:
+            return f"cannot resolve {host}: {exc.strerror}"
+        except ConnectionRefusedError:
+            return f"{host}:{port} refused the connection (nothing listens there)"
+        except OSError as exc:
+            return f"cannot connect to {host}:{port}: {_errno_text(exc)}"
+        sock.close()
+        return None
+
     async def _host_target(self, host: str, ports: tuple[int, ...]) -> tuple[bool, str, str | None]:
         if host.startswith("*."):
             return True, "not tested: a wildcard names no single host", None
         results = []
         reachable = False
         for port in ports:
-            try:
-                async with asyncio.timeout(self.limit):
-                    sock = await connect_tcp(host, port)
-                sock.close()
-                results.append(f"{port} open")
-                reachable = True
-            except TimeoutError:
-                results.append(f"{port} no answer")
-            except OSError as exc:
-                results.append(f"{port} {_errno_text(exc)}")
+            failure = await self._tcp_failure(host, port)
+            reachable = reachable or failure is None
+            results.append(f"{port} open" if failure is None else failure)
         detail = f"TCP to {host}: " + ", ".join(results)
         hint = None if reachable else "check the host name, the ports and the firewall"
         return reachable, detail, hint

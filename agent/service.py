@@ -28,13 +28,14 @@ def load_gateway_key(cfg: AgentConfig) -> GatewayKeyPair:
     return Keyring.load(cfg.gateway_key_file).current
 
 
-async def run(cfg: AgentConfig) -> None:
-    """Run until SIGTERM/SIGINT; raises LinkRefused when the relay refuses this member."""
+async def run(cfg: AgentConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``, which a Windows service sets); raises
+    LinkRefused when the relay refuses this member."""
     signing_key = load_signing_key(cfg.signing_key_file)
     keyring = Keyring.load(cfg.gateway_key_file)
     state = AgentState(relay=cfg.relay_url, member_id=cfg.member_id, gateway_id=cfg.gateway_id)
     state.bind_metrics()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):  # Windows: the service manager stops us

@@ -302,28 +302,25 @@ class WindowsAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         flow = self._flow(request)
-        item = next(flow)
-        while True:
+        item = _advance(flow, None, None)
+        while item is not _DONE:
             if isinstance(item, _Call):
                 try:
                     result = item.fn()
                 except Exception as exc:
-                    item = flow.throw(exc)
+                    item = _advance(flow, None, exc)
                     continue
-                item = flow.send(result)
+                item = _advance(flow, result, None)
                 continue
             response = yield item
-            try:
-                item = flow.send(response)
-            except StopIteration:
-                return
+            item = _advance(flow, response, None)
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         flow = self._flow(request)
-        item = next(flow)
-        while True:
+        item = _advance(flow, None, None)
+        while item is not _DONE:
             if isinstance(item, _Call):
                 try:
                     if self._run_blocking is None:
@@ -331,15 +328,12 @@ class WindowsAuth(httpx.Auth):
                     else:
                         result = await self._run_blocking(item.fn)
                 except Exception as exc:
-                    item = flow.throw(exc)
+                    item = _advance(flow, None, exc)
                     continue
-                item = flow.send(result)
+                item = _advance(flow, result, None)
                 continue
             response = yield item
-            try:
-                item = flow.send(response)
-            except StopIteration:
-                return
+            item = _advance(flow, response, None)
 
     # -- the logic
 
@@ -398,11 +392,23 @@ class WindowsAuth(httpx.Auth):
             )
             if refused is None:
                 return
-            # The server refused our scheme without a word; try once what it does offer.
-            nxt = self._first_mechanism(refused)
+            # Refused without a word: Negotiate falls back from Kerberos to NTLM, and a scheme
+            # the server does not offer gives way (once) to one it does.
+            if mechanism == "kerberos" and self._may_fall_back(refused):
+                nxt: Mechanism = "ntlm"
+            else:
+                nxt = self._first_mechanism(refused)
             if switched or _header_for(nxt, refused) is None:
                 raise _no_common_scheme(request, self.scheme, refused)
             switched, offered, mechanism = True, refused, nxt
+
+    def _may_fall_back(self, offered: list[Challenge]) -> bool:
+        schemes = {c.scheme for c in offered}
+        return (
+            self.scheme == "negotiate"
+            and self.ntlm_possible
+            and bool(schemes & {"ntlm", "negotiate"})
+        )
 
     def _first_mechanism(self, offered: list[Challenge] | None) -> Mechanism:
         if self.scheme == "ntlm":
@@ -480,9 +486,16 @@ class WindowsAuth(httpx.Auth):
                     # A complete context answered with an error token (KRB-ERROR): step it to
                     # surface the reason (clock skew, wrong key).
                     yield _Call(partial(self._step, ctx, answer, bindings))
-                if not any(c.scheme == header.lower() for c in challenges) and challenges:
+                offered_ours = any(c.scheme == header.lower() for c in challenges)
+                fall_back = mechanism == "kerberos" and self._may_fall_back(challenges)
+                if challenges and (fall_back or not offered_ours):
                     if leg is request and has_body and not replayable:
-                        raise _no_common_scheme(request, self.scheme, challenges)
+                        raise (
+                            self._rejected(request, mechanism)
+                            if offered_ours
+                            else _no_common_scheme(request, self.scheme, challenges)
+                        )
+                    log.info("winauth.scheme_refused", mechanism=mechanism, url=_where(request))
                     return challenges
                 raise self._rejected(request, mechanism)
             if not final and leg is not request:
@@ -559,6 +572,20 @@ class WindowsAuth(httpx.Auth):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+_DONE = object()
+
+
+def _advance(flow: Generator[Any, Any, None], value: Any, exc: BaseException | None) -> Any:
+    """Resume the flow with a value or an exception; ``_DONE`` once it has finished."""
+    try:
+        if exc is not None:
+            return flow.throw(exc)
+        if value is None:
+            return next(flow)
+        return flow.send(value)
+    except StopIteration:
+        return _DONE
 
 
 class _LegCookies:

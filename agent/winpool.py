@@ -381,7 +381,7 @@ class WindowsPool:
         method: str,
         url: str,
         headers: list[tuple[bytes, bytes]],
-        content: AsyncIterable[bytes] | None,
+        content: AsyncIterable[bytes] | bytes | None,
         timeouts: httpx.Timeout,
     ) -> tuple[httpx.Response, Callable[[], Awaitable[None]]]:
         """Send one request with Windows authentication; returns the streamed response and
@@ -442,11 +442,11 @@ class WindowsPool:
 
 
 async def _buffer_small(
-    content: AsyncIterable[bytes] | None,
+    content: AsyncIterable[bytes] | bytes | None,
 ) -> bytes | AsyncIterable[bytes] | None:
     """Keep a body of at most REPLAYABLE_BODY_BYTES whole (it can be resent); stream the rest."""
-    if content is None:
-        return None
+    if content is None or isinstance(content, bytes):
+        return content
     iterator = aiter(content)
     chunks: list[bytes] = []
     size = 0

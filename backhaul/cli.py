@@ -151,7 +151,9 @@ def status(
     if as_json:
         _print_json({"relay": target.relay, "gateways": gateways})
         return
-    Console().print(_status_table(target.relay, gateways))
+    # Not a terminal (a pipe, a log): no 80-column wrapping of ids and names.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(_status_table(target.relay, gateways))
 
 
 _COLUMNS = (

@@ -13,7 +13,7 @@ Endpoints::
     ANY  /echo/...                 the request as JSON (method, path, query, headers, body digest)
     GET  /basic/...                needs the configured Basic credentials
     GET  /apikey/...               needs the configured API key (header or query parameter)
-    GET  /slow/{seconds}           answers after a delay
+    ANY  /slow/{seconds}           answers after a delay (a request body is read first)
     GET  /drip/{n}/{interval_ms}   n small chunks, one every interval_ms (chunked encoding)
     GET  /status/{code}            answers with that status
 
@@ -508,8 +508,13 @@ class _Server:
             if method not in ("POST", "PUT"):
                 return _not_allowed("POST, PUT")
             return await self._upload(req)
+        if first == "slow" and len(segments) == 3:  # any method: a request held in flight
+            seconds = _float_segment(segments[2], 0.0, MAX_SLOW_SECONDS)
+            await req.body.discard()
+            await asyncio.sleep(seconds)
+            return _json(200, {"slept": seconds})
         if not get_like:
-            if first in ("bytes", "basic", "apikey", "slow", "drip", "status", "hello"):
+            if first in ("bytes", "basic", "apikey", "drip", "status", "hello"):
                 return _not_allowed("GET, HEAD")
             return _problem(404, f"no such endpoint: {path}")
         if first == "bytes" and len(segments) == 3:
@@ -521,10 +526,6 @@ class _Server:
             return self._basic(req)
         if first == "apikey":
             return self._apikey(req)
-        if first == "slow" and len(segments) == 3:
-            seconds = _float_segment(segments[2], 0.0, MAX_SLOW_SECONDS)
-            await asyncio.sleep(seconds)
-            return _json(200, {"slept": seconds})
         if first == "drip" and len(segments) == 4:
             n = _int_segment(segments[2], 0, MAX_DRIP_CHUNKS)
             interval = _int_segment(segments[3], 0, 60_000) / 1000.0

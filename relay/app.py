@@ -64,8 +64,9 @@ def _peer_ca(config: RelayConfig) -> str | None:
     """CA file for calls between relay instances: configured, else a dev relay's own cert."""
     if config.peer_ca_file is not None:
         return str(config.peer_ca_file)
-    if config.dev:
-        return str(config.data_dir / "tls" / "relay.crt")
+    dev_cert = config.data_dir / "tls" / "relay.crt"
+    if config.dev and dev_cert.exists():
+        return str(dev_cert)
     return None
 
 

@@ -137,15 +137,24 @@ def track_invoke(
         return response
     body = response.body_iterator
 
+    declared = response.headers.get("content-length")
+
     async def counted() -> AsyncIterator[Any]:
         sent = 0
-        result = "aborted"
+        complete = False
         try:
             async for chunk in body:
                 sent += len(chunk)
                 yield chunk
-            result = "ok" if response.status_code < 400 else "error"
+            complete = True
         finally:
+            # A caller that has read the whole declared body may hang up before the stream
+            # has seen its end: that is a delivered response, not an aborted one.
+            if declared is not None and declared.isdigit():
+                complete = complete or request.method == "HEAD" or int(declared) == sent
+            result = "aborted"
+            if complete:
+                result = "ok" if response.status_code < 400 else "error"
             bytes_in = request.scope.get(BYTES_IN_KEY, _declared_length(request))
             task = _later(engine, **fields, result=result, bytes_in=bytes_in, bytes_out=sent)
             await asyncio.shield(task)

@@ -9,7 +9,7 @@ request. ``config/relay.toml`` documents every key.
 from __future__ import annotations
 
 import os
-import secrets
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -124,7 +124,8 @@ class RelayConfig(BaseModel):
         if not self.dev and self.tls_cert is None:
             raise ValueError("tls_cert and tls_key are required unless dev = true")
         if not self.instance_id:
-            object.__setattr__(self, "instance_id", "rly_" + secrets.token_hex(4))
+            # The host name is the pod name on Kubernetes; the pid tells workers apart.
+            object.__setattr__(self, "instance_id", f"{socket.gethostname()}-{os.getpid()}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError("redis_url must be a redis:// or rediss:// URL")
         if self.invoke_timeout_seconds > self.invoke_timeout_max_seconds:

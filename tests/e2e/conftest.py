@@ -20,6 +20,9 @@ FAST_ENV = {
     "BACKHAUL_AGENT_TUNNEL__PING_TIMEOUT_SECONDS": "5",
     "BACKHAUL_AGENT_TUNNEL__BACKOFF_MAX_SECONDS": "2",
     "BACKHAUL_AGENT_TUNNEL__SHUTDOWN_GRACE_SECONDS": "10",
+    # Online connectors: the relay's key for OAuth tokens, and loopback test servers allowed.
+    "BACKHAUL_RELAY_SECRET_KEY": "e2e-relay-secret-key-0123456789abcdefghij",
+    "BACKHAUL_RELAY_ONLINE_ALLOW_PRIVATE_NETWORKS": "true",
 }
 
 

@@ -13,13 +13,23 @@
 #
 # Nothing here starts a system service: tests/real/servers.py runs the KDC and Apache as the
 # tests' own child processes with private configuration, ports and directories.
+#
+#   bash tests/real/setup.sh               everything above (make test)
+#   bash tests/real/setup.sh --build-deps  only what building the agent's Kerberos needs
+#                                          (make's venv step, so `make demo` works too)
 set -euo pipefail
 
+BUILD_DEPS=(libkrb5-dev gcc)
 PACKAGES=(
     krb5-kdc krb5-admin-server krb5-user
     apache2 libapache2-mod-auth-gssapi gss-ntlmssp
-    libkrb5-dev gcc faketime
+    faketime "${BUILD_DEPS[@]}"
 )
+build_only=false
+if [[ ${1:-} == --build-deps ]]; then
+    build_only=true
+    PACKAGES=("${BUILD_DEPS[@]}")
+fi
 
 if [[ $(id -u) -ne 0 ]]; then
     SUDO=sudo
@@ -48,14 +58,19 @@ else
         $SUDO chmod 0755 "$policy"
         trap '$SUDO rm -f "$policy"' EXIT
     fi
-    install() { $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; }
+    apt_install() { $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; }
     if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
         $SUDO apt-get update -q
-        install
-    elif ! install; then
+        apt_install
+    elif ! apt_install; then
         $SUDO apt-get update -q
-        install
+        apt_install
     fi
+fi
+
+if $build_only; then
+    command -v krb5-config >/dev/null || { echo "tests/real/setup.sh: no krb5-config" >&2; exit 1; }
+    exit 0
 fi
 
 for tool in krb5kdc kdb5_util kadmin.local kinit apache2 krb5-config; do

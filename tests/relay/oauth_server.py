@@ -368,6 +368,49 @@ def make_app(server: _Server) -> Starlette:
     )
 
 
+def connector_definition(
+    server: AuthServer,
+    client_id: str,
+    provider: str = "oauth2",
+    scopes: list[str] | None = None,
+    custom: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An import body for an online connector whose API and provider are ``server``."""
+    swagger = {
+        "swagger": "2.0",
+        "info": {"title": f"{provider} test API", "version": "1"},
+        "host": f"127.0.0.1:{server.port}",
+        "basePath": "/api",
+        "schemes": ["http"],
+        "paths": {
+            "/me": {"get": {"operationId": "Me"}},
+            "/download": {"get": {"operationId": "Download"}},
+            "/echo": {"post": {"operationId": "Echo"}},
+        },
+    }
+    params = {
+        "authorizationUrl": f"{server.url}/authorize",
+        "tokenUrl": f"{server.url}/token",
+        **(custom or {}),
+    }
+    props = {
+        "properties": {
+            "connectionParameters": {
+                "token": {
+                    "type": "oauthSetting",
+                    "oAuthSettings": {
+                        "identityProvider": provider,
+                        "clientId": client_id,
+                        "scopes": ["read", "offline_access"] if scopes is None else scopes,
+                        "customParameters": {k: {"value": v} for k, v in params.items()},
+                    },
+                }
+            }
+        }
+    }
+    return {"swagger": swagger, "api_properties": props}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -131,7 +131,7 @@ async def test_revoke_member_disconnects(relay: Relay, monkeypatch: pytest.Monke
     monkeypatch.setattr(relay.app.state.hub, "disconnect", disconnect)
     url = f"/v1/gateways/{gw['id']}/members/{member_id}"
     assert (await relay.call("DELETE", url, relay.admin_token)).status_code == 204
-    assert calls == [(member_id, "revoked")]
+    assert calls == [(member_id, "member revoked")]
     detail = (await relay.call("GET", f"/v1/gateways/{gw['id']}", relay.admin_token)).json()
     assert detail["members"][0]["revoked"] is True
     assert_problem(
@@ -153,6 +153,9 @@ async def test_live_member_fields_come_from_the_hub(
         total = 42
         session_id = "ses_1"
         connected_at = 0.0
+        draining = False
+        cpu = 12.0
+        memory = 34.0
 
     monkeypatch.setattr(
         relay.app.state.hub, "live", lambda mid: Live() if mid == member_id else None

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from relay import audit
 from relay.store.models import OAuthState, OAuthToken
-from tests.relay.oauth_server import ALICE, AuthServer
+from tests.relay.oauth_server import ALICE, AuthServer, connector_definition
 from tests.relay.online_helpers import CALLBACK, online_config
 from tests.relay.relay_helpers import Relay, assert_problem, start
 
@@ -54,48 +54,6 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
         yield r
 
 
-def definition(
-    server: AuthServer,
-    client_id: str,
-    provider: str = "oauth2",
-    scopes: list[str] | None = None,
-    custom: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    swagger = {
-        "swagger": "2.0",
-        "info": {"title": f"{provider} test API", "version": "1"},
-        "host": f"127.0.0.1:{server.port}",
-        "basePath": "/api",
-        "schemes": ["http"],
-        "paths": {
-            "/me": {"get": {"operationId": "Me"}},
-            "/download": {"get": {"operationId": "Download"}},
-            "/echo": {"post": {"operationId": "Echo"}},
-        },
-    }
-    params = {
-        "authorizationUrl": f"{server.url}/authorize",
-        "tokenUrl": f"{server.url}/token",
-        **(custom or {}),
-    }
-    props = {
-        "properties": {
-            "connectionParameters": {
-                "token": {
-                    "type": "oauthSetting",
-                    "oAuthSettings": {
-                        "identityProvider": provider,
-                        "clientId": client_id,
-                        "scopes": ["read", "offline_access"] if scopes is None else scopes,
-                        "customParameters": {k: {"value": v} for k, v in params.items()},
-                    },
-                }
-            }
-        }
-    }
-    return {"swagger": swagger, "api_properties": props}
-
-
 async def oauth_connection(
     relay: Relay,
     server: AuthServer,
@@ -104,7 +62,7 @@ async def oauth_connection(
     **kwargs: Any,
 ) -> str:
     client = server.register(CALLBACK, secret=secret)
-    body = definition(server, client.client_id, **kwargs)
+    body = connector_definition(server, client.client_id, **kwargs)
     if secret is not None:
         body["oauth"] = {"client_secret": secret}
     r = await relay.call("POST", "/v1/connectors/import", token or relay.admin_token, body)
