@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean venv services real-setup build-deps
+.PHONY: demo test lint typecheck unit bench clean venv services real-setup build-deps faults
 
 $(STAMP): pyproject.toml | build-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,11 @@ real-setup:
 services:
 	bash scripts/services.sh
 
-test: real-setup $(STAMP) lint typecheck services
+# iproute2 and nftables for the network fault tests of tests/faults.
+faults:
+	bash tests/faults/setup.sh
+
+test: real-setup $(STAMP) lint typecheck services faults
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,7 +152,13 @@ def run(config_dir: ConfigDir) -> None:
 
     with _errors():
         config = load_config(config_dir)
-        configure(config.log.format, config.log.level)
+        configure(
+            config.log.format,
+            config.log.level,
+            file=config.log.file,
+            max_bytes=config.log.max_file_mb * 1024 * 1024,
+            max_age_days=config.log.max_age_days,
+        )
         try:
             service = importlib.import_module("agent.service")
         except ImportError as exc:
@@ -243,8 +250,11 @@ def diagnose(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds each step may take.")] = 10.0,
 ) -> None:
-    """Test the way to the relay step by step (DNS, TCP, proxy, TLS, WebSocket, handshake,
-    RTT), then every allow-listed target. Exit status 1 when a step fails."""
+    """Test the way to the relay step by step, then every allowed target (exit 1 on failure).
+
+    DNS, TCP, proxy CONNECT, TLS (chain, name, expiry, pin), WebSocket upgrade, the member's
+    handshake and PING/PONG round trips; each step passes or says why and what to change.
+    """
     from agent.diagnose import diagnose as run_diagnose
     from agent.diagnose import failed_config
 
@@ -267,6 +277,112 @@ def diagnose(
                 console.print(f"       hint: {escape(step.hint)}")
         console.print("[green]all steps passed[/green]" if report.ok else "[red]failed[/red]")
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("install-service")
+def install_service(
+    config_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--config-dir",
+            "-c",
+            help="The enrolled directory the service runs with (Linux: /var/lib/backhaul, "
+            "Windows: C:\\ProgramData\\Backhaul).",
+        ),
+    ] = None,
+    user: Annotated[str, typer.Option(help="Service account (Linux).")] = "backhaul",
+    executable: Annotated[
+        str | None, typer.Option(help="backhaul-agent path in the unit (default: this one).")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option(help="Install into this file system tree instead of /.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would change; change nothing.")
+    ] = False,
+    enable: Annotated[bool, typer.Option(help="Enable the unit at boot.")] = True,
+    start: Annotated[bool, typer.Option(help="Start it now (where systemd runs).")] = True,
+) -> None:
+    """Install the agent as a system service (systemd unit, or a Windows service)."""
+    console = Console(highlight=False, soft_wrap=True)
+    with _errors():
+        if sys.platform == "win32":  # pragma: no cover - exercised on Windows
+            from agent import winservice
+
+            for line in winservice.install(config_dir or winservice.DEFAULT_CONFIG_DIR):
+                console.print(escape(line))
+            return
+        from agent import install
+
+        plan = install.install_plan(
+            config_dir=config_dir or str(install.DEFAULT_CONFIG_DIR),
+            user=user,
+            executable=executable,
+            root=root,
+            enable=enable,
+            start=start,
+        )
+        _carry_out(console, plan, dry_run)
+
+
+@app.command("uninstall-service")
+def uninstall_service(
+    root: Annotated[
+        Path | None, typer.Option(help="Uninstall from this file system tree instead of /.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would change; change nothing.")
+    ] = False,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also remove the enrollment, logs and account.")
+    ] = False,
+) -> None:
+    """Stop and remove the agent's system service (the enrollment is kept unless --purge)."""
+    console = Console(highlight=False, soft_wrap=True)
+    with _errors():
+        if sys.platform == "win32":  # pragma: no cover - exercised on Windows
+            from agent import winservice
+
+            for line in winservice.uninstall():
+                console.print(escape(line))
+            return
+        from agent import install
+
+        _carry_out(console, install.uninstall_plan(root=root, purge=purge), dry_run)
+
+
+def _carry_out(console: Console, plan: Any, dry_run: bool) -> None:
+    from agent import install
+
+    for line in plan.describe():
+        console.print(("would " if dry_run else "") + escape(line))
+    if not dry_run:
+        install.apply(plan)
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}")
+
+
+logs_app = typer.Typer(help="The agent's logs.", no_args_is_help=True)
+app.add_typer(logs_app, name="logs")
+
+
+@logs_app.command("export")
+def logs_export(
+    config_dir: ConfigDir,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The zip file to write.")],
+    max_log_mb: Annotated[int, typer.Option(help="Most log megabytes to include.")] = 50,
+    with_diagnose: Annotated[
+        bool, typer.Option("--diagnose", help="Also run the network test and include it.")
+    ] = False,
+) -> None:
+    """Write a redacted support bundle: logs, masked config, status, versions (never keys)."""
+    from agent.support import export
+
+    with _errors():
+        config = load_config(config_dir)
+        names = export(config, output, max_log_mb=max_log_mb, with_diagnose=with_diagnose)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"wrote {escape(str(output))}: {', '.join(names)}")
 
 
 @app.command()

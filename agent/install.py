@@ -214,8 +214,10 @@ def install_plan(
         plan.commands.append([sysusers, *sysusers_args, str(plan.real(SYSUSERS_FILE))])
     elif root is None:
         plan.commands.append(
-            ["useradd", "--system", "--user-group", "--home-dir", config_dir]
-            + ["--no-create-home", "--shell", "/usr/sbin/nologin", user]
+            [
+                *("useradd", "--system", "--user-group", "--home-dir", config_dir),
+                *("--no-create-home", "--shell", "/usr/sbin/nologin", user),
+            ]
         )
     else:
         plan.notes.append("systemd-sysusers is missing: create the account when the image boots")

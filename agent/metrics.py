@@ -16,6 +16,8 @@ backhaul_agent_bytes_total             counter     body bytes, by ``direction``:
 backhaul_agent_tunnel_connected        gauge       1 while the tunnel is up
 backhaul_agent_reconnects_total        counter     tunnel reconnect attempts
 backhaul_agent_rtt_seconds             gauge       last PING/PONG round trip to the relay
+backhaul_agent_flow_stalls_total       counter     times a response body waited for the relay's
+                                                   flow-control credit (a slow caller)
 =====================================  ==========  ============================================
 
 :mod:`agent.winauth` adds ``backhaul_agent_windows_handshakes_total`` (security contexts
@@ -30,9 +32,11 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from agent.errors import AgentError
+from backhaul.aio.tunnel import STALL_HOOKS
 
 __all__ = [
     "BYTES",
+    "FLOW_STALLS",
     "RECONNECTS",
     "REGISTRY",
     "REQUESTS",
@@ -70,6 +74,12 @@ RECONNECTS = Counter("backhaul_agent_reconnects", "Tunnel reconnect attempts.", 
 RTT_SECONDS = Gauge(
     "backhaul_agent_rtt_seconds", "Last measured round trip to the relay.", registry=REGISTRY
 )
+FLOW_STALLS = Counter(
+    "backhaul_agent_flow_stalls",
+    "Times a stream writer waited for flow-control credit from the relay.",
+    registry=REGISTRY,
+)
+STALL_HOOKS.append(FLOW_STALLS.inc)
 
 _OUTCOMES = {
     "target_denied": "denied",

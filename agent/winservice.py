@@ -52,7 +52,9 @@ def _service_class() -> type:
     """The ServiceFramework subclass, built only where pywin32 exists."""
     serviceutil, service, event, manager = _win32()
 
-    class AgentService(serviceutil.ServiceFramework):  # type: ignore[misc]
+    framework: Any = serviceutil.ServiceFramework
+
+    class AgentService(framework):  # type: ignore[misc]
         _svc_name_ = SERVICE_NAME
         _svc_display_name_ = DISPLAY_NAME
         _svc_description_ = DESCRIPTION

@@ -14,9 +14,13 @@ Backhaul tokens, ``Authorization`` values (RFC 9110 §11.6.2) and secret query p
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import re
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -24,7 +28,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from backhaul.errors import ConfigError
 
-__all__ = ["REDACTED", "configure", "redact", "redact_text"]
+__all__ = ["REDACTED", "RotatingFile", "configure", "redact", "redact_text"]
 
 REDACTED = "[redacted]"
 
@@ -138,11 +142,89 @@ def _use_json(fmt: str, stream: TextIO) -> bool:
     return not (callable(isatty) and isatty())
 
 
-def configure(fmt: str = "auto", level: str = "info", stream: TextIO = sys.stderr) -> None:
+class RotatingFile(logging.handlers.BaseRotatingHandler):
+    """A log file rotated by size and by day, whose rotated files are deleted by age.
+
+    The live file is ``agent.log``; when the next line would take it past ``max_bytes``, or it
+    was started on an earlier UTC day, it is renamed ``agent.log.<UTC time>`` and a new one is
+    started. Rotated files older than ``max_age_days`` are then removed. Only the process that
+    owns the file writes it (one agent per config dir), so no lock between processes is needed.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, max_age_days: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(str(path), "a", encoding="utf-8", delay=False)
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_age_seconds = max_age_days * 86400
+        self._day = self._started_day()
+        self.prune()
+
+    def _started_day(self) -> str:
+        try:
+            started = os.stat(self.path).st_mtime if self.path.stat().st_size else time.time()
+        except OSError:
+            started = time.time()
+        return time.strftime("%Y-%m-%d", time.gmtime(started))
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        if self.stream is None:
+            self.stream = self._open()
+        size = self.stream.tell()
+        if size == 0:
+            return False
+        if time.strftime("%Y-%m-%d", time.gmtime()) != self._day:
+            return True
+        return size + len(self.format(record)) + 1 > self.max_bytes
+
+    def doRollover(self) -> None:
+        if self.stream:
+            self.stream.close()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.{stamp}")
+        serial = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.{stamp}-{serial}")
+            serial += 1
+        if self.path.exists():
+            os.replace(self.path, target)
+        self.stream = self._open()
+        self._day = time.strftime("%Y-%m-%d", time.gmtime())
+        self.prune()
+
+    def rotated(self) -> list[Path]:
+        """The rotated files, oldest first."""
+        prefix = self.path.name + "."
+        found = [
+            p for p in self.path.parent.glob(prefix + "*") if p.name[len(prefix) :][:1].isdigit()
+        ]
+        return sorted(found)
+
+    def prune(self) -> None:
+        cutoff = time.time() - self.max_age_seconds
+        for old in self.rotated():
+            try:
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+            except OSError:
+                continue
+
+
+def configure(
+    fmt: str = "auto",
+    level: str = "info",
+    stream: TextIO = sys.stderr,
+    *,
+    file: Path | None = None,
+    max_bytes: int = 100 * 1024 * 1024,
+    max_age_days: int = 30,
+) -> None:
     """Set up structlog and the standard library logging to write one redacted stream.
 
     ``fmt`` is ``auto`` (JSON unless ``stream`` is a terminal), ``json`` or ``console``;
-    ``level`` is a standard level name. Calling it again replaces the previous setup.
+    ``level`` is a standard level name. With ``file``, the same lines also go there as JSON,
+    rotated by size (``max_bytes``, 100 MB by default) and day, and kept ``max_age_days`` (30).
+    Calling it again replaces the previous setup.
     """
     numeric = _LEVELS.get(level.lower())
     if numeric is None:
@@ -177,12 +259,31 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO = sys.stder
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     setattr(handler, _HANDLER_MARK, True)
+    handlers: list[logging.Handler] = [handler]
+    if file is not None:
+        to_file = RotatingFile(file, max_bytes, max_age_days)
+        to_file.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=shared,
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.StackInfoRenderer(),
+                    structlog.processors.format_exc_info,
+                    _redact_processor,
+                    structlog.processors.JSONRenderer(),
+                ],
+            )
+        )
+        setattr(to_file, _HANDLER_MARK, True)
+        handlers.append(to_file)
 
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, _HANDLER_MARK, False):
             root.removeHandler(old)
-    root.addHandler(handler)
+            old.close()
+    for new_handler in handlers:
+        root.addHandler(new_handler)
     root.setLevel(numeric)
 
     for name in _FOREIGN_LOGGERS:

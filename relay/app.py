@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul.version import __version__
-from relay import audit, cache, egress, invoke, problems, rotation, tunnel
+from relay import admin, audit, cache, egress, invoke, limits, problems, rotation, tunnel
 from relay.api import ROUTERS
 from relay.config import RelayConfig, ensure_data_dir
 from relay.fastpath import InvokeFastPath
@@ -115,5 +115,7 @@ def create_app(config: RelayConfig) -> FastAPI:
     app.include_router(tunnel.router)
     app.include_router(invoke.router)
     app.add_middleware(InvokeFastPath)
+    admin.install(app)  # the status page, and the invoke activity it shows (outside the fast path)
+    limits.install(app)  # outside the fast path, inside the access log
     app.add_middleware(AccessLog)
     return app

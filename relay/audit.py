@@ -5,8 +5,8 @@ One row per event in ``audit_events``, readable by admins (``GET /v1/audit``,
 record outlives the connection, connector or user it mentions.
 
 An invoke is recorded when it ends, not when it starts, so the row has the status the caller
-saw and the bytes that actually went through: the response body is counted as it streams, and
-the row is written when the stream finishes or breaks. Request bytes are the declared
+saw and the bytes that actually went through: the response body is counted as it is sent, and
+the row is written when the body finishes or breaks off. Request bytes are the declared
 ``Content-Length`` (online invokes count them as they stream). Writing the row never fails
 the request it describes: an audit write error is logged.
 
@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from starlette.types import Message, Receive, Scope, Send
 
 from relay.identity import Principal
 from relay.store.models import AuditEvent, utcnow
@@ -107,60 +107,73 @@ async def invoke_refused(
 def track_invoke(
     request: Request, user: Principal, connection_id: str, response: Response
 ) -> Response:
-    """Record the invoke when its response body has been sent (or has broken off)."""
-    engine: AsyncEngine = request.app.state.engine
+    """Record the invoke once its response body has gone out (or broken off)."""
     fields: dict[str, Any] = {
         "actor_id": user.id,
         "action": INVOKE,
         "object_type": "connection",
         "object_id": connection_id,
-        "status": response.status_code,
         "detail": f"{request.method} {request.url.path}"[:500],
     }
-    callbacks: list[Any] | None = getattr(response, "on_complete", None)
-    if callbacks is not None:  # a tunnel response reports its own end and byte count
+    return AuditedResponse(request, response, fields)
 
-        def done(result: str, sent: int) -> None:
-            bytes_in = request.scope.get(BYTES_IN_KEY, _declared_length(request))
-            _later(engine, **fields, result=result, bytes_in=bytes_in, bytes_out=sent)
 
-        callbacks.append(done)
-        return response
-    if not isinstance(response, StreamingResponse):
-        _later(
-            engine,
-            **fields,
-            result="ok" if response.status_code < 400 else "error",
-            bytes_in=_declared_length(request),
-            bytes_out=len(response.body),
-        )
-        return response
-    body = response.body_iterator
+class AuditedResponse(Response):
+    """Any response, wrapped at the ASGI level to count the body bytes it sends.
 
-    declared = response.headers.get("content-length")
+    Counting ``send`` messages works for every response class the invoke path produces
+    (a tunnel stream, an online stream, a forwarded one, a plain body). A caller that has read
+    the whole declared body may hang up before the stream has seen its own end: that is a
+    delivered response, not an aborted one.
+    """
 
-    async def counted() -> AsyncIterator[Any]:
+    def __init__(self, request: Request, inner: Response, fields: dict[str, Any]) -> None:
+        self.inner = inner
+        self.status_code = inner.status_code
+        self.background = inner.background
+        self.raw_headers = inner.raw_headers
+        self._request = request
+        self._fields = fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = self.inner.status_code
         sent = 0
-        complete = False
+        declared: int | None = None
+        started = finished = False
+
+        async def counting(message: Message) -> None:
+            nonlocal status, sent, declared, started, finished
+            if message["type"] == "http.response.start":
+                started = True
+                status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"content-length" and value.strip().isdigit():
+                        declared = int(value)
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                finished = finished or not message.get("more_body", False)
+            await send(message)
+
         try:
-            async for chunk in body:
-                sent += len(chunk)
-                yield chunk
-            complete = True
+            await self.inner(scope, receive, counting)
+            if self.background is not None and self.background is not self.inner.background:
+                await self.background()
         finally:
-            # A caller that has read the whole declared body may hang up before the stream
-            # has seen its end: that is a delivered response, not an aborted one.
-            if declared is not None and declared.isdigit():
-                complete = complete or request.method == "HEAD" or int(declared) == sent
+            head = self._request.method == "HEAD" and started
+            complete = finished or head or (declared is not None and sent >= declared)
             result = "aborted"
             if complete:
-                result = "ok" if response.status_code < 400 else "error"
-            bytes_in = request.scope.get(BYTES_IN_KEY, _declared_length(request))
-            task = _later(engine, **fields, result=result, bytes_in=bytes_in, bytes_out=sent)
+                result = "ok" if status < 400 else "error"
+            bytes_in = self._request.scope.get(BYTES_IN_KEY, _declared_length(self._request))
+            task = _later(
+                self._request.app.state.engine,
+                **self._fields,
+                status=status,
+                result=result,
+                bytes_in=bytes_in,
+                bytes_out=sent,
+            )
             await asyncio.shield(task)
-
-    response.body_iterator = counted()
-    return response
 
 
 async def events(

@@ -83,7 +83,7 @@ def serve(
     """Serve the HTTP API and the agent tunnel over TLS."""
     import uvicorn
 
-    from relay import tls
+    from relay import limits, tls
     from relay.app import create_app
 
     config = _load(
@@ -111,7 +111,9 @@ def serve(
             ssl_keyfile=str(files.key),
             ws="websockets",
             ws_per_message_deflate=False,
-            ws_max_size=16 * 1024 * 1024,
+            ws_max_size=limits.WS_MAX_MESSAGE,
+            ws_max_queue=limits.WS_MAX_QUEUE,
+            http=limits.http_protocol(config),
             access_log=False,
             log_config=None,
             lifespan="on",

@@ -73,6 +73,15 @@ class RelayConfig(BaseModel):
     max_body_bytes: int = Field(default=0, ge=0)
     ping_interval_seconds: float = Field(default=15, gt=0)
     handshake_timeout_seconds: float = Field(default=10, gt=0)
+    #: Edge limits (relay/limits.py): request heads, URLs, tunnel handshakes, rates.
+    header_timeout_seconds: float = Field(default=10, gt=0)
+    max_url_bytes: int = Field(default=8192, ge=256)
+    max_pending_handshakes: int = Field(default=1024, ge=1)
+    max_pending_handshakes_per_address: int = Field(default=64, ge=0)
+    rate_limit_per_token: float = Field(default=0, ge=0)
+    rate_limit_per_token_burst: int = Field(default=0, ge=0)
+    rate_limit_per_connection: float = Field(default=0, ge=0)
+    rate_limit_per_connection_burst: int = Field(default=0, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Encrypts what the relay itself must read back (OAuth tokens, online connections'

@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.keys import b64e
 from backhaul.wire import ErrorCode, StreamUnavailable
-from relay import audit, metrics, online
+from relay import audit, limits, metrics, online
 from relay import plan as invoke_plan
 from relay.balancing import RoundRobin, Thresholds, choose
 from relay.cache import ReadCache
@@ -191,6 +191,7 @@ async def _invoke(
     sub_path = _sub_path(request, connection_id)
     deadline = _deadline(request)
     target = await _target(request, connection_id, user_id, is_admin)
+    limits.admit(request, target.connection_id)  # 429 past a rate limit
     plan = await invoke_plan.for_target(request, target)
     if target.gateway_id is None:
         headers = _forward_headers(request)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from backhaul.aio.tunnel import STALL_HOOKS
+
 #: Invoke requests answered, by HTTP status code.
 REQUESTS = Counter(
     "backhaul_relay_requests_total", "Invoke requests answered by the relay", ["code"]
@@ -22,3 +24,12 @@ REQUEST_SECONDS = Histogram(
 TUNNELS = Gauge("backhaul_relay_tunnels", "Live agent tunnels on this relay instance")
 #: Body bytes relayed; direction is "request" (caller to agent) or "response".
 BYTES = Counter("backhaul_relay_bytes_total", "Body bytes relayed", ["direction"])
+#: Tunnels accepted (handshake done) since start: with the gauge above, reconnect churn.
+TUNNEL_CONNECTS = Counter(
+    "backhaul_relay_tunnel_connects_total", "Agent tunnels accepted by this relay instance"
+)
+#: Times a stream writer waited for an agent's flow-control credit (a slow internal API side).
+FLOW_STALLS = Counter(
+    "backhaul_relay_flow_stalls_total", "Times a stream writer waited for flow-control credit"
+)
+STALL_HOOKS.append(FLOW_STALLS.inc)

@@ -23,7 +23,7 @@ from backhaul.aio.tunnel import TransportClosed, Tunnel
 from backhaul.keys import verify_signature
 from backhaul.version import SUBPROTOCOL
 from backhaul.wire import CLOSE_CODE_BASE, Connection, ErrorCode, HelloReceived, Role
-from relay import probe, rotation
+from relay import metrics, probe, rotation
 from relay.hub import Hub, LiveTunnel
 from relay.registry import Registry
 from relay.store import queries
@@ -97,6 +97,7 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
         await probe.serve(tunnel)
         return
     previous = hub.register(live)
+    metrics.TUNNEL_CONNECTS.inc()
     if previous is not None:
         await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
     registry: Registry = ws.app.state.registry

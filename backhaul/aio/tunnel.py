@@ -5,6 +5,10 @@ objects; writers queue frames on the sans-I/O connection and :meth:`Tunnel.flush
 out in order under one lock (FIFO, so a large transfer cannot starve a small request: each
 DATA frame is at most ``max_data`` bytes and waits its turn like everything else). A keepalive
 task pings at an interval and declares the tunnel dead when nothing arrives within the timeout.
+
+The keepalive's watchdog never waits for the write lock: on a half-open connection (the peer's
+packets silently dropped) a writer blocked on a full socket buffer holds that lock for good,
+and a watchdog behind it would never notice that the peer went silent.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from backhaul.wire import (
     UnknownFrameReceived,
     WindowUpdated,
 )
+
+#: Called each time a stream's writer has to wait for flow-control credit (metrics count it).
+STALL_HOOKS: list[Callable[[], None]] = []
 
 
 class TransportClosed(Exception):
@@ -124,6 +131,8 @@ class TunnelStream:
             self._check()
             allowed = conn.max_sendable(self.id)
             if allowed <= 0:
+                for hook in STALL_HOOKS:
+                    hook()
                 self._writable.clear()
                 self.tunnel._blocked.add(self)
                 await self._writable.wait()
@@ -339,6 +348,13 @@ class Tunnel:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         elif isinstance(event, StreamReset):
+            if not event.remote:  # we reset it: the peer broke a rule on this stream
+                self.log.warning(
+                    "tunnel.stream_refused",
+                    stream_id=event.stream_id,
+                    code=event.code.name,
+                    reason=event.reason,
+                )
             stream = self._streams.pop(event.stream_id, None)
             if stream is not None:
                 stream._fail(StreamError(event.code, event.reason))
@@ -399,16 +415,38 @@ class Tunnel:
         self._changed.set()
 
     async def _keepalive(self) -> None:
+        """PING every ``ping_interval``; end the tunnel once the peer was silent for
+        ``ping_timeout``, checked at that deadline rather than at the next ping."""
+        next_ping = time.monotonic()  # ping first: the RTT is known right after the handshake
+        pinger: asyncio.Task[None] | None = None
         try:
             while not self.closed:
-                # Ping first, so the round-trip time is known right after the handshake.
-                self.conn.ping(time.monotonic_ns())
-                await self.flush()
-                await asyncio.sleep(self.ping_interval)
-                if time.monotonic() - self.last_received > self.ping_timeout:
-                    self.log.warning("tunnel.dead", silent_seconds=self.ping_timeout)
-                    self.close_reason = "no traffic from peer within ping timeout"
-                    await self.close(ErrorCode.PROTOCOL_ERROR, self.close_reason)
+                now = time.monotonic()
+                silent = now - self.last_received
+                if silent >= self.ping_timeout:
+                    self.log.warning("tunnel.dead", silent_seconds=round(silent, 3))
+                    await self._abort("no traffic from peer within ping timeout")
                     return
-        except TransportClosed:
-            return
+                if now >= next_ping:
+                    next_ping = now + self.ping_interval
+                    if pinger is None or pinger.done():  # a stuck write must not pile up PINGs
+                        self.conn.ping(time.monotonic_ns())
+                        pinger = asyncio.create_task(self._flush_quietly())
+                wake = min(next_ping, self.last_received + self.ping_timeout)
+                await asyncio.sleep(max(0.0, wake - time.monotonic()))
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(TransportClosed):
+            await self.flush()
+
+    async def _abort(self, reason: str) -> None:
+        """End a tunnel whose peer went silent: fail its streams at once, then close the
+        transport without waiting behind writes that may never complete."""
+        self.close_reason = reason
+        self.conn.terminate(ErrorCode.PROTOCOL_ERROR, reason)
+        self._close_streams(ErrorCode.PROTOCOL_ERROR, reason)
+        with contextlib.suppress(Exception):
+            await self.transport.close(CLOSE_CODE_BASE + ErrorCode.PROTOCOL_ERROR, reason[:120])

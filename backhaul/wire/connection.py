@@ -247,8 +247,10 @@ class Connection:
                 self.reset_stream(exc.stream_id, exc.code, exc.reason)
                 return [StreamReset(exc.stream_id, exc.code, exc.reason, remote=False)]
             if exc.stream_id:
+                # A stream refused before it existed (e.g. a malformed OPEN): reset it and
+                # still report it, so the adapter can log what the peer did.
                 self._out.append(f.encode_reset(exc.stream_id, exc.code, exc.reason))
-                return []
+                return [StreamReset(exc.stream_id, exc.code, exc.reason, remote=False)]
             return [self.terminate(exc.code, exc.reason)]
 
     def close_events(self, code: ErrorCode, reason: str) -> list[Event]:

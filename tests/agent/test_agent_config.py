@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from agent.config import (
     AgentConfig,
+    KerberosConfig,
     LogConfig,
     StatusConfig,
     TunnelConfig,
@@ -200,7 +201,7 @@ def test_example_config_is_valid_and_documents_every_key(tmp_path: Path) -> None
     assert len(cfg.allow) == 3
     for key in _keys(AgentConfig):
         assert f"{key} =" in text or f"[{key}]" in text or f"[[{key}]]" in text, key
-    for section in (TunnelConfig, UpstreamConfig, StatusConfig, LogConfig):
+    for section in (TunnelConfig, UpstreamConfig, StatusConfig, LogConfig, KerberosConfig):
         for key in _keys(section):
             assert f"{key} =" in text, key
     defaults = AgentConfig.model_validate(

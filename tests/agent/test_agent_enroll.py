@@ -458,3 +458,14 @@ def test_cli_prints_a_generated_recovery_key_once(fresh: FakeRelay, tmp_path: Pa
     result = CliRunner().invoke(app, given)
     assert result.exit_code == 0, result.output
     assert "bhrk_" not in result.output and "never shown again" not in result.output
+
+
+def test_target_ca_file_must_be_a_pem_ca_before_anything_happens(tmp_path: Path) -> None:
+    bad = tmp_path / "corp-root.pem"
+    bad.write_text("not a certificate\n")
+    config_dir = tmp_path / "cfg"
+    with pytest.raises(EnrollError, match=r"--target-ca-file .* is not a PEM CA certificate"):
+        enroll("https://relay.invalid", "bhe_x", config_dir, target_ca_file=bad)
+    with pytest.raises(EnrollError, match=r"--target-ca-file .* does not exist"):
+        enroll("https://relay.invalid", "bhe_x", config_dir, target_ca_file=tmp_path / "no")
+    assert not config_dir.exists()

@@ -3,7 +3,6 @@ from the status socket in-process."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,8 +10,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from agent.config import load_config
-from agent.status import fetch_status
 from backhaul.devstack import DevStack, command
 from backhaul.errors import BackhaulError
 
@@ -50,11 +50,19 @@ def agent(stack: DevStack, name: str, env: dict[str, str], **config: Any) -> Ite
 
 
 def status(config_dir: Path) -> dict[str, Any]:
-    """The agent's status document, read from its socket in-process (no CLI start-up)."""
+    """The agent's status document, read from its socket in-process (no CLI start-up; plain
+    blocking I/O, so it also works beside Playwright's event loop)."""
     try:
-        return asyncio.run(fetch_status(load_config(config_dir), 2.0))
+        socket_path = load_config(config_dir, {}).status.socket
     except BackhaulError:
         return {}
+    transport = httpx.HTTPTransport(uds=str(socket_path))
+    try:
+        with httpx.Client(transport=transport, timeout=2.0) as client:
+            doc: dict[str, Any] = client.get("http://agent/status").json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return doc
 
 
 def wait_status(
@@ -69,3 +77,7 @@ def wait_status(
         time.sleep(0.05)
     log = stack.log_text(config_dir.name)[-2000:]
     raise AssertionError(f"agent status never matched: {doc}\n{log}")
+
+
+def connected(doc: dict[str, Any]) -> bool:
+    return bool(doc.get("connected"))

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from agent.proxy import ProxyAuthRequired, ProxyRoute, open_tunnel
 from backhaul.devstack import DevStack
-from tests.ops.helpers import PASSWORD, agent, api_base, relay_port, wait_status
+from tests.ops.helpers import PASSWORD, agent, api_base, connected, relay_port, wait_status
 from tests.ops.squid import Squid
 
 pytestmark = pytest.mark.e2e
-
-
-def connected(doc: dict[str, Any]) -> bool:
-    return bool(doc.get("connected"))
 
 
 def tunnel_lines(proxy: Squid, port: int) -> list[str]:

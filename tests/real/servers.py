@@ -12,8 +12,8 @@ changed. ``tests/real/setup.sh`` installs the Debian packages first.
 * :class:`Apache` — ``apache2 -f <own config> -DFOREGROUND`` with mod_auth_gssapi, over HTTP
   and HTTPS: ``/krb/`` (Negotiate, Kerberos only), ``/ntlm/`` (NTLM through gss-ntlmssp, its
   users in an ``NTLM_USER_FILE``), ``/negotiate/`` (Negotiate offering Kerberos and NTLM) and
-  ``/basic/`` (Basic only). Each location serves ``whoami.html`` (the authenticated user, by
-  SSI) and ``upload.cgi`` (reads the request body as it arrives and answers its length and
+  ``/basic/`` (Basic only). Each location serves ``whoami`` (the authenticated user, as JSON,
+  from mod_lua) and ``upload.cgi`` (reads the request body as it arrives and answers its length and
   SHA-256).
 * :class:`ChannelBindingServer` — ``tests/real/cbserver.py``: HTTPS with pyspnego's NTLM
   acceptor given the certificate's ``tls-server-end-point`` bindings; it refuses a client that
@@ -424,7 +424,7 @@ _MODULES = [
     ("auth_gssapi_module", "mod_auth_gssapi.so"),
     ("alias_module", "mod_alias.so"),
     ("mime_module", "mod_mime.so"),
-    ("include_module", "mod_include.so"),
+    ("lua_module", "mod_lua.so"),
     ("cgid_module", "mod_cgid.so"),
     ("env_module", "mod_env.so"),
     ("headers_module", "mod_headers.so"),
@@ -432,11 +432,18 @@ _MODULES = [
     ("ssl_module", "mod_ssl.so"),
 ]
 
-WHOAMI = (
-    '{"user": "<!--#echo var="REMOTE_USER" -->", '
-    '"auth_type": "<!--#echo var="AUTH_TYPE" -->", '
-    '"https": "<!--#echo var="HTTPS" -->"}\n'
-)
+WHOAMI = """-- The authenticated user as JSON (mod_lua: cheap enough for the benchmark).
+local function quote(text)
+  return (text or ""):gsub("\\\\", "\\\\\\\\"):gsub('"', '\\\\"')
+end
+
+function handle(r)
+  r.content_type = "application/json"
+  r:puts(string.format('{"user": "%s", "auth_type": "%s", "https": "%s"}\\n',
+    quote(r.user), quote(r.ap_auth_type), r.is_https and "on" or "(none)"))
+  return apache2.OK
+end
+"""
 
 UPLOAD_CGI = """#!/usr/bin/python3
 import hashlib, json, os, sys
@@ -496,7 +503,7 @@ class Apache:
         d = self.directory
         for sub in ("logs", "run", "api", "tmp"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        (d / "api" / "whoami.html").write_text(WHOAMI)
+        (d / "api" / "whoami").write_text(WHOAMI)
         cgi = d / "api" / "upload.cgi"
         cgi.write_text(UPLOAD_CGI)
         cgi.chmod(0o755)
@@ -539,7 +546,7 @@ Listen 127.0.0.1:{self.https_port} https
 {user_lines}
 ErrorLog "{d}/logs/error.log"
 LogLevel warn auth_gssapi:info
-LogFormat "%h %u \\"%r\\" %>s %B %{{Authorization}}i" withauth
+LogFormat "%h %u \\"%r\\" %>s %I %{{Authorization}}i" withauth
 CustomLog "{self.access_log}" withauth
 TypesConfig /etc/mime.types
 KeepAlive On
@@ -565,10 +572,11 @@ SSLSessionCache "shmcb:{d}/run/ssl_scache(512000)"
     Require all denied
 </Directory>
 <Directory "{d}/api">
-    Options +Includes +ExecCGI
-    AddOutputFilter INCLUDES .html
-    AddType application/json .html
+    Options +ExecCGI
     AddHandler cgi-script .cgi
+    <Files "whoami">
+        SetHandler lua-script
+    </Files>
     Require all granted
 </Directory>
 AliasMatch "^/(?:krb|ntlm|negotiate|basic|open)/(.*)$" "{d}/api/$1"
@@ -621,7 +629,7 @@ AliasMatch "^/(?:krb|ntlm|negotiate|basic|open)/(.*)$" "{d}/api/$1"
         wait_port(self.https_port, proc, log)
 
     def requests_logged(self, marker: str = "") -> list[str]:
-        """Access-log lines (``%h %u "%r" %>s %B Authorization``), optionally only with marker."""
+        """Access-log lines (``%h %u "%r" %>s <bytes received> <Authorization>``) with marker."""
         try:
             lines = self.access_log.read_text(errors="replace").splitlines()
         except FileNotFoundError:

@@ -789,7 +789,11 @@ def test_second_response_resets_the_stream() -> None:
 
 def test_malformed_open_head_resets_that_stream_only() -> None:
     pair = connect()
-    assert pair.agent.receive_message(f.encode(f.FrameType.OPEN, 1, b"[1]")) == []
+    events = pair.agent.receive_message(f.encode(f.FrameType.OPEN, 1, b"[1]"))
+    assert [(e.stream_id, e.code, e.remote) for e in events if isinstance(e, StreamReset)] == [
+        (1, ErrorCode.PROTOCOL_ERROR, False)
+    ]
+    assert not pair.agent.is_active(1)
     assert _reset_frames(pair.agent.data_to_send()) == [(1, ErrorCode.PROTOCOL_ERROR)]
     assert pair.agent.receive_message(f.encode_json(f.FrameType.OPEN, 3, {})) == [
         StreamOpened(3, {}, False)

@@ -1,0 +1,105 @@
+"""Recent invoke activity of this relay instance, for the admin page: requests per minute and
+the last errors, per connection (the admin page maps connections to gateways).
+
+An ASGI middleware watches ``/v1/connections/{id}/invoke/...`` responses as they pass (status
+and, for an error, the RFC 9457 body's title and detail), so the invoke path itself carries no
+bookkeeping. Memory is bounded: a minute of request timestamps (at most :data:`MAX_EVENTS`)
+and the last :data:`MAX_ERRORS` errors. Nothing of the request is kept but the connection id,
+the status and the problem text the caller saw — never a header, a query or a body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+WINDOW_SECONDS = 60.0
+MAX_EVENTS = 200_000
+MAX_ERRORS = 50
+_PROBLEM_BYTES = 4096
+_INVOKE = re.compile(r"^/v1/connections/([A-Za-z0-9_\-]+)/invoke(?:/|$)")
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    at: float  # wall clock (time.time())
+    connection_id: str
+    status: int
+    title: str
+    detail: str
+
+
+class Activity:
+    """The sliding window of invokes and the ring of recent errors."""
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[float, str, bool]] = deque(maxlen=MAX_EVENTS)
+        self.errors: deque[ErrorEvent] = deque(maxlen=MAX_ERRORS)
+
+    def record(self, connection_id: str, status: int, title: str = "", detail: str = "") -> None:
+        failed = status >= 500 or status in (401, 403, 404, 429)
+        self.events.append((time.monotonic(), connection_id, failed))
+        if status >= 400:
+            self.errors.append(ErrorEvent(time.time(), connection_id, status, title, detail))
+
+    def last_minute(self) -> dict[str, tuple[int, int]]:
+        """Per connection: (requests, failed requests) in the last :data:`WINDOW_SECONDS`."""
+        cutoff = time.monotonic() - WINDOW_SECONDS
+        while self.events and self.events[0][0] < cutoff:
+            self.events.popleft()
+        counts: dict[str, tuple[int, int]] = {}
+        for _at, connection_id, failed in self.events:
+            total, errors = counts.get(connection_id, (0, 0))
+            counts[connection_id] = (total + 1, errors + int(failed))
+        return counts
+
+
+class Recorder:
+    """Pure ASGI middleware (nothing is buffered but the first 4 KiB of an error body)."""
+
+    def __init__(self, app: ASGIApp, activity: Activity) -> None:
+        self.app = app
+        self.activity = activity
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _INVOKE.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        problem = bytearray()
+        is_problem = False
+
+        async def watch(message: Message) -> None:
+            nonlocal status, is_problem
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"content-type" and b"problem+json" in value:
+                        is_problem = True
+            elif message["type"] == "http.response.body" and is_problem:
+                room = _PROBLEM_BYTES - len(problem)
+                if room > 0:
+                    problem.extend(message.get("body", b"")[:room])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            title, detail = _problem_text(bytes(problem)) if is_problem else ("", "")
+            self.activity.record(match.group(1), status, title, detail)
+
+
+def _problem_text(body: bytes) -> tuple[str, str]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "", ""
+    if not isinstance(doc, dict):
+        return "", ""
+    return str(doc.get("title", ""))[:200], str(doc.get("detail", ""))[:500]
