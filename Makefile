@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean venv services real-setup build-deps faults
+.PHONY: demo test lint typecheck unit bench clean venv services real-setup build-deps faults ops-setup
 
 $(STAMP): pyproject.toml | build-deps
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,7 +39,12 @@ services:
 faults:
 	bash tests/faults/setup.sh
 
-test: real-setup $(STAMP) lint typecheck services faults
+# squid, htpasswd, chromium and systemd-analyze for tests/ops (installed, never started as
+# services).
+ops-setup:
+	bash tests/ops/setup.sh
+
+test: real-setup $(STAMP) lint typecheck services faults ops-setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

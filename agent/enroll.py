@@ -47,6 +47,7 @@ from agent.config import CONFIG_FILE, AgentConfig, config_from_dict, is_loopback
 from agent.errors import EnrollError
 from agent.keyring import Keyring
 from agent.policy import AllowEntry
+from agent.proxy import sync_transport
 from backhaul import recovery
 from backhaul.errors import SealError
 from backhaul.keys import (
@@ -370,7 +371,10 @@ def _post_json(
     try:
         with (
             httpx.Client(
-                verify=ctx if ctx is not None else True, timeout=_TIMEOUT, trust_env=False
+                verify=ctx if ctx is not None else True,
+                timeout=_TIMEOUT,
+                trust_env=False,
+                transport=sync_transport(base, ctx if ctx is not None else True),  # HTTPS_PROXY
             ) as client,
             client.stream(
                 "POST", base + path, json=body, headers={"accept": "application/json"}

@@ -36,6 +36,7 @@ import base64
 import ipaddress
 import os
 import socket
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -43,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import h11
+import httpcore
+import httpx
 
 from agent.errors import AgentError
 from backhaul.version import __version__
@@ -64,6 +67,7 @@ __all__ = [
     "open_tunnel",
     "parse_proxy_url",
     "select_proxy",
+    "sync_transport",
 ]
 
 #: Most legs a proxy handshake may take (NTLM needs three: negotiate, challenge, authenticate).
@@ -551,3 +555,55 @@ async def connect_options(
     _scheme, host, port = _destination(url)
     result = await open_tunnel(route, host, port, cfg.proxy.connect_timeout_seconds)
     return {"proxy": None, "sock": result.sock}
+
+
+class _ProxyBackend(httpcore.SyncBackend):
+    """httpcore's blocking backend, with every TCP connection opened through ``route``."""
+
+    def __init__(self, route: ProxyRoute, limit_seconds: float) -> None:
+        self.route = route
+        self.limit = limit_seconds
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        from httpcore._backends.sync import SyncStream
+
+        try:
+            result = asyncio.run(open_tunnel(self.route, host, port, timeout or self.limit))
+        except ProxyError as exc:
+            raise httpcore.ConnectError(str(exc)) from None
+        result.sock.setblocking(True)
+        result.sock.settimeout(timeout)
+        return SyncStream(result.sock)
+
+
+def sync_transport(
+    url: str,
+    verify: ssl.SSLContext | bool = True,
+    cfg: ProxyConfig | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> httpx.HTTPTransport | None:
+    """An httpx transport for blocking calls to ``url`` through the proxy (enrollment, before
+    any agent.toml exists: HTTPS_PROXY / NO_PROXY from the environment), or None: direct."""
+    from agent.config import ProxyConfig
+
+    config = cfg or ProxyConfig()
+    route = select_proxy(url, config, environ)
+    if route is None:
+        return None
+    transport = httpx.HTTPTransport(verify=verify)
+    context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=context,
+        network_backend=_ProxyBackend(route, config.connect_timeout_seconds),
+    )
+    return transport

@@ -128,7 +128,8 @@ class TicketCache:
                 self._entries[key] = fresh
                 self.as_exchanges += 1
                 while len(self._entries) > self.max_entries:
-                    _, evicted = self._entries.popitem(last=False)
+                    evicted_key, evicted = self._entries.popitem(last=False)
+                    self._key_locks.pop(evicted_key, None)
                     self._retired.append((time.time(), evicted))
             return fresh.name
 

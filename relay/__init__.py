@@ -8,6 +8,12 @@ relay's failures without catching programming errors::
     └── RelayError                   relay
         ├── ProblemError             relay.problems: answered to the HTTP caller as problem+json
         ├── TLSSetupError            relay.tls: no usable certificate / key
+        ├── DefinitionError          relay.importer: a connector definition cannot be imported
+        ├── PolicyError              relay.policies: a policy would leave the base URL
+        ├── SecretBoxError           relay.secretbox: no secret_key, or a blob that won't open
+        ├── EgressDenied             relay.egress: an online destination in a private network
+        ├── OAuthError               relay.oauth.client: a token endpoint refused or failed
+        │   └── ConsentRequired      no usable token: the connection's owner must sign in
         └── StoreError               relay.store: a lookup the caller cannot complete
             ├── NotFound             the row does not exist (or is invisible to the caller)
             └── Forbidden            the row exists but the caller may not use it

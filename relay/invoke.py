@@ -394,6 +394,8 @@ class TunnelResponse(Response):
                     watcher = asyncio.create_task(_watch_disconnect(receive, stream))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except StreamError as exc:
+            if watcher is not None and watcher.done() and exc.code is ErrorCode.CANCEL:
+                return  # the caller hung up (often right after a complete Content-Length body)
             log.warning("invoke.body_aborted", stream_id=stream.id, reason=str(exc))
             raise
         finally:

@@ -114,6 +114,10 @@ def _apply(connector: Connector, imported: Imported, body: ConnectorImport) -> N
     connector.auth_type = first.auth_type
     connector.api_key_name = first.api_key_name
     connector.api_key_in = first.api_key_in
+    if first.auth_type == "windows":
+        connector.windows_scheme = connector.windows_scheme or "negotiate"
+    else:
+        connector.windows_scheme = connector.spn = None
     connector.definition = imported.definition
     connector.settings = imported.settings.model_dump(mode="json")
     if body.name or not connector.name:

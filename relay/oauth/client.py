@@ -8,6 +8,7 @@ string (Entra ID v1 sends strings).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ class TokenSet:
     #: Seconds since the epoch; None when the provider did not say.
     expires_at: float | None = None
     scope: str | None = None
+    #: When the token was obtained, so a short-lived token is not refreshed on every use.
+    obtained_at: float | None = None
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class TokenSet:
             "refresh_token": self.refresh_token,
             "expires_at": self.expires_at,
             "scope": self.scope,
+            "obtained_at": self.obtained_at,
         }
 
     @classmethod
@@ -61,10 +65,19 @@ class TokenSet:
             refresh_token=doc.get("refresh_token"),
             expires_at=doc.get("expires_at"),
             scope=doc.get("scope"),
+            obtained_at=doc.get("obtained_at"),
         )
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at is not None and self.expires_at - seconds <= time.time()
+
+    def refresh_due(self, margin: float) -> bool:
+        """Within ``margin`` of expiry, or past half its lifetime when that is shorter."""
+        if self.expires_at is None:
+            return False
+        if self.obtained_at is not None:
+            margin = min(margin, (self.expires_at - self.obtained_at) / 2)
+        return self.expires_within(margin)
 
 
 def _parse(response: httpx.Response) -> dict[str, Any]:
@@ -130,6 +143,7 @@ async def _request(
         refresh_token=str(body["refresh_token"]) if body.get("refresh_token") else None,
         expires_at=_expires_at(body),
         scope=str(body["scope"]) if body.get("scope") else None,
+        obtained_at=time.time(),
     )
 
 
@@ -166,7 +180,5 @@ async def refresh(
     fresh = await _request(http, config, url, form, settings, client_secret)
     if fresh.refresh_token is None:
         # RFC 6749 §6: the server MAY issue a new refresh token; keep the old one otherwise.
-        fresh = TokenSet(
-            fresh.access_token, fresh.token_type, refresh_token, fresh.expires_at, fresh.scope
-        )
+        fresh = dataclasses.replace(fresh, refresh_token=refresh_token)
     return fresh

@@ -127,11 +127,11 @@ class Tokens:
         box = self._box()
         margin = float(self.config.oauth_refresh_margin_seconds)
         tokens = await self._current(box, target.connection_id)
-        if not tokens.expires_within(margin):
+        if not tokens.refresh_due(margin):
             return tokens.access_token
         async with _lock(target.connection_id):
             tokens = await self._current(box, target.connection_id)
-            if not tokens.expires_within(margin):
+            if not tokens.refresh_due(margin):
                 return tokens.access_token  # refreshed by the request we waited for
             if tokens.refresh_token is None:
                 if tokens.expires_within(0):

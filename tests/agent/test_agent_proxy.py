@@ -390,3 +390,14 @@ async def test_connect_options_for_websockets(tmp_path: Path) -> None:
         assert options["proxy"] is None
         options["sock"].close()
         assert fake.requests[0].target == b"relay.example.com:443"
+
+
+def test_example_config_documents_the_proxy_defaults(tmp_path: Path) -> None:
+    import tomllib
+
+    example = Path(__file__).resolve().parents[2] / "config" / "agent.toml"
+    doc = tomllib.loads(example.read_text())
+    assert cfg(tmp_path, **doc["proxy"]).proxy == cfg(tmp_path).proxy
+    text = example.read_text()
+    for key in ("url", "username", "password"):
+        assert f"# {key} = " in text, key

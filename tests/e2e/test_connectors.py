@@ -89,6 +89,24 @@ def test_cli_import_then_invoke_through_the_gateway(world: World, tmp_path: Path
     table = backhaul(world, "audit", "--limit", "5")
     assert table.returncode == 0 and "invoke" in table.stdout
 
+    user = world.stack.call("POST", "/v1/users", json={"name": "e2e-maker", "role": "user"})
+    shared = backhaul(world, "connectors", "share", result["id"], user["id"], "--role", "can_edit")
+    assert shared.returncode == 0, shared.stderr
+    assert json.loads(shared.stdout)["role"] == "can_edit"
+    seen = world.stack.call("GET", f"/v1/connectors/{result['id']}", user["token"])
+    assert seen["access"] == "can_edit"
+
+
+def test_cli_imports_openapi3_and_explains_what_it_cannot(world: World, tmp_path: Path) -> None:
+    done = backhaul(world, "connectors", "import", str(FIXTURES / "openapi3"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["source"] == "openapi3"
+    empty = backhaul(world, "connectors", "import", str(tmp_path))
+    assert empty.returncode == 1 and "apiDefinition.swagger.json" in empty.stderr
+    (tmp_path / "apiDefinition.swagger.json").write_text('{"swagger": "2.0"}')
+    refused = backhaul(world, "connectors", "import", str(tmp_path))
+    assert refused.returncode == 1 and "host" in refused.stderr and "422" in refused.stderr
+
 
 def test_imported_basic_credentials_are_sealed_and_applied_by_the_agent(world: World) -> None:
     api = urlsplit(world.api)

@@ -11,9 +11,9 @@ from backhaul.devstack import DevStack
 from tests.faults.harness import FAULT_ENV
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    """One relay, an admin and the sample API per test module; agents are per test."""
+    """One relay, an admin and the sample API for the package; agents are per test."""
     with DevStack(tmp_path_factory.mktemp("faults"), env=FAULT_ENV) as s:
         s.start_relay()
         s.create_admin()

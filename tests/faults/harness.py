@@ -41,7 +41,9 @@ def relay_port(stack: DevStack) -> int:
 def tls_socket(stack: DevStack, timeout: float = 10, source: str | None = None) -> ssl.SSLSocket:
     """A TLS connection to the relay, nothing sent yet."""
     raw = socket.create_connection(
-        ("127.0.0.1", relay_port(stack)), timeout=timeout, source_address=(source, 0) if source else None
+        ("127.0.0.1", relay_port(stack)),
+        timeout=timeout,
+        source_address=(source, 0) if source else None,
     )
     return stack.tls().wrap_socket(raw, server_hostname="127.0.0.1")
 
@@ -120,8 +122,7 @@ def write_relay_certificate(relay_dir: Path, *ips: str) -> None:
     now = dt.datetime.now(dt.UTC)
     addresses = ["127.0.0.1", "::1", *ips]
     san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost")]
-        + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in addresses]
+        [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in addresses]
     )
     cert = (
         x509.CertificateBuilder()
@@ -130,7 +131,7 @@ def write_relay_certificate(relay_dir: Path, *ips: str) -> None:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
+        .not_valid_after(now + dt.timedelta(days=400))
         .add_extension(san, critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())

@@ -151,7 +151,9 @@ class NetnsPair:
             raise RuntimeError(f"nft: {done.stderr.strip()}")
 
     def restore(self) -> None:
-        _run("ip", "netns", "exec", self.agent_ns, "nft", "delete", "table", "inet", "backhaul_fault")
+        _run(
+            "ip", "netns", "exec", self.agent_ns, "nft", "delete", "table", "inet", "backhaul_fault"
+        )
 
 
 def namespaces_left(prefix: str = "bhf") -> list[str]:

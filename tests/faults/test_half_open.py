@@ -11,6 +11,7 @@ once, and the agent must come back when the network does.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -64,7 +65,12 @@ def test_half_open_tunnel_is_detected_by_both_ends_within_two_intervals(
         write_relay_certificate(stack.relay_dir, network.relay_ip)
         stack.start_relay()
         stack.create_admin()
-        api = stack.start_api()
+        # The internal API lives next to the agent, on the agent namespace's own loopback.
+        ready = tmp_path / "api.json"
+        sample = [sys.executable, "-m", "backhaul.sampleapi", "--port", "8080"]
+        stack.spawn("netns-api", network.exec_argv([*sample, "--ready-file", str(ready)]))
+        wait_for(ready.exists, 20)
+        api = "http://127.0.0.1:8080/"
         gateway_id, agent_dir = stack.enroll(name="netns-agent", allow=[api])
         with netns.Forwarder(
             network.listen_on_relay_side(), ("127.0.0.1", relay_port(stack))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from agent.proxy import ProxyAuthRequired, ProxyRoute, open_tunnel
-from backhaul.devstack import DevStack
+from backhaul.devstack import DevStack, StackError
 from tests.ops.helpers import PASSWORD, agent, api_base, connected, relay_port, wait_status
 from tests.ops.squid import Squid
 
@@ -117,3 +117,27 @@ async def test_ntlm_handshake_with_squid(squid: Callable[..., Squid]) -> None:
     with pytest.raises(ProxyAuthRequired, match="offers NTLM, Basic"):
         await open_tunnel(ProxyRoute("127.0.0.1", proxy.port, "test"), "127.0.0.1", port, 10)
     target.close()
+
+
+def test_enroll_through_squid(ops_stack: DevStack, squid: Callable[..., Squid]) -> None:
+    """Enrollment is the agent's first call out: it takes the same proxy, with its 407."""
+    proxy = squid("basic", users={"alice": PASSWORD})
+    saved = dict(ops_stack.env)
+    ops_stack.env["HTTPS_PROXY"] = f"http://alice:{PASSWORD}@127.0.0.1:{proxy.port}"
+    try:
+        _gateway, config_dir = ops_stack.enroll(name="enrolled-via-proxy")
+    finally:
+        ops_stack.env.clear()
+        ops_stack.env.update(saved)
+    assert (config_dir / "agent.toml").exists()
+    lines = tunnel_lines(proxy, relay_port(ops_stack))
+    tunnels = [line for line in lines if "TCP_TUNNEL/200" in line]
+    assert tunnels and all(" alice " in line for line in tunnels), proxy.access()
+    refusing = squid("open", deny_ports=[relay_port(ops_stack)])
+    ops_stack.env["HTTPS_PROXY"] = refusing.url
+    try:
+        with pytest.raises(StackError, match=r"403 Forbidden \(ERR_ACCESS_DENIED 0\)"):
+            ops_stack.enroll(name="enroll-refused")
+    finally:
+        ops_stack.env.clear()
+        ops_stack.env.update(saved)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.install import DEFAULT_EXECUTABLE, default_executable, unit_text
+from agent.install import DEFAULT_EXECUTABLE, default_executable, sysusers_text, unit_text
 from backhaul.devstack import command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +28,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_packaged_unit_is_what_install_service_writes() -> None:
     assert PACKAGED.read_text() == unit_text()
+    assert PACKAGED.with_suffix(".sysusers").read_text() == sysusers_text()
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:

@@ -123,6 +123,14 @@ def problem(r: httpx.Response, reason: str) -> dict[str, Any]:
     return doc
 
 
+def peak_kib(pid: int) -> int:
+    """The process's resident high-water mark (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
 def token_legs(world: World, path: str) -> int:
     """Requests Apache logged for ``path`` that carried a Negotiate/NTLM token."""
     pattern = re.compile(rf'"[A-Z]+ {re.escape(path)}[^"]*" \d+ \S+ (Negotiate|NTLM) ')
@@ -296,8 +304,8 @@ def test_a_100_mib_upload_to_an_ntlm_location(world: World) -> None:
     doc = whoami(r)
     assert doc["bytes"] == 100 * MiB and doc["sha256"] == digest.hexdigest()
     assert (doc["user"], doc["auth_type"], doc["method"]) == (f"{NTLM_DOMAIN}\\bob", "NTLM", "POST")
-    # The body streamed: the agent did not hold it (its resident size grew by far less).
-    assert rss_kib(agent.pid) - rss_before < 40 * 1024
+    # The body streamed: the agent never held it (its peak resident size grew by far less).
+    assert peak_kib(agent.pid) - rss_before < 40 * 1024
     # The NEGOTIATE leg was an empty POST; only the AUTHENTICATE leg carried the 100 MiB.
     lines = world.servers.apache.requests_logged("/ntlm/upload.cgi")
     received = [int(line.split('" ', 1)[1].split()[1]) for line in lines]
@@ -316,3 +324,30 @@ def test_no_password_in_any_log(world: World) -> None:
             assert secret not in text
     statuses = json.dumps(world.stack.agent_status(world.agent_dir))
     assert USERS["alice"] not in statuses
+
+
+# -- the ticket cache against the real KDC -----------------------------------------------------
+
+
+def test_tickets_are_cached_per_credential_until_they_expire(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import krb5
+
+    from agent import tickets
+
+    monkeypatch.setenv("KRB5_CONFIG", str(world.servers.realm.krb5_conf))
+    cache = tickets.TicketCache()
+    try:
+        first = cache.ccache_for(f"alice@{REALM}", USERS["alice"])
+        assert cache.ccache_for(f"alice@{REALM}", USERS["alice"]) == first
+        assert cache.as_exchanges == 1
+        with pytest.raises(krb5.Krb5Error):
+            cache.ccache_for(f"alice@{REALM}", WRONG)  # another credential: its own AS exchange
+        # Close to the end of the TGT's life the credential gets a fresh cache.
+        now = tickets.time.time()
+        monkeypatch.setattr(tickets.time, "time", lambda: now + 10 * 3600 - 60)
+        renewed = cache.ccache_for(f"alice@{REALM}", USERS["alice"])
+        assert renewed != first and cache.as_exchanges == 2
+    finally:
+        cache.clear()

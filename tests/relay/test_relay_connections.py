@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import structlog
-from tests.relay.relay_helpers import Enrolled, Relay, assert_problem, gateway_with_member
 
 from backhaul.errors import SealError
 from backhaul.seal import GatewayKeyPair, open_sealed
 from relay.store import Forbidden, NotFound, queries
+from tests.relay.relay_helpers import Enrolled, Relay, assert_problem, gateway_with_member
 
 PASSWORD = "Pa55-very-SECRET-value-93f1c7"
 API_KEY = "key-2b7e151628aed2a6abf71588-secret"

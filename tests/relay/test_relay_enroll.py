@@ -6,10 +6,10 @@ import asyncio
 import datetime as dt
 
 import pytest
-from tests.relay.relay_helpers import Relay, assert_problem, enroll, signing_key_text
 
 from backhaul.seal import GatewayKeyPair
 from relay.api import enroll as enroll_module
+from tests.relay.relay_helpers import Relay, assert_problem, enroll, signing_key_text
 
 
 async def new_gateway(relay: Relay, token: str | None = None, name: str = "plant") -> dict:

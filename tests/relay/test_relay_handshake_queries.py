@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tests.relay.relay_helpers import Relay, gateway_with_member
-
 from relay.store import queries
+from tests.relay.relay_helpers import Relay, gateway_with_member
 
 
 async def test_member_for_handshake_and_touch(relay: Relay) -> None:

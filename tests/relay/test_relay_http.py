@@ -6,10 +6,10 @@ from pathlib import Path
 
 import httpx
 import structlog
-from tests.relay.relay_helpers import Relay, assert_problem, make_config, start
 
 from relay import metrics
 from relay.app import create_app
+from tests.relay.relay_helpers import Relay, assert_problem, make_config, start
 
 
 async def test_unknown_route_and_method_are_problems(relay: Relay) -> None:

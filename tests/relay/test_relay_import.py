@@ -11,8 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backhaul.seal import open_sealed
+from relay import plan
 from relay.importer import DefinitionError, ImportRequest, import_definition
 from relay.oauth import providers
+from relay.store import queries
 from tests.relay.connector_files import import_body, text
 from tests.relay.online_helpers import online_config
 from tests.relay.relay_helpers import Relay, assert_problem, gateway_with_member, start
@@ -108,6 +111,37 @@ async def test_windows_needs_a_gateway_and_oauth_refuses_one(relay: Relay) -> No
     body = import_body("oauth2-generic", gateway_id=gw.gateway_id)
     problem = assert_problem(await do_import(relay, body), 422)
     assert "online" in problem["detail"]
+
+
+async def test_windows_connection_from_an_imported_definition(relay: Relay) -> None:
+    gw = await gateway_with_member(relay, relay.admin_token)
+    body = import_body("windows-gateway", gateway_id=gw.gateway_id)
+    ctr = (await do_import(relay, body)).json()
+    params = {"username": "CORP\\svc-hr", "password": "Winter-2025-secret"}
+    r = await relay.call(
+        "POST",
+        "/v1/connections",
+        relay.admin_token,
+        {"connector_id": ctr["id"], "parameters": params},
+    )
+    assert r.status_code == 201, r.text
+    cxn = r.json()
+    assert cxn["parameters"] == {}  # both values are credentials: sealed, not stored in clear
+    async with relay.app.state.db() as session:
+        target = await queries.invoke_target(session, cxn["id"], relay.admin_id, True)
+        found = await plan.load(session, target)
+    opened = open_sealed(
+        gw.key, target.seal_suite, target.sealed_credentials, cxn["id"], target.base_url
+    )
+    assert opened == params
+    assert found.auth_spec() == {
+        "type": "windows",
+        "api_key_name": None,
+        "api_key_in": None,
+        "windows_scheme": "negotiate",
+        "spn": None,
+    }
+    assert b"Winter-2025-secret" not in relay.db_bytes()
 
 
 async def test_unknown_gateway_is_404(relay: Relay) -> None:

@@ -251,3 +251,64 @@ async def test_private_destinations_are_refused_by_default(tmp_path: Path, api: 
         )
         problem = assert_problem(r, 502)
         assert "private network" in problem["detail"]
+
+
+async def test_int_and_bool_parameters_are_typed_and_usable(relay: Relay, api: Any) -> None:
+    swagger = {
+        "swagger": "2.0",
+        "host": f"{api.host}:{api.port}",
+        "schemes": ["http"],
+        "paths": {"/echo/x": {"get": {"operationId": "X"}}},
+    }
+    props = {
+        "properties": {
+            "connectionParameters": {
+                "pageSize": {"type": "int", "uiDefinition": {"constraints": {"required": "true"}}},
+                "verbose": {"type": "bool"},
+            },
+            "policyTemplateInstances": [
+                {
+                    "templateId": "setqueryparameter",
+                    "parameters": {
+                        "x-ms-apimTemplateParameter.name": "top",
+                        "x-ms-apimTemplateParameter.value": "@connectionParameters('pageSize')",
+                    },
+                },
+                {
+                    "templateId": "setheader",
+                    "parameters": {
+                        "x-ms-apimTemplateParameter.name": "X-Verbose",
+                        "x-ms-apimTemplateParameter.value": (
+                            "@connectionParameters('verbose','false')"
+                        ),
+                    },
+                },
+            ],
+        }
+    }
+    body = {"swagger": swagger, "api_properties": props}
+    ctr = (await relay.call("POST", "/v1/connectors/import", relay.admin_token, body)).json()
+    assert [(p["name"], p["type"]) for p in ctr["parameters"]] == [
+        ("pageSize", "int"),
+        ("verbose", "bool"),
+    ]
+
+    async def create(params: dict[str, Any]) -> Any:
+        return await relay.call(
+            "POST",
+            "/v1/connections",
+            relay.admin_token,
+            {"connector_id": ctr["id"], "parameters": params},
+        )
+
+    assert "integer" in assert_problem(await create({"pageSize": "many"}), 422)["detail"]
+    assert (
+        "true or false"
+        in assert_problem(await create({"pageSize": 5, "verbose": "yes"}), 422)["detail"]
+    )
+    cxn = (await create({"pageSize": "25", "verbose": True})).json()
+    assert cxn["parameters"] == {"pageSize": 25, "verbose": True}
+    r = await relay.client.get(
+        f"/v1/connections/{cxn['id']}/invoke/echo/x", headers=relay.auth(relay.admin_token)
+    )
+    assert r.json()["args"] == {"top": ["25"]} and r.json()["headers"]["x-verbose"] == "true"
