@@ -15,7 +15,9 @@ that names the target but never contains a credential, a token or a query string
     ├── UpstreamError         the internal API broke HTTP (protocol error, reset mid-body)
     ├── WindowsAuthFailed     NTLM / Kerberos / Negotiate failed; ``reason`` says why
     ├── AgentNotRunning       no agent answers on the local status socket
-    └── EnrollError           enrollment failed (relay refused the token, TLS, network)
+    ├── EnrollError           enrollment failed (relay refused the token, TLS, network)
+    └── ProxyError            the corporate proxy's CONNECT failed (agent/proxy.py: 407 with
+                              no usable credentials, rejected credentials, refused CONNECT)
 """
 
 from __future__ import annotations

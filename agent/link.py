@@ -52,6 +52,8 @@ class WebSocketTransport:
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             reason = exc.rcvd.reason if exc.rcvd else "connection lost"
+            if exc.rcvd is None and exc.sent is not None:  # we closed it: say why
+                reason = f"closed by the agent: {exc.sent.reason or 'no reason'} ({exc.sent.code})"
             raise TransportClosed(reason or "relay closed the tunnel", code) from exc
         if isinstance(message, str):
             await self.close(1003, "binary messages only")

@@ -21,6 +21,9 @@ so every leg goes over the same TCP connection; pyspnego computes the tokens (SS
 GSSAPI or its own NTLM elsewhere). Without a username, Negotiate uses the service account's
 own Kerberos ticket (or the logged-on Windows identity).
 
+Enrollment, a plain HTTPS call made before any agent.toml exists, goes through the same code
+with :func:`sync_transport` (``HTTPS_PROXY`` / ``NO_PROXY`` from the environment).
+
 ::
 
     ProxyError (AgentError, ConnectionError)   anything between us and the proxy
@@ -337,18 +340,18 @@ class _Authenticator:
         token = challenge.offers.get(self.scheme, "")
         if not token:
             raise ProxyAuthFailed(
-                f"proxy {self.route.url} rejected the {self._label()} authentication of "
+                f"proxy {self.route.url} rejected the {self.label()} authentication of "
                 f"{self.route.username or 'the service account'} (407 without a challenge)"
             )
         try:
             in_token = base64.b64decode(token, validate=True)
         except ValueError:
             raise ProxyAuthFailed(
-                f"proxy {self.route.url} sent a {self._label()} challenge that is not base64"
+                f"proxy {self.route.url} sent a {self.label()} challenge that is not base64"
             ) from None
         return self._step(in_token)
 
-    def _label(self) -> str:
+    def label(self) -> str:
         return {"ntlm": "NTLM", "negotiate": "Negotiate", "basic": "Basic"}.get(
             self.scheme or "", str(self.scheme)
         )
@@ -359,7 +362,7 @@ class _Authenticator:
             import spnego.exceptions
         except ImportError:
             raise ProxyAuthFailed(
-                f"proxy {self.route.url} asks for {self._label()}, which needs pyspnego "
+                f"proxy {self.route.url} asks for {self.label()}, which needs pyspnego "
                 "(pip install 'backhaul[agent]')"
             ) from None
         try:
@@ -374,14 +377,14 @@ class _Authenticator:
             out = self._context.step(in_token)
         except spnego.exceptions.SpnegoError as exc:
             raise ProxyAuthFailed(
-                f"{self._label()} authentication to proxy {self.route.url} failed: "
+                f"{self.label()} authentication to proxy {self.route.url} failed: "
                 f"{exc.message or exc}"
             ) from None
         if not out:
             raise ProxyAuthFailed(
-                f"{self._label()} authentication to proxy {self.route.url} produced no token"
+                f"{self.label()} authentication to proxy {self.route.url} produced no token"
             )
-        return f"{self._label()} {base64.b64encode(out).decode('ascii')}"
+        return f"{self.label()} {base64.b64encode(out).decode('ascii')}"
 
     def _required(self, challenge: _Challenge) -> ProxyAuthRequired:
         offered = challenge.describe()
@@ -507,7 +510,7 @@ async def establish(sock: socket.socket, route: ProxyRoute, host: str, port: int
                 if auth.scheme in ("ntlm", "negotiate"):
                     raise ProxyAuthFailed(
                         f"proxy {route.url} closed the connection in the middle of "
-                        f"{auth._label()} authentication; it must keep the connection open "
+                        f"{auth.label()} authentication; it must keep the connection open "
                         "between the legs"
                     )
                 # The proxy closed after its 407: the next leg goes on a fresh connection.

@@ -414,6 +414,10 @@ def _h11_guard() -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class H11HeadGuard(_HeadGuard, H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._guard_init()
@@ -425,7 +429,15 @@ def _h11_guard() -> type:
 
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:
-                self._head_bytes += len(data)
+                # h11 bounds only an *incomplete* head; a whole oversized one arriving at
+                # once would pass, so measure the head here, before h11 parses it.
+                buffered = self.conn.trailing_data[0] + data
+                end = buffered.find(b"\r\n\r\n")
+                self._head_bytes = end + 4 if end >= 0 else len(buffered)
+                if self._head_bytes > self.max_head:
+                    self._disarm()
+                    self._refuse_head()
+                    return
                 self._arm()
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:

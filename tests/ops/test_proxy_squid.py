@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -27,13 +28,22 @@ def tunnel_lines(proxy: Squid, port: int) -> list[str]:
 def test_tunnel_through_squid_from_https_proxy(
     ops_stack: DevStack, squid: Callable[..., Squid]
 ) -> None:
+    """The tunnel takes HTTPS_PROXY; the internal API is still called directly, even with
+    HTTP_PROXY and HTTPS_PROXY both set (the proxy is for the way out only)."""
     proxy = squid("open")
-    with agent(ops_stack, "via-env", {"HTTPS_PROXY": proxy.url}) as config_dir:
+    env = {"HTTPS_PROXY": proxy.url, "HTTP_PROXY": proxy.url}
+    with agent(ops_stack, "via-env", env) as config_dir:
         doc = wait_status(ops_stack, config_dir, connected)
         assert doc["last_error"] is None
+        connection_id = ops_stack.connection(doc["gateway_id"], api_base(ops_stack))
+        with ops_stack.client() as client:
+            response = client.get(f"/v1/connections/{connection_id}/invoke/hello")
+        assert response.status_code == 200, response.text
     # squid writes a tunnel's line when it closes: the agent has stopped now.
     lines = tunnel_lines(proxy, relay_port(ops_stack))
     assert any("TCP_TUNNEL/200" in line for line in lines), proxy.access()
+    api_port = str(urlsplit(api_base(ops_stack)).port)
+    assert api_port not in proxy.access()
 
 
 def test_request_flows_through_squid_with_basic_auth(

@@ -1,0 +1,186 @@
+"""The relay's edge limits in process: token buckets, the handshake gate, and the HTTP
+protocol's head timeout and head size limit with both of uvicorn's parsers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from backhaul.wire.frames import FrameType
+from relay.config import RelayConfig
+from relay.limits import HandshakeGate, RateLimiter, http_protocol
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_token_bucket_burst_refill_and_retry_after() -> None:
+    limiter = RateLimiter(rate=2.0, burst=3)
+    assert [limiter.wait("k", now=100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.wait("k", now=100.0) == pytest.approx(0.5)
+    assert limiter.wait("other", now=100.0) == 0.0  # buckets are per key
+    assert limiter.wait("k", now=100.5) == 0.0  # one token back after 1 / rate
+    assert limiter.wait("k", now=100.5) > 0
+    assert RateLimiter(rate=0, burst=0).wait("k") == 0.0  # 0 = unlimited
+
+
+def test_token_buckets_are_bounded() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, size=10)
+    for i in range(100):
+        limiter.wait(f"k{i}", now=0.0)
+    assert len(limiter._buckets) == 10
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+
+async def _connect() -> dict[str, Any]:
+    return {"type": "websocket.connect"}
+
+
+def _scope(address: str) -> dict[str, Any]:
+    return {
+        "type": "websocket",
+        "path": "/v1/tunnel",
+        "client": (address, 1234),
+        "extensions": {"websocket.http.response": {}},
+    }
+
+
+async def test_handshake_gate_caps_in_total_and_per_address_and_releases_on_welcome() -> None:
+    release: dict[str, asyncio.Event] = {}
+    welcome = bytes([FrameType.WELCOME]) + b"\0" * 5
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        event = release.setdefault(f"{scope['client'][0]}", asyncio.Event())
+        await event.wait()
+        await send({"type": "websocket.send", "bytes": welcome})
+        await asyncio.sleep(3600)  # a served tunnel lives on without holding a slot
+
+    gate = HandshakeGate(app, total=3, per_address=2)
+    tasks = [
+        asyncio.create_task(gate(_scope(a), _connect, _Recorder().send))
+        for a in ("10.0.0.1", "10.0.0.1", "10.0.0.2")
+    ]
+    await asyncio.sleep(0.01)
+    assert gate.pending == 3
+    for address in ("10.0.0.1", "10.0.0.3"):  # per-address cap, then the total cap
+        denied = _Recorder()
+        await gate(_scope(address), _connect, denied.send)
+        assert denied.sent[0]["type"] == "websocket.http.response.start"
+        assert denied.sent[0]["status"] == 503
+        assert (b"retry-after", b"1") in denied.sent[0]["headers"]
+    release["10.0.0.1"].set()
+    await asyncio.sleep(0.01)
+    assert gate.pending == 1 and gate.by_address == {"10.0.0.2": 1}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert gate.pending == 0 and gate.by_address == {}
+
+
+async def test_handshake_gate_releases_when_the_relay_closes() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "websocket.close", "code": 4001})
+        assert gate.pending == 0  # released before the close completes
+        await asyncio.sleep(0)
+
+    gate = HandshakeGate(app, total=1, per_address=0)
+    await gate(_scope("10.0.0.1"), _connect, _Recorder().send)
+    assert gate.pending == 0
+
+
+# ---------------------------------------------------------------- request heads
+
+
+async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture(params=["h11", "httptools"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    if request.param == "httptools":
+        pytest.importorskip("httptools")
+    config = RelayConfig(
+        dev=True, header_timeout_seconds=0.5, max_request_header_bytes=4096, data_dir="/tmp"
+    )
+    protocol = http_protocol(config, request.param)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(_hello, http=protocol, lifespan="off", log_config=None, access_log=False)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield int(sock.getsockname()[1])
+    server.should_exit = True
+    await asyncio.wait_for(task, 10)
+    sock.close()
+
+
+async def _exchange(port: int, data: bytes, trickle: float = 0.0) -> tuple[bytes, float]:
+    """Send ``data`` (a byte every ``trickle`` seconds); the first answer and when it came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    answer = asyncio.create_task(reader.read(65536))
+    try:
+        for i in range(len(data) if trickle else 0):
+            if answer.done():
+                break
+            writer.write(data[i : i + 1])
+            await asyncio.sleep(trickle)
+        if not trickle:
+            writer.write(data)
+        return await asyncio.wait_for(answer, 5), time.monotonic() - started
+    finally:
+        writer.close()
+
+
+async def test_a_complete_head_is_served(server: int) -> None:
+    answer, _ = await _exchange(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_trickled_head_is_cut_at_the_timeout(server: int) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    answer, elapsed = await _exchange(server, head, trickle=0.02)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert b"application/problem+json" in answer
+    assert 0.45 < elapsed < 1.5
+
+
+async def test_a_silent_connection_is_cut_at_the_timeout(server: int) -> None:
+    answer, elapsed = await _exchange(server, b"")
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert 0.45 < elapsed < 1.5
+
+
+async def test_an_oversized_head_is_431(server: int) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n"
+    answer, _ = await _exchange(server, head)
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+async def test_the_timeout_restarts_for_each_kept_alive_request(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    try:
+        for _ in range(3):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            assert answer.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.3)  # idle between requests is the keep-alive's business
+    finally:
+        writer.close()
