@@ -41,6 +41,7 @@ from backhaul.wire import (
 from backhaul.wire import frames as f
 from backhaul.wire.streams import TRANSITIONS, Stream, StreamInput, StreamState
 from tests.backhaul.wire.wire_pair import connect
+from tests.fuzzing import budget
 
 # ---------------------------------------------------------------- strategies
 
@@ -93,7 +94,7 @@ messages = st.one_of(structured, st.binary(max_size=16))
 # ---------------------------------------------------------------- (a) the decoder is total
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=budget(2000), deadline=None)
 @given(message=st.one_of(st.binary(max_size=64), structured), max_message=st.integers(0, 200))
 def test_decode_returns_a_frame_or_raises_remote_protocol_error(
     message: bytes, max_message: int
@@ -110,7 +111,7 @@ def test_decode_returns_a_frame_or_raises_remote_protocol_error(
     assert f.HEADER.pack(frame.type, frame.flags, frame.stream_id) + frame.payload == message
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=budget(2000), deadline=None)
 @given(message=structured)
 def test_payload_decoders_are_total(message: bytes) -> None:
     try:
@@ -126,7 +127,7 @@ def test_payload_decoders_are_total(message: bytes) -> None:
             assert exc.stream_id in (0, frame.stream_id)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=budget(500), deadline=None)
 @given(
     ftype=st.sampled_from(list(f.FrameType)),
     flags=st.integers(0, 255),
@@ -140,7 +141,7 @@ def test_encode_decode_round_trip(
     assert frame == f.Frame(int(ftype), flags, stream_id, payload)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(
     stream_id=st.integers(0, f.MAX_STREAM_ID),
     code=st.sampled_from(list(ErrorCode)),
@@ -188,7 +189,7 @@ def _subject(role: Role, handshaken: bool) -> tuple[Connection, int]:
     return conn, 0 if role is Role.RELAY else LIMITS.max_streams
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=budget(400), deadline=None)
 @given(
     role=st.sampled_from(list(Role)),
     handshaken=st.booleans(),
@@ -218,7 +219,7 @@ def test_receive_message_never_raises_and_stays_bounded(
             assert frame.type in {int(t) for t in f.FrameType}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=budget(100), deadline=None)
 @given(inputs=st.lists(messages, max_size=30))
 def test_fuzzed_agent_still_serves_a_real_stream(inputs: list[bytes]) -> None:
     """Garbage that does not end the tunnel leaves it able to carry a fresh stream."""
@@ -270,7 +271,7 @@ def test_every_state_input_pair(state: StreamState, event: StreamInput) -> None:
     assert stream.state is (expected or state)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(inputs=st.lists(st.sampled_from(list(StreamInput)), max_size=8))
 def test_stream_sequences_match_the_model(inputs: list[StreamInput]) -> None:
     stream = Stream(1, 10, 10)
@@ -530,7 +531,9 @@ class TunnelMachine(RuleBasedStateMachine):
             assert conn.open_streams <= MACHINE_SETTINGS.max_streams
 
 
-TunnelMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+TunnelMachine.TestCase.settings = settings(
+    max_examples=budget(150), stateful_step_count=50, deadline=None
+)
 test_tunnel_machine = TunnelMachine.TestCase
 
 
@@ -558,7 +561,7 @@ class _Direction:
     unconsumed: dict[int, int] = field(default_factory=dict)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=budget(300), deadline=None)
 @given(ops=st.lists(_ops, max_size=80))
 def test_bytes_in_flight_never_exceed_the_windows(ops: list[tuple[str, str, int, int]]) -> None:
     pair = connect(RELAY_FC, AGENT_FC)
