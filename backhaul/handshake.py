@@ -38,6 +38,12 @@ class HandshakeRefused(Exception):
         self.reason = reason
 
 
+def _brief(value: Any) -> str:
+    """A peer's value, shown in a refusal (a log line, a close reason) at bounded length."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def new_challenge() -> bytes:
     return os.urandom(CHALLENGE_SIZE)
 
@@ -69,7 +75,7 @@ def agent_hello(
     versions = relay.get("versions")
     if not isinstance(versions, list) or PROTOCOL_VERSION not in versions:
         raise HandshakeRefused(
-            ErrorCode.UNSUPPORTED_VERSION, f"relay speaks protocol versions {versions!r}"
+            ErrorCode.UNSUPPORTED_VERSION, f"relay speaks protocol versions {_brief(versions)}"
         )
     challenge = _challenge(relay)
     signature = key.sign(transcript(challenge, member_id, gateway_id, PROTOCOL_VERSION))
@@ -105,7 +111,7 @@ def parse_agent_hello(payload: dict[str, Any]) -> AgentClaim:
     ):
         raise HandshakeRefused(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} not supported; this relay accepts "
+            f"protocol version {_brief(version)} not supported; this relay accepts "
             f"{sorted(SUPPORTED_PROTOCOL_VERSIONS)}",
         )
     fields = {}

@@ -8,6 +8,7 @@
 #   apache2 + mod_auth_gssapi   the internal API: Negotiate/Kerberos, NTLM and Basic locations
 #   gss-ntlmssp                 the GSSAPI NTLM mechanism mod_auth_gssapi uses for NTLM
 #   faketime                    runs a second KDC an hour ahead, for the clock-skew test
+#   python3                     Debian's, for the upload CGI that Apache runs as www-data
 #   libkrb5-dev                 krb5-config and headers: the gssapi and krb5 Python packages
 #                               (pyspnego's Kerberos backend) build against them
 #
@@ -23,7 +24,7 @@ BUILD_DEPS=(libkrb5-dev gcc)
 PACKAGES=(
     krb5-kdc krb5-admin-server krb5-user
     apache2 libapache2-mod-auth-gssapi gss-ntlmssp
-    faketime "${BUILD_DEPS[@]}"
+    faketime python3 "${BUILD_DEPS[@]}"
 )
 build_only=false
 if [[ ${1:-} == --build-deps ]]; then

@@ -12,6 +12,7 @@ import json
 import re
 import ssl
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,6 +130,17 @@ def peak_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError("no VmHWM")
+
+
+def logged(world: World, path: str, count: int, timeout: float = 10) -> list[str]:
+    """Apache's access-log lines for ``path``, once there are ``count`` (it writes a line only
+    after the response has gone out, so the last one may trail the answer a little)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = world.servers.apache.requests_logged(path)
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def token_legs(world: World, path: str) -> int:
@@ -307,7 +319,7 @@ def test_a_100_mib_upload_to_an_ntlm_location(world: World) -> None:
     # The body streamed: the agent never held it (its peak resident size grew by far less).
     assert peak_kib(agent.pid) - rss_before < 40 * 1024
     # The NEGOTIATE leg was an empty POST; only the AUTHENTICATE leg carried the 100 MiB.
-    lines = world.servers.apache.requests_logged("/ntlm/upload.cgi")
+    lines = logged(world, "/ntlm/upload.cgi", 2)
     received = [int(line.split('" ', 1)[1].split()[1]) for line in lines]
     assert len(received) == 2, lines
     assert received[0] < 16 * 1024 and received[1] > 100 * MiB
