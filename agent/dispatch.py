@@ -64,10 +64,15 @@ class Dispatcher:
             await stream.send_response(
                 {"status": upstream.status, "headers": [list(h) for h in upstream.headers]}
             )
+            # One chunk of look-ahead: the last one goes out with END_STREAM, so a small
+            # response is two messages (RESPONSE, DATA) instead of three.
+            pending: bytes | None = None
             async for chunk in upstream.aiter_bytes():
                 metrics.BYTES.labels("down").inc(len(chunk))
-                await stream.write(chunk)
-            await stream.end()
+                if pending is not None:
+                    await stream.write(pending)
+                pending = chunk
+            await stream.write(pending or b"", end=True)
         except AgentError as exc:
             outcome = exc
             self.state.failed += 1

@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +90,16 @@ class _Entry:
 class TicketCache:
     """One in-memory credential cache with a TGT per (principal, password)."""
 
-    def __init__(self, max_entries: int = 256, *, forwardable: bool = False) -> None:
+    def __init__(
+        self,
+        max_entries: int = 256,
+        *,
+        forwardable: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.max_entries = max_entries
         self.forwardable = forwardable
+        self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._retired: list[tuple[float, _Entry]] = []
         self._lock = threading.Lock()
@@ -106,7 +113,7 @@ class TicketCache:
         Raises ``krb5.Krb5Error`` when the KDC refuses (callers map it to a reason).
         """
         key = credential_key("krb5", principal, password)
-        now = time.time()
+        now = self._clock()
         with self._lock:
             self._purge(now)
             entry = self._entries.get(key)
@@ -118,19 +125,19 @@ class TicketCache:
             # Another thread may have renewed it while this one waited.
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is not None and entry.end - RENEW_MARGIN_SECONDS > time.time():
+                if entry is not None and entry.end - RENEW_MARGIN_SECONDS > self._clock():
                     return entry.name
             fresh = self._kinit(principal, password)
             with self._lock:
                 old = self._entries.pop(key, None)
                 if old is not None:
-                    self._retired.append((time.time(), old))
+                    self._retired.append((self._clock(), old))
                 self._entries[key] = fresh
                 self.as_exchanges += 1
                 while len(self._entries) > self.max_entries:
                     evicted_key, evicted = self._entries.popitem(last=False)
                     self._key_locks.pop(evicted_key, None)
-                    self._retired.append((time.time(), evicted))
+                    self._retired.append((self._clock(), evicted))
             return fresh.name
 
     def _kinit(self, principal: str, password: str) -> _Entry:

@@ -123,8 +123,9 @@ class TunnelStream:
         self.tunnel._forget_if_done(self)
         await self.tunnel.flush()
 
-    async def write(self, data: bytes | memoryview) -> None:
-        """Send body bytes, waiting for flow-control credit as needed."""
+    async def write(self, data: bytes | memoryview, end: bool = False) -> None:
+        """Send body bytes, waiting for flow-control credit as needed. With ``end``, the last
+        DATA frame carries END_STREAM, saving the separate END message."""
         view = memoryview(data)
         conn = self.tunnel.conn
         while view:
@@ -138,8 +139,13 @@ class TunnelStream:
                 await self._writable.wait()
                 continue
             chunk, view = view[:allowed], view[allowed:]
-            conn.send_data(self.id, chunk)
+            last = end and not view
+            conn.send_data(self.id, chunk, end_stream=last)
+            if last:
+                self.tunnel._forget_if_done(self)
             await self.tunnel.flush()
+        if end and not data:
+            await self.end()
 
     async def end(self) -> None:
         self._check()

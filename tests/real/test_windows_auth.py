@@ -349,7 +349,8 @@ def test_tickets_are_cached_per_credential_until_they_expire(
     from agent import tickets
 
     monkeypatch.setenv("KRB5_CONFIG", str(world.servers.realm.krb5_conf))
-    cache = tickets.TicketCache()
+    now = [time.time()]
+    cache = tickets.TicketCache(clock=lambda: now[0])
     try:
         first = cache.ccache_for(f"alice@{REALM}", USERS["alice"])
         assert cache.ccache_for(f"alice@{REALM}", USERS["alice"]) == first
@@ -357,8 +358,7 @@ def test_tickets_are_cached_per_credential_until_they_expire(
         with pytest.raises(krb5.Krb5Error):
             cache.ccache_for(f"alice@{REALM}", WRONG)  # another credential: its own AS exchange
         # Close to the end of the TGT's life the credential gets a fresh cache.
-        now = tickets.time.time()
-        monkeypatch.setattr(tickets.time, "time", lambda: now + 10 * 3600 - 60)
+        now[0] += 10 * 3600 - 60
         renewed = cache.ccache_for(f"alice@{REALM}", USERS["alice"])
         assert renewed != first and cache.as_exchanges == 2
     finally:
