@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
+import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Self
@@ -199,6 +200,9 @@ def _ssl_context(cfg: AgentConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
+_POOL_SHARDS = 8
+
+
 class Executor:
     """Performs upstream calls for streams; one instance per agent process."""
 
@@ -212,12 +216,33 @@ class Executor:
         self.config = config
         self.policy = policy if policy is not None else Policy(config.allow)
         up = config.upstream
-        self._client = httpx.AsyncClient(
+        # httpcore scans every pooled connection on each request (a poll() per idle one), so
+        # one pool of 64 busy connections costs more than the request itself; several small
+        # pools, used in turn, keep that scan short. An injected transport means one pool.
+        shards = 1 if transport is not None else _POOL_SHARDS
+        per_shard = max(1, up.max_connections // shards)
+        self._clients = [self._new_client(config, per_shard, transport) for _ in range(shards)]
+        self._turn = itertools.cycle(self._clients)
+        # Windows auth has its own connections, one credential per connection (agent.winpool).
+        apply_kerberos_environment(config.kerberos)
+        self._windows = WindowsPool(
+            _ssl_context(config),
+            max_lanes=min(up.max_connections, 16),
+            delegate=config.kerberos.delegate,
+            transport_factory=(lambda: transport) if transport is not None else None,
+        )
+
+    @staticmethod
+    def _new_client(
+        config: AgentConfig, connections: int, transport: httpx.AsyncBaseTransport | None
+    ) -> httpx.AsyncClient:
+        up = config.upstream
+        client = httpx.AsyncClient(
             http2=False,
             verify=_ssl_context(config),
             limits=httpx.Limits(
-                max_connections=up.max_connections,
-                max_keepalive_connections=min(up.max_connections, 32),
+                max_connections=connections,
+                max_keepalive_connections=min(connections, 32),
             ),
             timeout=httpx.Timeout(up.default_timeout_seconds, connect=up.connect_timeout_seconds),
             follow_redirects=False,
@@ -228,20 +253,14 @@ class Executor:
         # httpx adds Accept, Accept-Encoding and Connection by default; the caller's own
         # headers must reach the API unchanged (an Accept-Encoding it did not send would make
         # the API compress a body the caller cannot decode, since bodies pass through raw).
-        for name in list(self._client.headers):
-            del self._client.headers[name]
-        self._client.headers["user-agent"] = f"backhaul-agent/{__version__}"
-        # Windows auth has its own connections, one credential per connection (agent.winpool).
-        apply_kerberos_environment(config.kerberos)
-        self._windows = WindowsPool(
-            _ssl_context(config),
-            max_lanes=min(up.max_connections, 16),
-            delegate=config.kerberos.delegate,
-            transport_factory=(lambda: transport) if transport is not None else None,
-        )
+        for name in list(client.headers):
+            del client.headers[name]
+        client.headers["user-agent"] = f"backhaul-agent/{__version__}"
+        return client
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
         await self._windows.aclose()
 
     async def __aenter__(self) -> Self:
@@ -312,10 +331,11 @@ class Executor:
                         timeout,
                     )
                 else:
-                    request = self._client.build_request(
+                    client = next(self._turn)
+                    request = client.build_request(
                         head.method, url, headers=raw_headers, content=content, timeout=timeout
                     )
-                    response = await self._client.send(
+                    response = await client.send(
                         request, stream=True, auth=applied.auth, follow_redirects=False
                     )
         except TimeoutError:

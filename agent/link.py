@@ -50,11 +50,7 @@ class WebSocketTransport:
         try:
             message = await self.ws.recv()
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else None
-            reason = exc.rcvd.reason if exc.rcvd else "connection lost"
-            if exc.rcvd is None and exc.sent is not None:  # we closed it: say why
-                reason = f"closed by the agent: {exc.sent.reason or 'no reason'} ({exc.sent.code})"
-            raise TransportClosed(reason or "relay closed the tunnel", code) from exc
+            raise _closed(exc) from exc
         if isinstance(message, str):
             await self.close(1003, "binary messages only")
             raise TransportClosed("relay sent a text message")
@@ -64,13 +60,21 @@ class WebSocketTransport:
         try:
             await self.ws.send(data)
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else None
-            reason = exc.rcvd.reason if exc.rcvd and exc.rcvd.reason else "relay closed the tunnel"
-            raise TransportClosed(reason, code) from exc
+            raise _closed(exc) from exc
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
+
+
+def _closed(exc: ConnectionClosed) -> TransportClosed:
+    """Why the WebSocket ended, from whichever side closed it (RFC 6455 §7.1.5)."""
+    if exc.rcvd is not None:
+        return TransportClosed(exc.rcvd.reason or "relay closed the tunnel", exc.rcvd.code)
+    if exc.sent is not None:  # we closed it: say why (e.g. 1009, a message too big)
+        reason = exc.sent.reason or "no reason"
+        return TransportClosed(f"closed by the agent: {reason} ({exc.sent.code})")
+    return TransportClosed("connection lost")
 
 
 def ssl_context(cfg: AgentConfig) -> ssl.SSLContext:

@@ -14,12 +14,14 @@ from backhaul.aio.tunnel import StreamError, Tunnel
 from backhaul.wire import ErrorCode
 from backhaul.wire import frames as f
 from tests.agent.forged import PASSWORD, Forged, forged_relay, head, outcome
+from tests.leaks import LeakCollector
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def forged(tmp_path: Path) -> AsyncIterator[Forged]:
+async def forged(tmp_path: Path, leaks: LeakCollector) -> AsyncIterator[Forged]:
+    leaks.secret("sample API password", PASSWORD)
     async with forged_relay(tmp_path) as world:
         yield world
 

@@ -18,6 +18,7 @@ from backhaul.seal import seal
 from backhaul.wire import ErrorCode
 from backhaul.wire import frames as f
 from tests.agent.forged import PASSWORD, Forged, forged_relay, head, outcome
+from tests.leaks import LeakCollector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -25,7 +26,8 @@ FAST_RECONNECT = {"tunnel": {"backoff_initial_seconds": 0.1, "backoff_max_second
 
 
 @pytest.fixture
-async def forged(tmp_path: Path) -> AsyncIterator[Forged]:
+async def forged(tmp_path: Path, leaks: LeakCollector) -> AsyncIterator[Forged]:
+    leaks.secret("sample API password", PASSWORD)
     async with forged_relay(tmp_path, **FAST_RECONNECT) as world:
         yield world
 
