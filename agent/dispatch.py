@@ -26,6 +26,11 @@ from backhaul.wire import ErrorCode
 log = structlog.get_logger("backhaul.agent.dispatch")
 
 #: AgentError.code → the RESET code the relay maps to an HTTP status.
+#: Opened credentials are kept this long (and at most this many), in this process's memory
+#: only; a re-sealed or rotated blob is a different key and opens afresh.
+OPENED_CACHE_SECONDS = 60.0
+OPENED_CACHE_SIZE = 1024
+
 RESET_CODES = {
     "target_denied": ErrorCode.TARGET_DENIED,
     "bad_request_head": ErrorCode.BAD_REQUEST,
@@ -48,6 +53,7 @@ class Dispatcher:
             gateway_key if isinstance(gateway_key, Keyring) else Keyring.in_memory(gateway_key)
         )
         self.state = state
+        self._opened: dict[tuple[str, str, str, str, int], tuple[float, dict[str, object]]] = {}
 
     async def handle(self, stream: TunnelStream) -> None:
         if stream.head is not None and "op" in stream.head:  # a key rotation step
@@ -94,14 +100,24 @@ class Dispatcher:
             metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
 
     def _open(self, head: RequestHead) -> dict[str, object]:
+        # The same blob, for the same connection and base URL, opens to the same credentials:
+        # keep them briefly instead of running ML-KEM decapsulation on every request.
+        cache_key = (head.sealed, head.suite, head.connection_id, head.base_url, head.key_version)
+        cached = self._opened.get(cache_key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         key = self.keyring.get(head.key_version)
         try:
             blob = b64d(head.sealed)
-            return open_sealed(key, head.suite, blob, head.connection_id, head.base_url)
+            credentials = open_sealed(key, head.suite, blob, head.connection_id, head.base_url)
         except (SealError, ValueError) as exc:
             raise CredentialsInvalid(
                 f"sealed credentials of connection {head.connection_id} do not open here: {exc}"
             ) from None
+        if len(self._opened) >= OPENED_CACHE_SIZE:
+            self._opened.pop(next(iter(self._opened)))
+        self._opened[cache_key] = (time.monotonic() + OPENED_CACHE_SECONDS, credentials)
+        return credentials
 
     @staticmethod
     async def _body(stream: TunnelStream) -> AsyncIterator[bytes]:
