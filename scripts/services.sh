@@ -3,13 +3,7 @@
 # Idempotent; installs them from Debian's packages when missing.
 set -euo pipefail
 
-need_install=()
-command -v pg_ctlcluster >/dev/null 2>&1 || need_install+=(postgresql)
-command -v redis-server >/dev/null 2>&1 || need_install+=(redis-server)
-if ((${#need_install[@]})); then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >/dev/null
-fi
+bash "$(dirname "$0")/apt-install.sh" scripts/services.sh postgresql redis-server redis-tools
 
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     version=$(ls /etc/postgresql | sort -V | tail -n1)

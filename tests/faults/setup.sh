@@ -17,27 +17,7 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 0
 fi
 
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$pkg")
-    fi
-done
-
-if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "tests/faults/setup.sh: all packages present"
-else
-    echo "tests/faults/setup.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    install() { apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        apt-get update -q >/dev/null
-        install
-    elif ! install; then
-        apt-get update -q >/dev/null
-        install
-    fi
-fi
+bash "$(dirname "$0")/../../scripts/apt-install.sh" tests/faults/setup.sh "${PACKAGES[@]}"
 
 for tool in ip nft; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then

@@ -16,39 +16,7 @@ set -euo pipefail
 
 PACKAGES=(squid apache2-utils chromium systemd fonts-dejavu-core)
 
-if [[ $(id -u) -ne 0 ]]; then
-    SUDO=sudo
-else
-    SUDO=
-fi
-
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$pkg")
-    fi
-done
-
-if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "tests/ops/setup.sh: all packages present"
-else
-    echo "tests/ops/setup.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    policy=/usr/sbin/policy-rc.d
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
-        $SUDO chmod 0755 "$policy"
-        trap '$SUDO rm -f "$policy"' EXIT
-    fi
-    install() { $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; }
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        $SUDO apt-get update -q
-        install
-    elif ! install; then
-        $SUDO apt-get update -q
-        install
-    fi
-fi
+bash "$(dirname "$0")/../../scripts/apt-install.sh" tests/ops/setup.sh "${PACKAGES[@]}"
 
 for tool in squid htpasswd chromium systemd-analyze; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then

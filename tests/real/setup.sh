@@ -32,42 +32,7 @@ if [[ ${1:-} == --build-deps ]]; then
     PACKAGES=("${BUILD_DEPS[@]}")
 fi
 
-if [[ $(id -u) -ne 0 ]]; then
-    SUDO=sudo
-else
-    SUDO=
-fi
-
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$pkg")
-    fi
-done
-
-if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "tests/real/setup.sh: all packages present"
-else
-    echo "tests/real/setup.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Package scripts must not start the system's krb5kdc or apache2: the tests run their own.
-    # Docker-style images already ship a policy-rc.d that says so; add one for the install
-    # when there is none, and remove it afterwards.
-    policy=/usr/sbin/policy-rc.d
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
-        $SUDO chmod 0755 "$policy"
-        trap '$SUDO rm -f "$policy"' EXIT
-    fi
-    apt_install() { $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; }
-    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
-        $SUDO apt-get update -q
-        apt_install
-    elif ! apt_install; then
-        $SUDO apt-get update -q
-        apt_install
-    fi
-fi
+bash "$(dirname "$0")/../../scripts/apt-install.sh" tests/real/setup.sh "${PACKAGES[@]}"
 
 if $build_only; then
     command -v krb5-config >/dev/null || { echo "tests/real/setup.sh: no krb5-config" >&2; exit 1; }
