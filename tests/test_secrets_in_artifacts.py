@@ -11,12 +11,13 @@ from tests.leaks import LeakCollector
 
 def test_no_secret_in_clear_in_any_log_or_database(leaks: LeakCollector) -> None:
     files = list(leaks.files())
-    # It really sees what the processes wrote: each started relay's database and log.
+    # It really sees what the processes wrote: each started relay's log, and the SQLite
+    # databases (a relay on PostgreSQL keeps its rows in the server, out of reach here).
     for stack in leaks.stacks:
         if stack.relay_url:
             assert stack.logs / "relay.log" in files, stack.root
-            assert any(p.parent == stack.relay_dir and p.suffix == ".db" for p in files)
     if leaks.stacks:
+        assert any(p.name == "relay.db" for p in files), "no relay database was scanned"
         assert leaks.secrets, "the DevStacks registered no secret at all"
     found = leaks.findings()
     assert not found, "\n".join(f"{label} in clear in {path}" for path, label in found)
