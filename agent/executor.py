@@ -49,26 +49,15 @@ from agent.head import RequestHead
 from agent.policy import NormalizedURL, Policy, is_under, normalize_url
 from agent.tickets import apply_environment as apply_kerberos_environment
 from agent.winpool import WindowsPool
+from backhaul.headers import HOP_BY_HOP as _HOP_BY_HOP
+from backhaul.headers import strip_hop_by_hop as _strip
 from backhaul.logging import redact_text
 from backhaul.version import __version__
 
 __all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_hop_by_hop"]
 
 #: RFC 9110 §7.6.1 connection-specific fields, plus Host (httpx sets it from the URL).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-    }
-)
+HOP_BY_HOP = _HOP_BY_HOP | {"host"}
 #: The caller's own credentials never reach the internal API.
 _CALLER_SECRETS = frozenset({"authorization", "cookie"})
 
@@ -76,21 +65,8 @@ _CALLER_SECRETS = frozenset({"authorization", "cookie"})
 def strip_hop_by_hop(
     headers: list[tuple[str, str]], extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
-    """Drop RFC 9110 §7.6.1 hop-by-hop fields, those named in Connection, and ``extra``."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return [
-        (name, value)
-        for name, value in headers
-        if (low := name.lower()) not in HOP_BY_HOP
-        and low not in named
-        and low not in extra
-        and not low.startswith("proxy-")
-    ]
+    """Drop hop-by-hop fields (and Host, which httpx sets from the URL) plus ``extra``."""
+    return _strip(headers, extra | {"host"})
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:

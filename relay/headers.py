@@ -6,20 +6,9 @@ from collections.abc import Iterable
 
 from starlette.datastructures import MutableHeaders
 
-#: Hop-by-hop fields (RFC 9110 §7.6.1): they describe one connection, never forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+from backhaul.headers import HOP_BY_HOP
+
+__all__ = ["HOP_BY_HOP", "response_headers"]
 
 
 def response_headers(

@@ -24,6 +24,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import Receive, Scope, Send
 
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
+from backhaul.headers import strip_hop_by_hop
 from backhaul.keys import b64e
 from backhaul.wire import ErrorCode, StreamUnavailable
 from relay import audit, limits, metrics, online
@@ -31,7 +32,7 @@ from relay import plan as invoke_plan
 from relay.balancing import RoundRobin, Thresholds, choose
 from relay.cache import ReadCache
 from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
-from relay.headers import HOP_BY_HOP, response_headers
+from relay.headers import response_headers
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
 from relay.problems import ProblemError
@@ -135,18 +136,8 @@ def _deadline(request: Request) -> float:
 
 
 def _forward_headers(request: Request) -> list[list[str]]:
-    named_by_connection = {
-        token.strip().lower()
-        for value in request.headers.getlist("connection")
-        for token in value.split(",")
-    }
-    out = []
-    for name, value in request.headers.items():
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in CALLER_ONLY or lname in named_by_connection:
-            continue
-        out.append([lname, value])
-    return out
+    pairs = [(name.lower(), value) for name, value in request.headers.items()]
+    return [[name, value] for name, value in strip_hop_by_hop(pairs, CALLER_ONLY)]
 
 
 def _has_body(request: Request) -> bool:
