@@ -45,7 +45,7 @@ ops-setup:
 	bash tests/ops/setup.sh
 
 test: real-setup $(STAMP) lint typecheck services faults ops-setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 bench: $(STAMP)
 	bash bench/setup.sh

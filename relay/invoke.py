@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -201,6 +200,16 @@ async def _invoke(
         "timeout_ms": int(deadline * 1000),
         "key_version": target.key_version,
     }
+    return await _through_gateway(request, target, head, deadline, started)
+
+
+async def _through_gateway(
+    request: Request, target: InvokeTarget, head: dict[str, Any], deadline: float, started: float
+) -> Response:
+    """Pick a member by the gateway's policy and exchange the request with it; refused
+    requests move to another member, a lost member's GET/HEAD is retried once, and with no
+    member here the request is forwarded to the relay instance that has one."""
+    assert target.gateway_id is not None
     hub: Hub = request.app.state.hub
     has_body = _has_body(request)
     # A small body is read first, so a request refused by a draining member can be replayed
@@ -362,14 +371,12 @@ class TunnelResponse(Response):
         self.status_code = status
         self.background = None
         self.raw_headers = headers.raw
-        #: Called with (result, body bytes sent) once the body ends: "ok", "error", "aborted".
-        self.on_complete: list[Callable[[str, int], object]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        stream, finished, sent = self.stream, False, 0
+        stream, finished = self.stream, False
         watcher: asyncio.Task[None] | None = None
         try:
             while True:
@@ -380,7 +387,6 @@ class TunnelResponse(Response):
                 metrics.BYTES.labels(direction="response").inc(len(chunk))
                 if not self.is_head:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    sent += len(chunk)
                 if watcher is None and (self.pump is None or self.pump.done()):
                     watcher = asyncio.create_task(_watch_disconnect(receive, stream))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -398,9 +404,6 @@ class TunnelResponse(Response):
                     await self.pump
             if not finished:
                 await stream.reset(ErrorCode.CANCEL, "caller went away")
-            result = "aborted" if not finished else "ok" if self.status_code < 400 else "error"
-            for callback in self.on_complete:
-                callback(result, sent)
 
 
 async def _watch_disconnect(receive: Receive, stream: TunnelStream) -> None:

@@ -31,6 +31,7 @@ TOKEN_SHAPES = {
 }
 _ARTIFACT_SUFFIXES = (".log", ".db", ".db-wal", ".db-journal", ".sqlite", ".jsonl")
 _MIN_SECRET = 8  # shorter values would match by chance
+_IDENTIFIERS = frozenset({"username", "identity", "domain"})
 
 
 def is_artifact(path: Path) -> bool:
@@ -130,5 +131,7 @@ class LeakCollector:
     def _register_values(self, label: str, values: Any) -> None:
         if isinstance(values, dict):
             for name, value in values.items():
-                if isinstance(value, str):
+                # Who a credential belongs to is not secret (error details name the user);
+                # the password or key is.
+                if isinstance(value, str) and name not in _IDENTIFIERS:
                     self.secret(f"{label}: {name}", value)
