@@ -61,6 +61,7 @@ def main() -> int:
         raise SystemExit("wrk is missing: run bash bench/setup.sh")
     root = Path(tempfile.mkdtemp(prefix="bh-cluster-"))
     rows: list[tuple[str, str]] = []
+    failures: list[str] = []
     try:
         with DevStack(root, env=FAST) as stack:
             stack.start_relay()
@@ -87,13 +88,16 @@ def main() -> int:
                 assert client.get(f"/v1/connections/{cid}/invoke/hello").status_code == 200
                 stack.stop_process("a", signal.SIGKILL)
                 killed = time.monotonic()
-                while client.get(f"/v1/connections/{cid}/invoke/hello").status_code != 200:
-                    pass
+                while True:
+                    try:
+                        if client.get(f"/v1/connections/{cid}/invoke/hello").status_code == 200:
+                            break
+                    except httpx.HTTPError as exc:
+                        failures.append(f"during failover: {exc!r}")
                 failover_ms = (time.monotonic() - killed) * 1000
             rows.append(("Member killed → first success on the other (ms)", f"{failover_ms:.1f}"))
             stack.start_agent(dir_a, "a")
 
-            failures: list[str] = []
             count = [0]
             done = threading.Event()
 
@@ -103,7 +107,7 @@ def main() -> int:
                         try:
                             r = client.get(f"/v1/connections/{cid}/invoke/hello")
                             if r.status_code != 200:
-                                failures.append(str(r.status_code))
+                                failures.append(f"{r.status_code} {r.text[:160]}")
                         except httpx.HTTPError as exc:
                             failures.append(repr(exc))
                         count[0] += 1
@@ -151,6 +155,8 @@ def main() -> int:
         "",
     ]
     args.output.write_text("\n".join(lines))
+    for failure in sorted(set(failures)):
+        print("failed:", failure)
     print("\n".join(lines))
     return 0
 
