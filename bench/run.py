@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from backhaul import sampleapi  # noqa: E402
+from backhaul.devstack import command, free_port  # noqa: E402
 
 PATHS = ("direct", "ssh", "backhaul")
 LABELS = {"direct": "direct", "ssh": "ssh -R", "backhaul": "Backhaul"}
@@ -155,12 +156,6 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 # --------------------------------------------------------------------------------------
 # Small helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(
@@ -581,18 +576,8 @@ def setup_ssh(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Targe
     return Target("ssh", f"http://127.0.0.1:{tunnel_port}")
 
 
-def console_script(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} not found (install the project: pip install -e '.[dev]')")
-    return found
-
-
 def setup_backhaul(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Target:
-    relay_bin, agent_bin = console_script("backhaul-relay"), console_script("backhaul-agent")
+    relay_bin, agent_bin = command("backhaul-relay"), command("backhaul-agent")
     data, agent_dir = tmp / "relay-data", tmp / "agent"
     port = free_port()
     relay_url = f"https://127.0.0.1:{port}"
