@@ -265,7 +265,12 @@ class Tunnel:
         stream_id = self.conn.open_stream(head, end_stream)
         stream = TunnelStream(self, stream_id)
         self._streams[stream_id] = stream
-        await self.flush()
+        try:
+            await self.flush()
+        except TransportClosed as exc:
+            # The peer vanished before the OPEN left: nothing was processed, try elsewhere.
+            self._streams.pop(stream_id, None)
+            raise StreamUnavailable(f"tunnel closed: {exc}") from exc
         return stream
 
     async def run(self) -> None:
