@@ -1,6 +1,6 @@
 """Backhaul benchmark: one run, on loopback, three paths to the same sample API backend.
 
-    .venv/bin/python bench/run.py [--quick] [--only direct,ssh,backhaul]
+    .venv/bin/python bench/run.py [--quick] [--only direct,ssh,backhaul] [--all]
 
 Paths:
   direct    the caller talks HTTP/1.1 to the sample API
@@ -9,8 +9,11 @@ Paths:
 
 Per path: small-request throughput (wrk, 64 keep-alive connections), single-client latency
 (p50/p99 of sequential GETs on one keep-alive connection), 256 MiB download and upload speed,
-and for Backhaul the relay's and the agent's resident memory. Writes a Markdown report
-(bench/RESULTS.md by default; bench/out/ for --quick). See bench/README.md.
+requests/s at 1, 4, 16 and 64 concurrent clients (also drawn as bench/requests-per-second.png
+when matplotlib is installed: pip install -e '.[bench]'), small-request latency while a 1 GiB
+download runs on the same path, and for Backhaul the relay's and the agent's resident memory.
+Writes a Markdown report (bench/RESULTS.md by default; bench/out/ for --quick). With --all,
+then runs bench/winauth.py, bench/cluster.py and bench/scale.py. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from backhaul.devstack import command, free_port  # noqa: E402
 PATHS = ("direct", "ssh", "backhaul")
 LABELS = {"direct": "direct", "ssh": "ssh -R", "backhaul": "Backhaul"}
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 SSHD = "/usr/sbin/sshd"
+CHART = "requests-per-second.png"
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,27 @@ class Settings:
     latency_warmup: int
     transfer_bytes: int
     quick: bool
+    sweep_levels: tuple[int, ...] = (1, 4, 16, 64)  # concurrent keep-alive clients
+    sweep_seconds: int = 4
+    fairness_samples: int = 500
+    fairness_bytes: int = GiB
+    fairness_time_limit: float = 120.0
 
 
 FULL = Settings(10, 64, 2, 2000, 200, 256 * MiB, False)
-QUICK = Settings(3, 64, 2, 300, 50, 32 * MiB, True)
+QUICK = Settings(
+    3,
+    64,
+    2,
+    300,
+    50,
+    32 * MiB,
+    True,
+    sweep_seconds=1,
+    fairness_samples=200,
+    fairness_bytes=256 * MiB,
+    fairness_time_limit=30.0,
+)
 
 
 def log(message: str) -> None:
@@ -84,7 +106,7 @@ class Processes:
     def start(
         self, name: str, argv: list[str], logfile: Path, **kwargs: Any
     ) -> subprocess.Popen[bytes]:
-        log(f"start {name}: {shlex.join(argv)}")
+        log(f"start {name}: {shlex.join(redact(argv))}")
         with logfile.open("ab") as out:
             proc = subprocess.Popen(
                 argv,
@@ -328,12 +350,13 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def measure_wrk(target: Target, s: Settings, result: Result) -> None:
+def run_wrk(target: Target, connections: int, threads: int, seconds: int) -> str:
+    """One wrk run against base/small; its standard output."""
     argv = [
         "wrk",
-        f"-t{s.wrk_threads}",
-        f"-c{s.wrk_connections}",
-        f"-d{s.wrk_seconds}s",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
         "--timeout",
         "10s",
         "--latency",
@@ -342,19 +365,38 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
         argv += ["-H", f"{name}: {value}"]
     argv.append(target.base + "/small")
     log(f"{target.name}: {shlex.join(redact(argv))}")
-    cpu_before = {name: tree_cpu(pid) for name, pid in target.memory_pids.items()}
     r = subprocess.run(
-        argv, capture_output=True, text=True, timeout=s.wrk_seconds + 60, stdin=subprocess.DEVNULL
+        argv, capture_output=True, text=True, timeout=seconds + 60, stdin=subprocess.DEVNULL
     )
     if r.returncode != 0:
         raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout}\n{r.stderr}")
-    out = r.stdout
+    return r.stdout
+
+
+def wrk_rate(out: str) -> tuple[float, int]:
+    """Requests/sec and the number of requests from wrk's output."""
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"^\s*(\d+) requests in", out, re.MULTILINE)
     if not m or not total:
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
-    result.values["rps"] = float(m.group(1))
-    requests = int(total.group(1))
+    return float(m.group(1)), int(total.group(1))
+
+
+def wrk_problems(out: str) -> list[str]:
+    notes = []
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        notes.append(f"{non2xx.group(1)} non-2xx responses")
+    errors = re.search(r"Socket errors:(.*)", out)
+    if errors:
+        notes.append(f"socket errors:{errors.group(1)}")
+    return notes
+
+
+def measure_wrk(target: Target, s: Settings, result: Result) -> None:
+    cpu_before = {name: tree_cpu(pid) for name, pid in target.memory_pids.items()}
+    out = run_wrk(target, s.wrk_connections, s.wrk_threads, s.wrk_seconds)
+    result.values["rps"], requests = wrk_rate(out)
     for name, pid in target.memory_pids.items():
         if requests:
             used = tree_cpu(pid) - cpu_before[name]
@@ -363,12 +405,19 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
         pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
         if pm:
             result.values[key] = _ms(pm.group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if non2xx:
-        result.notes.append(f"wrk: {non2xx.group(1)} non-2xx responses")
-    errors = re.search(r"Socket errors:(.*)", out)
-    if errors:
-        result.notes.append(f"wrk socket errors:{errors.group(1)}")
+    result.notes += [f"wrk: {problem}" for problem in wrk_problems(out)]
+
+
+def measure_sweep(target: Target, s: Settings, result: Result) -> None:
+    """Small requests/s at each concurrency level: wrk -cN -t min(N, 2)."""
+    for n in s.sweep_levels:
+        try:
+            out = run_wrk(target, n, min(n, 2), s.sweep_seconds)
+            result.values[f"sweep_{n}"], _ = wrk_rate(out)
+        except Exception as exc:
+            result.notes.append(f"sweep -c{n}: {exc}")
+            continue
+        result.notes += [f"sweep -c{n}: {problem}" for problem in wrk_problems(out)]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -465,18 +514,160 @@ def measure_upload(target: Target, s: Settings, result: Result) -> None:
         result.values[f"{name}_rss_upload"] = peak / 1024
 
 
-def measure(target: Target, s: Settings) -> Result:
+def small_get(client: httpx.Client, url: str) -> float:
+    """One GET /small on a kept-alive client; its duration in ms."""
+    t0 = time.perf_counter_ns()
+    r = client.get(url)
+    t1 = time.perf_counter_ns()
+    if r.status_code != 200 or len(r.content) != sampleapi.SMALL_SIZE:
+        raise RuntimeError(f"GET /small answered {r.status_code}: {r.text[:300]}")
+    return (t1 - t0) / 1e6
+
+
+def bytes_written(pid: int) -> int:
+    """Bytes a process has written so far (wchar of /proc/<pid>/io), or -1 if unknown.
+    For curl that is the response body it has received (recv() is not counted in rchar)."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+class Download:
+    """One large download by curl, in its own process, so that it competes with the small
+    requests on the path (the tunnel) and not for this process's interpreter lock."""
+
+    def __init__(self, target: Target, size: int, procs: Processes, logfile: Path) -> None:
+        argv = [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--http1.1",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{size_download} %{time_total}\\n",  # curl turns \n into a newline
+        ]
+        if target.ca_file is not None:
+            argv += ["--cacert", str(target.ca_file)]
+        for name, value in target.headers.items():
+            argv += ["-H", f"{name}: {value}"]
+        argv.append(f"{target.base}/bytes/{size}")
+        self.size, self.logfile = size, logfile
+        self.proc = procs.start("curl download", argv, logfile)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_streaming(self, timeout: float = 30.0) -> None:
+        """Return once the response body is flowing (curl has written a few MiB of it)."""
+        started = time.monotonic()
+        while True:
+            if not self.running():
+                raise RuntimeError(f"curl exited early: {tail(self.logfile, 5)}")
+            got = bytes_written(self.proc.pid)
+            if got >= 4 * MiB or (got < 0 and time.monotonic() - started > 1.0):
+                return
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"the download did not start within {timeout:.0f} s")
+            time.sleep(0.005)
+
+    def finish(self, timeout: float) -> float:
+        """Wait for the end, check the byte count; the transfer's duration in seconds."""
+        status = self.proc.wait(timeout)
+        lines = tail(self.logfile, 5).splitlines()
+        if status != 0 or not lines:
+            raise RuntimeError(f"curl failed with status {status}: {' '.join(lines)}")
+        size, seconds = lines[-1].split()
+        if int(size) != self.size:
+            raise RuntimeError(f"download: got {size} bytes, expected {self.size}")
+        return float(seconds)
+
+    def stop(self) -> None:
+        stop_process("curl download", self.proc)
+
+
+def measure_fairness(
+    target: Target, s: Settings, result: Result, procs: Processes, tmp: Path
+) -> None:
+    """Small-request latency on an idle path, then while one large download runs on it."""
+    if shutil.which("curl") is None:
+        raise RuntimeError("curl not found: run `bash bench/setup.sh`")
+    url = target.base + "/small"
+    n, count = s.fairness_bytes, s.fairness_samples
+    log(f"{target.name}: fairness, {count} sequential GET /small idle, then during a download")
+    logfile = tmp / f"curl-{target.name}.log"
+    loaded: list[float] = []
+    seconds: list[float] = []
+    download: Download | None = None
+    with target.client() as c:
+        for _ in range(s.latency_warmup):
+            small_get(c, url)
+        idle = sorted(small_get(c, url) for _ in range(count))
+        result.values["fair_idle_p50"] = percentile(idle, 50)
+        result.values["fair_idle_p99"] = percentile(idle, 99)
+        deadline = time.monotonic() + s.fairness_time_limit
+        try:
+            while len(loaded) < count and time.monotonic() < deadline:
+                if download is None:
+                    log(f"{target.name}: download {n // MiB} MiB with curl")
+                    download = Download(target, n, procs, logfile)
+                    download.wait_streaming()
+                took = small_get(c, url)
+                if download.running():
+                    loaded.append(took)  # started and ended while the download ran
+                else:
+                    seconds.append(download.finish(TRANSFER_LIMIT_S))
+                    download = None
+                    log(f"{target.name}: download ended after {len(loaded)} samples")
+            if download is not None:
+                seconds.append(download.finish(TRANSFER_LIMIT_S))
+                download = None
+        finally:
+            if download is not None:
+                download.stop()
+    if not loaded:
+        raise RuntimeError("no small request completed while the download ran")
+    loaded.sort()
+    result.values["fair_load_p50"] = percentile(loaded, 50)
+    result.values["fair_load_p99"] = percentile(loaded, 99)
+    result.values["fair_samples"] = len(loaded)
+    result.values["fair_downloads"] = len(seconds)
+    if seconds:
+        result.values["fair_download"] = len(seconds) * n / MiB / sum(seconds)
+    if len(loaded) < count:
+        result.notes.append(
+            f"fairness: {len(loaded)} of {count} small requests during the download (time limit)"
+        )
+
+
+def measure(target: Target, s: Settings, procs: Processes, tmp: Path) -> Result:
     result = Result()
     check_target(target)
     for name, pid in target.memory_pids.items():
         result.values[f"{name}_rss_idle"] = tree_status(pid)["VmRSS"] / 1024
-    steps = (measure_latency, measure_wrk, measure_download, measure_upload)
-    for step in steps:
+
+    def fairness(target: Target, s: Settings, result: Result) -> None:
+        measure_fairness(target, s, result, procs, tmp)
+
+    steps: list[tuple[str, Callable[[Target, Settings, Result], None]]] = [
+        ("latency", measure_latency),
+        ("wrk", measure_wrk),
+        ("download", measure_download),
+        ("upload", measure_upload),
+        ("sweep", measure_sweep),
+        ("fairness", fairness),
+    ]
+    for name, step in steps:
         try:
             step(target, s, result)
         except Exception as exc:
-            log(f"{target.name}: {step.__name__} failed: {exc}")
-            result.notes.append(f"{step.__name__.removeprefix('measure_')}: {exc}")
+            log(f"{target.name}: {name} failed: {exc}")
+            result.notes.append(f"{name}: {exc}")
     for name, pid in target.memory_pids.items():
         st = tree_status(pid)
         result.values[f"{name}_rss_end"] = st["VmRSS"] / 1024
@@ -711,6 +902,13 @@ MEMORY_ROWS = [
 ]
 
 
+FAIRNESS_TARGET_MS = 10.0
+
+
+def size_text(n: int) -> str:
+    return f"{n // GiB} GiB" if n % GiB == 0 else f"{n // MiB} MiB"
+
+
 def fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else pattern.format(value)
 
@@ -767,8 +965,12 @@ def render(
     command: str,
     machine: dict[str, str],
     wall: float,
+    chart: str,
 ) -> str:
-    size = f"{s.transfer_bytes // MiB} MiB"
+    """The Markdown report; ``chart`` is the line that shows (or explains the lack of) the
+    requests-per-second chart."""
+    size = size_text(s.transfer_bytes)
+    big = size_text(s.fairness_bytes)
 
     def value(path: str, key: str) -> float | None:
         r = results.get(path)
@@ -817,6 +1019,78 @@ def render(
                 f" {fmt(value('backhaul', f'agent_{key}'), '{:.1f}')} |"
             )
         out.append("")
+    out += [
+        "## Requests per second against concurrency",
+        "",
+        f"`GET /small` with N concurrent keep-alive clients (`wrk -cN -t min(N,2)"
+        f" -d{s.sweep_seconds}s`), per path:",
+        "",
+        "| Concurrent clients | direct | ssh -R | Backhaul | Backhaul / direct |"
+        " Backhaul / ssh -R |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in s.sweep_levels:
+        d, h, b = (value(path, f"sweep_{n}") for path in PATHS)
+        out.append(
+            f"| {n} | {fmt(d, '{:,.0f}')} | {fmt(h, '{:,.0f}')} | {fmt(b, '{:,.0f}')} |"
+            f" {ratio(b, d)} | {ratio(b, h)} |"
+        )
+    out += ["", chart, ""]
+
+    out += [
+        "## Fairness: small requests while a large transfer runs",
+        "",
+        f"One client makes {s.fairness_samples} sequential `GET /small` on its own kept-alive"
+        " connection, first with the path idle, then while another client (curl, a separate"
+        f" process) downloads {big} through the same path — for Backhaul, the same tunnel and"
+        " agent.",
+        "",
+        "| Small GET /small, 1 client | direct | ssh -R | Backhaul | Backhaul / ssh -R |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    fairness_rows = [
+        ("fair_idle_p50", "p50, path idle (ms)", "{:.3f}"),
+        ("fair_idle_p99", "p99, path idle (ms)", "{:.3f}"),
+        ("fair_load_p50", f"p50 while a {big} download runs (ms)", "{:.3f}"),
+        ("fair_load_p99", f"p99 while a {big} download runs (ms)", "{:.3f}"),
+        ("fair_samples", "small requests measured during the download", "{:,.0f}"),
+        ("fair_download", "download speed meanwhile (MiB/s)", "{:,.1f}"),
+    ]
+    for key, label, pattern in fairness_rows:
+        d, h, b = (value(path, key) for path in PATHS)
+        versus = ratio(b, h) if key.startswith("fair_load") or key.startswith("fair_idle") else ""
+        out.append(
+            f"| {label} | {fmt(d, pattern)} | {fmt(h, pattern)} | {fmt(b, pattern)} | {versus} |"
+        )
+    out.append("")
+    for path in ("backhaul", "ssh"):
+        p99 = value(path, "fair_load_p99")
+        if p99 is None:
+            continue
+        verdict = "met" if p99 <= FAIRNESS_TARGET_MS else "not met"
+        extra = "" if path == "backhaul" else ", for comparison"
+        out.append(
+            f"- {LABELS[path]}: small p99 while a {big} transfer runs: **{p99:.2f} ms**"
+            f" (target ≤ {FAIRNESS_TARGET_MS:g} ms{extra}: {verdict});"
+            f" idle: {fmt(value(path, 'fair_idle_p99'), '{:.2f}')} ms."
+        )
+    if value("direct", "fair_load_p99") is not None:
+        out.append(
+            "- direct is the sample API on its own: one asyncio process that serves the download"
+            " and the small requests, and does not yield while a fast reader keeps up (see"
+            ' bench/README.md, "Reading the results").'
+        )
+    downloads = [value(path, "fair_downloads") for path in PATHS]
+    if any(d is not None and d > 1 for d in downloads):
+        out.append(
+            "- When a download ended before all the small requests were measured, another"
+            " one was started: downloads per path "
+            + ", ".join(
+                f"{LABELS[path]} {d:.0f}" for path, d in zip(PATHS, downloads, strict=True) if d
+            )
+            + "."
+        )
+    out += ["", "## Run", ""]
     notes = []
     for path in PATHS:
         if path not in results:
@@ -834,7 +1108,10 @@ def render(
         "Settings: "
         f"wrk -t{s.wrk_threads} -c{s.wrk_connections} -d{s.wrk_seconds}s; "
         f"{s.latency_samples} latency samples after {s.latency_warmup} warm-up requests; "
-        f"{size} transfers (httpx, streamed). Total wall time {wall:.0f} s.",
+        f"{size} transfers (httpx, streamed); concurrency sweep at"
+        f" {', '.join(map(str, s.sweep_levels))} clients, {s.sweep_seconds} s each;"
+        f" fairness: {s.fairness_samples} small requests, idle and during a {big} download."
+        f" Total wall time {wall:.0f} s.",
         "",
         "Machine:",
         "",
@@ -843,7 +1120,151 @@ def render(
     ]
     out += [f"| {k} | {v} |" for k, v in machine.items()]
     out.append("")
+    out += [
+        "## Other benchmarks",
+        "",
+        "- `bench/cluster.py` → [CLUSTER-RESULTS.md](CLUSTER-RESULTS.md): one gateway with one"
+        " member and with two, failover time, requests lost in a rolling restart.",
+        "- `bench/scale.py` → [SCALE-RESULTS.md](SCALE-RESULTS.md): 1,000 concurrent streams on"
+        " one tunnel, 1,000 idle agent tunnels and the relay's memory, reconnection after a"
+        " relay restart.",
+        '- `bench/winauth.py` → the "Windows authentication" section of this file, which it'
+        " adds (rerun it after this script).",
+        "- `.venv/bin/python bench/run.py --all` runs this benchmark and then all three.",
+        "",
+    ]
     return "\n".join(out)
+
+
+def chart_path(output: Path) -> Path:
+    """bench/requests-per-second.png for bench/RESULTS.md; <stem>-requests-per-second.png
+    beside any other report, so that a quick run never replaces the published chart."""
+    if output.name == "RESULTS.md":
+        return output.with_name(CHART)
+    return output.with_name(f"{output.stem}-{CHART}")
+
+
+def write_chart(results: dict[str, Result | None], s: Settings, path: Path) -> str:
+    """Draw requests/s against concurrency, one line per path; the report's line for it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+    except ImportError:
+        log("matplotlib is not installed: no chart (pip install -e '.[bench]')")
+        return (
+            "No chart: matplotlib is not installed"
+            " (`.venv/bin/pip install -e '.[bench]'`, then rerun)."
+        )
+    styles = {
+        "direct": ("tab:gray", "o"),
+        "ssh": ("tab:orange", "s"),
+        "backhaul": ("tab:blue", "D"),
+    }
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    drawn = 0
+    for name in PATHS:
+        r = results.get(name)
+        if r is None:
+            continue
+        points = [(n, r.values[f"sweep_{n}"]) for n in s.sweep_levels if f"sweep_{n}" in r.values]
+        if not points:
+            continue
+        color, marker = styles[name]
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker=marker, color=color, linewidth=2, label=LABELS[name])
+        for x, y in points:
+            ax.annotate(
+                f"{y:,.0f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+                color=color,
+            )
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        log("no concurrency figures: no chart")
+        return "No chart: no path has concurrency figures."
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(s.sweep_levels))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    # Log y too: the paths are an order of magnitude or more apart, and equal ratios
+    # read as equal distances.
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low / 1.5, high * 1.5)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.yaxis.set_minor_formatter(
+        FuncFormatter(lambda v, _: f"{v:,.0f}" if str(round(v))[0] in "25" else "")
+    )
+    ax.tick_params(axis="y", which="minor", labelsize=8)
+    ax.set_xlabel("concurrent keep-alive clients (log scale)")
+    ax.set_ylabel("requests/s, GET /small, 1 KiB (log scale)")
+    title = "Small requests per second against concurrency, loopback"
+    ax.set_title(title + (" (quick run)" if s.quick else ""))
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", axis="y", alpha=0.12)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    log(f"wrote {path}")
+    return f"![Requests per second against concurrency]({path.name})"
+
+
+OTHERS = ("winauth.py", "cluster.py", "scale.py")
+
+
+def run_others(quick: bool, output: Path) -> bool:
+    """--all: the other benchmarks, one after the other, each with its own process handling.
+    True if all of them succeeded."""
+    out_dir = REPO / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, list[str]] = {
+        # winauth.py rewrites its own section of the same report.
+        "winauth.py": ["--quick", "--output", str(output)] if quick else ["--output", str(output)],
+        "cluster.py": ["--seconds", "3", "--output", str(out_dir / "CLUSTER-RESULTS-quick.md")]
+        if quick
+        else [],
+        "scale.py": [
+            "--agents",
+            "100",
+            "--streams",
+            "100",
+            "--output",
+            str(out_dir / "SCALE-RESULTS-quick.md"),
+        ]
+        if quick
+        else [],
+    }
+    ok = True
+    for script in OTHERS:
+        argv = [sys.executable, str(REPO / "bench" / script), *extra[script]]
+        log(f"=== {script} ===")
+        log(f"run: {shlex.join(argv)}")
+        # Its own session: a Ctrl-C here reaches it once, forwarded below, and it cleans up.
+        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            status = proc.wait()
+        except BaseException:
+            log(f"stopping {script}")
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)  # unwinds its finally blocks
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+            stop_process(script, proc)
+            raise
+        if status != 0:
+            log(f"{script} failed with status {status}")
+            ok = False
+    return ok
 
 
 # --------------------------------------------------------------------------------------
@@ -859,6 +1280,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, help="report file (default: bench/RESULTS.md)")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="then run bench/winauth.py, bench/cluster.py and bench/scale.py (short with --quick)",
+    )
     args = parser.parse_args(argv)
 
     only = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -898,7 +1324,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== {LABELS[path]} ===")
             try:
                 target = SETUP[path](backend_port=backend.port, procs=procs, tmp=tmp)
-                results[path] = measure(target, settings)
+                results[path] = measure(target, settings, procs, tmp)
             except Exception as exc:
                 failed = True
                 log(f"{LABELS[path]} failed:\n{traceback.format_exc()}")
@@ -923,13 +1349,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    chart = write_chart(results, settings, chart_path(output))
     report = render(
-        results, settings, command, machine_info(load_at_start), time.monotonic() - started
+        results, settings, command, machine_info(load_at_start), time.monotonic() - started, chart
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)
     log(f"wrote {output}")
+    if args.all:
+        try:
+            if not run_others(args.quick, output):
+                failed = True
+        except KeyboardInterrupt:
+            log("interrupted")
+            return 130
     return 1 if failed else 0
 
 
