@@ -6,7 +6,6 @@ commands and its HTTP API.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -298,15 +297,6 @@ class DevStack:
             json={"connector_id": ctr["id"], "credentials": credentials or {}},
         )
         return str(cxn["id"])
-
-
-@contextlib.contextmanager
-def running(root: Path) -> Iterator[DevStack]:
-    stack = DevStack(root)
-    try:
-        yield stack
-    finally:
-        stack.stop()
 
 
 def rss_kib(pid: int) -> int:

@@ -59,10 +59,6 @@ class LiveTunnel:
         return not self.disabled and not self.tunnel.closed and self.tunnel.conn.accepting_streams
 
 
-#: What ``Hub.live`` returns; the API reads version, rtt_ms, inflight, total, session_id.
-MemberLive = LiveTunnel
-
-
 class Hub:
     def __init__(self, instance_id: str = "") -> None:
         self.instance_id = instance_id
