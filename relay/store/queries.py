@@ -14,7 +14,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -257,39 +257,6 @@ async def create_connector(session: AsyncSession, connector: Connector) -> Conne
     session.add(connector)
     await session.flush()
     return connector
-
-
-async def visible_connectors(
-    session: AsyncSession, user_id: str, is_admin: bool
-) -> list[Connector]:
-    query = select(Connector).order_by(Connector.created_at, Connector.id)
-    if not is_admin:
-        query = query.where(Connector.owner_id == user_id)
-    return list(await session.scalars(query))
-
-
-async def visible_connector(
-    session: AsyncSession, connector_id: str, user_id: str, is_admin: bool
-) -> Connector:
-    connector = await session.get(Connector, connector_id)
-    if connector is None or not (is_admin or connector.owner_id == user_id):
-        raise NotFound(f"no connector {connector_id}")
-    return connector
-
-
-async def delete_connector(
-    session: AsyncSession, connector_id: str, user_id: str, is_admin: bool
-) -> None:
-    connector = await visible_connector(session, connector_id, user_id, is_admin)
-    used = await session.scalar(
-        select(func.count()).select_from(Connection).where(Connection.connector_id == connector.id)
-    )
-    if used:
-        raise Conflict(
-            f"connector {connector_id} still has {used} connection(s); delete them first"
-        )
-    await session.delete(connector)
-    await session.flush()
 
 
 # -- connections and shares ----------------------------------------------------------------
