@@ -53,16 +53,17 @@ def _still_valid(cert_path: Path, key_path: Path) -> bool:
     return cert.not_valid_after_utc - DEV_RENEW_MARGIN > dt.datetime.now(dt.UTC)
 
 
-def generate_dev_certificate(cert_path: Path, key_path: Path) -> None:
+def generate_dev_certificate(
+    cert_path: Path, key_path: Path, extra_addresses: tuple[str, ...] = ()
+) -> None:
+    """A self-signed certificate for localhost, 127.0.0.1, ::1 and ``extra_addresses``."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = dt.datetime.now(dt.UTC)
+    addresses = ("127.0.0.1", "::1", *extra_addresses)
     san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
+        [x509.DNSName("localhost")]
+        + [x509.IPAddress(ipaddress.ip_address(address)) for address in addresses]
     )
     cert = (
         x509.CertificateBuilder()

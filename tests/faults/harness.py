@@ -3,8 +3,6 @@ that also names a private address, and log polling."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import socket
 import ssl
@@ -12,13 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from backhaul.devstack import DevStack
-from backhaul.keys import write_private
+from relay.tls import generate_dev_certificate
 from tests.e2e.conftest import FAST_ENV
 
 #: Keepalive every second on both ends, dead after two silent seconds; backoff capped at 2 s.
@@ -117,34 +110,7 @@ def wait_for(check: Any, timeout: float, step: float = 0.05) -> float:
 def write_relay_certificate(relay_dir: Path, *ips: str) -> None:
     """The relay's development certificate, also valid for ``ips`` (written where
     ``backhaul-relay serve --dev`` finds and reuses it)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    addresses = ["127.0.0.1", "::1", *ips]
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in addresses]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=400))
-        .add_extension(san, critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    tls = relay_dir / "tls"
-    tls.mkdir(parents=True, exist_ok=True)
+    relay_dir.mkdir(parents=True, exist_ok=True)
     relay_dir.chmod(0o700)
-    write_private(
-        tls / "relay.key",
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    (tls / "relay.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tls = relay_dir / "tls"
+    generate_dev_certificate(tls / "relay.crt", tls / "relay.key", ips)
