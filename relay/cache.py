@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session
+
+from relay.problems import ProblemError
+from relay.store import Forbidden, NotFound
+
+T = TypeVar("T")
 
 _MAX_ENTRIES = 10_000
 
@@ -59,6 +65,27 @@ class ReadCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+
+async def lookup(
+    cache: ReadCache, key: Any, load: Callable[[AsyncSession], Awaitable[T]], sessions: Any
+) -> T:
+    """``load`` through the cache; NotFound and Forbidden are cached too, as the 404 and 403
+    problems they become, so a caller probing unknown ids costs no query either."""
+    cached = cache.get(key)
+    if cached is None:
+        async with sessions() as session:
+            try:
+                cached = await load(session)
+            except NotFound as exc:
+                cached = ProblemError(404, "Not found", str(exc))
+            except Forbidden as exc:
+                cached = ProblemError(403, "Forbidden", str(exc))
+        cache.put(key, cached)
+    if isinstance(cached, ProblemError):
+        raise ProblemError(cached.status, cached.title, cached.detail)
+    found: T = cached
+    return found
 
 
 def _mark_dirty(session: Session, *_: Any) -> None:

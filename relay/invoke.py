@@ -29,14 +29,14 @@ from backhaul.wire import ErrorCode, StreamUnavailable
 from relay import audit, limits, metrics, online
 from relay import plan as invoke_plan
 from relay.balancing import RoundRobin, Thresholds, choose
-from relay.cache import ReadCache
+from relay.cache import ReadCache, lookup
 from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
 from relay.headers import response_headers
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
 from relay.problems import ProblemError
 from relay.registry import Registry
-from relay.store import Forbidden, NotFound, queries
+from relay.store import queries
 from relay.store.queries import InvokeTarget
 
 router = APIRouter()
@@ -101,21 +101,12 @@ async def _target(
 ) -> InvokeTarget:
     """The connection's routing facts for this caller, from the cache when the store is
     unchanged since they were read."""
-    key = (connection_id, user_id, is_admin)
-    cached = _TARGETS.get(key)
-    if cached is None:
-        async with request.app.state.db() as session:
-            try:
-                cached = await queries.invoke_target(session, connection_id, user_id, is_admin)
-            except NotFound as exc:
-                cached = ProblemError(404, "Not found", str(exc))
-            except Forbidden as exc:
-                cached = ProblemError(403, "Forbidden", str(exc))
-        _TARGETS.put(key, cached)
-    if isinstance(cached, ProblemError):
-        raise ProblemError(cached.status, cached.title, cached.detail)
-    target: InvokeTarget = cached
-    return target
+    return await lookup(
+        _TARGETS,
+        (connection_id, user_id, is_admin),
+        lambda session: queries.invoke_target(session, connection_id, user_id, is_admin),
+        request.app.state.db,
+    )
 
 
 def _deadline(request: Request) -> float:

@@ -17,7 +17,7 @@ from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay import policies, sharing
-from relay.cache import ReadCache
+from relay.cache import ReadCache, lookup
 from relay.importer import settings as connector_settings
 from relay.importer.settings import ConnectorSettings
 from relay.oauth.tokens import OAuthTarget
@@ -94,20 +94,9 @@ _PLANS = ReadCache()
 
 async def for_target(request: Request, target: InvokeTarget) -> Plan:
     """:func:`load`, cached like the invoke target until the store next changes."""
-    cached = _PLANS.get(target.connection_id)
-    if cached is None:
-        async with request.app.state.db() as session:
-            try:
-                cached = await load(session, target)
-            except NotFound as exc:
-                cached = ProblemError(404, "Not found", str(exc))
-            except Forbidden as exc:
-                cached = ProblemError(403, "Forbidden", str(exc))
-        _PLANS.put(target.connection_id, cached)
-    if isinstance(cached, ProblemError):
-        raise ProblemError(cached.status, cached.title, cached.detail)
-    found: Plan = cached
-    return found
+    return await lookup(
+        _PLANS, target.connection_id, lambda session: load(session, target), request.app.state.db
+    )
 
 
 async def load(session: AsyncSession, target: InvokeTarget) -> Plan:
