@@ -241,8 +241,22 @@ class Tunnel:
         return events
 
     async def flush(self) -> None:
+        """Write out every frame queued so far.
+
+        The first flush of a loop iteration yields once before it writes, so the frames other
+        tasks queue in the same iteration (the OPENs of concurrent requests, a RESPONSE and
+        its DATA) leave together in one BATCH message: one WebSocket frame, one TLS record,
+        one write. A flush with nothing queued still waits for a write in progress, which
+        may be carrying its frames.
+        """
+        if not self.conn.has_data_to_send:
+            if self._write_lock.locked():
+                async with self._write_lock:
+                    pass
+            return
+        await asyncio.sleep(0)
         async with self._write_lock:
-            for message in self.conn.data_to_send():
+            for message in self.conn.messages_to_send():
                 if self.closed:
                     raise TransportClosed(self.close_reason)
                 try:

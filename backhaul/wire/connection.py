@@ -67,7 +67,8 @@ class Connection:
     def __init__(self, role: Role, settings: Settings | None = None) -> None:
         self.role = role
         self.local = settings or Settings()
-        self.peer = Settings()
+        #: Until the peer's HELLO says otherwise, it takes no BATCH frames.
+        self.peer = Settings(batch_frames=0)
         self.phase = Phase.HANDSHAKE
         self._hello_sent = False
         self._hello_received = False
@@ -121,9 +122,39 @@ class Connection:
         return max(0, min(stream.send.available, self._send_window.available, self.peer.max_data))
 
     def data_to_send(self) -> list[bytes]:
-        """The WebSocket messages to write, in order; the buffer is emptied."""
+        """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""
         out, self._out = self._out, []
         return out
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
+    def messages_to_send(self) -> list[bytes]:
+        """Like :meth:`data_to_send`, with runs of small frames packed into BATCH messages
+        when the peer announced ``batch_frames``. Order is kept: a large frame (bulk DATA)
+        ends the run before it and goes alone; handshake frames are never batched."""
+        out = self.data_to_send()
+        limit = self.peer.batch_frames
+        if len(out) < 2 or not limit or self.phase is not Phase.OPEN:
+            return out
+        budget = self.peer.max_message - f.HEADER_SIZE
+        messages: list[bytes] = []
+        run: list[bytes] = []
+        size = 0
+        for message in out:
+            if len(message) > f.BATCH_MAX_ENTRY or message[0] in _NEVER_BATCHED:
+                _close_run(run, messages)
+                run, size = [], 0
+                messages.append(message)
+                continue
+            if len(run) >= limit or size + 4 + len(message) > budget:
+                _close_run(run, messages)
+                run, size = [], 0
+            run.append(message)
+            size += 4 + len(message)
+        _close_run(run, messages)
+        return messages
 
     # ------------------------------------------------------------------ handshake
 
@@ -237,21 +268,46 @@ class Connection:
             return []
         try:
             frame = f.decode(message, self.local.max_message)
-            if frame.type not in _KNOWN_TYPES:
-                return [UnknownFrameReceived(frame.type, frame.stream_id)]
-            ftype = f.FrameType(frame.type)
-            self._check_placement(ftype, frame.stream_id)
-            return self._handlers[ftype](frame)
+            if frame.type != f.FrameType.BATCH:
+                return self._receive_frame(frame)
+            self._check_placement(f.FrameType.BATCH, frame.stream_id)
+            if not self.local.batch_frames:
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "BATCH was not announced")
+            entries = f.decode_batch(frame, self.local.batch_frames)
         except RemoteProtocolError as exc:
-            if exc.stream_id and exc.stream_id in self._streams:
-                self.reset_stream(exc.stream_id, exc.code, exc.reason)
-                return [StreamReset(exc.stream_id, exc.code, exc.reason, remote=False)]
-            if exc.stream_id:
-                # A stream refused before it existed (e.g. a malformed OPEN): reset it and
-                # still report it, so the adapter can log what the peer did.
-                self._out.append(f.encode_reset(exc.stream_id, exc.code, exc.reason))
-                return [StreamReset(exc.stream_id, exc.code, exc.reason, remote=False)]
-            return [self.terminate(exc.code, exc.reason)]
+            return self._refuse(exc)
+        # Each frame of a batch is handled as if it had come alone: a stream-level violation
+        # resets that stream and the rest of the batch still counts.
+        events: list[Event] = []
+        for entry in entries:
+            try:
+                inner = f.decode(entry, self.local.max_message)
+                if inner.type == f.FrameType.BATCH:
+                    raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "BATCH inside a BATCH")
+                events.extend(self._receive_frame(inner))
+            except RemoteProtocolError as exc:
+                events.extend(self._refuse(exc))
+            if self.phase is Phase.CLOSED:
+                break
+        return events
+
+    def _receive_frame(self, frame: f.Frame) -> list[Event]:
+        if frame.type not in _KNOWN_TYPES:
+            return [UnknownFrameReceived(frame.type, frame.stream_id)]
+        ftype = f.FrameType(frame.type)
+        self._check_placement(ftype, frame.stream_id)
+        return self._handlers[ftype](frame)
+
+    def _refuse(self, exc: RemoteProtocolError) -> list[Event]:
+        if exc.stream_id and exc.stream_id in self._streams:
+            self.reset_stream(exc.stream_id, exc.code, exc.reason)
+            return [StreamReset(exc.stream_id, exc.code, exc.reason, remote=False)]
+        if exc.stream_id:
+            # A stream refused before it existed (e.g. a malformed OPEN): reset it and
+            # still report it, so the adapter can log what the peer did.
+            self._out.append(f.encode_reset(exc.stream_id, exc.code, exc.reason))
+            return [StreamReset(exc.stream_id, exc.code, exc.reason, remote=False)]
+        return [self.terminate(exc.code, exc.reason)]
 
     def close_events(self, code: ErrorCode, reason: str) -> list[Event]:
         """The transport closed: report every open stream as reset."""
@@ -422,6 +478,16 @@ class Connection:
         if stream_id <= highest:
             return []
         raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"frame for idle stream {stream_id}")
+
+
+_NEVER_BATCHED = frozenset({int(f.FrameType.HELLO), int(f.FrameType.WELCOME)})
+
+
+def _close_run(run: list[bytes], messages: list[bytes]) -> None:
+    if len(run) == 1:
+        messages.append(run[0])
+    elif run:
+        messages.append(f.encode_batch(run))
 
 
 def _flags(end_stream: bool) -> int:

@@ -54,6 +54,8 @@ class FrameType(IntEnum):
     PONG = 0xA
     GOAWAY = 0xB
     NOTICE = 0xC
+    #: Several frames in one message, for a peer whose settings take them (``batch_frames``).
+    BATCH = 0xD
 
 
 class Flags(IntFlag):
@@ -71,6 +73,7 @@ TUNNEL_FRAMES = frozenset(
         FrameType.PONG,
         FrameType.GOAWAY,
         FrameType.NOTICE,
+        FrameType.BATCH,
     }
 )
 #: Frame types whose payload is a JSON object.
@@ -117,6 +120,49 @@ def encode_reset(stream_id: int, code: ErrorCode, reason: str) -> bytes:
 
 def encode_goaway(last_stream_id: int, code: ErrorCode, reason: str) -> bytes:
     return encode(FrameType.GOAWAY, 0, _GOAWAY.pack(last_stream_id, code) + _reason_bytes(reason))
+
+
+_BATCH_HEADER = HEADER.pack(FrameType.BATCH, 0, 0)
+_BATCH_ENTRY = struct.Struct("!I")
+#: Frames larger than this go in a message of their own: batching is for the small frames of
+#: many concurrent requests, and copying a bulk DATA frame into a batch buys nothing.
+BATCH_MAX_ENTRY = 16 * 1024
+
+
+def encode_batch(messages: list[bytes]) -> bytes:
+    """One BATCH frame carrying ``messages`` (encoded frames), each behind its 4-byte length."""
+    parts = [_BATCH_HEADER]
+    pack = _BATCH_ENTRY.pack
+    for message in messages:
+        parts.append(pack(len(message)))
+        parts.append(message)
+    return b"".join(parts)
+
+
+def decode_batch(frame: Frame, max_frames: int) -> list[bytes]:
+    """The encoded frames inside a BATCH; a truncated entry or too many of them is the
+    peer's protocol error (the whole tunnel: the stream ids inside can't be trusted)."""
+    payload = frame.payload
+    end = len(payload)
+    entries: list[bytes] = []
+    offset = 0
+    unpack = _BATCH_ENTRY.unpack_from
+    while offset < end:
+        if offset + 4 > end:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "BATCH entry length truncated")
+        (size,) = unpack(payload, offset)
+        offset += 4
+        if size > end - offset:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "BATCH entry truncated")
+        if len(entries) >= max_frames:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"BATCH carries more than {max_frames} frames"
+            )
+        entries.append(payload[offset : offset + size])
+        offset += size
+    if not entries:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "empty BATCH")
+    return entries
 
 
 def _reason_bytes(reason: str) -> bytes:

@@ -14,6 +14,10 @@ DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
 DEFAULT_TUNNEL_WINDOW = 32 * 1024 * 1024
 DEFAULT_MAX_DATA = 256 * 1024
 DEFAULT_MAX_STREAMS = 1024
+#: Frames a BATCH message may carry. Batching turns the many small frames of concurrent
+#: requests (OPEN, RESPONSE, a short DATA) into one WebSocket message, one TLS record and one
+#: write: the per-message cost of WebSocket framing, TLS and the system call is paid once.
+DEFAULT_BATCH_FRAMES = 256
 _MIN_MAX_DATA = 1024
 _LIMIT_MAX_DATA = 16 * 1024 * 1024
 
@@ -24,6 +28,9 @@ class Settings:
     tunnel_window: int = DEFAULT_TUNNEL_WINDOW
     max_data: int = DEFAULT_MAX_DATA
     max_streams: int = DEFAULT_MAX_STREAMS
+    #: 0: this side does not take BATCH frames (a peer that predates them announces nothing,
+    #: which :meth:`from_dict` reads as 0).
+    batch_frames: int = DEFAULT_BATCH_FRAMES
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -32,15 +39,16 @@ class Settings:
     def from_dict(cls, raw: Any) -> Settings:
         """Parse a peer's settings; missing keys take the defaults, bad ones end the tunnel."""
         if raw is None:
-            return cls()
+            return cls(batch_frames=0)
         if not isinstance(raw, dict):
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "settings must be an object")
-        values: dict[str, int] = {}
+        values: dict[str, int] = {"batch_frames": 0}
         limits = {
             "stream_window": (1, MAX_WINDOW),
             "tunnel_window": (1, MAX_WINDOW),
             "max_data": (_MIN_MAX_DATA, _LIMIT_MAX_DATA),
             "max_streams": (1, 1_000_000),
+            "batch_frames": (0, 65_536),
         }
         for key, (low, high) in limits.items():
             if key not in raw:

@@ -134,11 +134,12 @@ def test_settings_defaults_when_absent() -> None:
     agent = Connection(Role.AGENT, SMALL)
     relay.send_hello({})
     deliver(relay, agent)
-    # An agent HELLO without settings: the relay assumes the defaults.
+    # An agent HELLO without settings: the relay assumes the defaults, and no BATCH frames
+    # (an agent that announces nothing predates them).
     assert relay.receive_message(f.encode_json(f.FrameType.HELLO, 0, {"x": 1})) == [
         HelloReceived({"x": 1})
     ]
-    assert relay.peer == Settings()
+    assert relay.peer == Settings(batch_frames=0)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,119 @@
+"""Where does a small request's CPU go? Sample the relay and the agent under load.
+
+    .venv/bin/python bench/profile.py [--seconds 10] [--connections 64] [--top 25]
+
+Starts the same sample API, relay and enrolled agent as ``bench/run.py`` (its
+``setup_backhaul``), puts ``wrk -c64`` on ``GET /small`` through the tunnel, and samples both
+processes with py-spy (``record --format raw``, 200 Hz, ``--nonblocking`` so the target is never
+paused). Prints, per process, the functions with the most samples on top of the stack (self)
+and the most samples anywhere in the stack (inclusive), and the wrk figures of the same run.
+Collapsed stacks are kept under ``bench/out/profile-{relay,agent}.txt`` for flame graphs.
+
+Needs py-spy (``.venv/bin/pip install py-spy``) and ``bash bench/setup.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+
+import run as bench  # noqa: E402
+
+from backhaul import sampleapi  # noqa: E402
+
+
+def summarize(raw: Path, top: int) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        own[_short(frames[-1])] += count
+        for name in {_short(f) for f in frames}:
+            inclusive[name] += count
+    lines = [f"  {total} samples"]
+    lines.append("  self:")
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines.append("  inclusive:")
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/module.py:123)`` → ``func (module.py)``: one row per function."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{name} ({short})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("py-spy not found: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    procs = bench.Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="backhaul-profile-"))
+    try:
+        backend = sampleapi.start_subprocess(
+            "127.0.0.1", 0, timeout=30, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        procs.adopt("sample API", backend.process)
+        target = bench.setup_backhaul(backend_port=backend.port, procs=procs, tmp=tmp)
+        bench.check_target(target)
+        bench.run_wrk(target, args.connections, 2, 2)  # warm up
+        spies = {}
+        for name, pid in target.memory_pids.items():
+            spies[name] = subprocess.Popen(
+                [spy, "record", "--format", "raw", "--rate", "200", "--nonblocking"]
+                + ["--duration", str(args.seconds + 1), "--pid", str(pid)]
+                + ["--output", str(out / f"profile-{name}.txt")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        time.sleep(0.5)
+        cpu_before = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
+        wrk = bench.run_wrk(target, args.connections, 2, args.seconds)
+        cpu_after = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
+        for spy_proc in spies.values():
+            spy_proc.wait(timeout=60)
+        rate, _errors = bench.wrk_rate(wrk)
+        print(f"wrk -c{args.connections} -d{args.seconds}s: {rate:,.0f} requests/s")
+        for name in spies:
+            used = cpu_after[name] - cpu_before[name]
+            per = 1000 * used / max(1.0, rate * args.seconds)
+            print(f"\n{name}: {used:.2f} s CPU, {per:.3f} ms per request")
+            print(summarize(out / f"profile-{name}.txt", args.top))
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
