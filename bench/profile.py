@@ -90,9 +90,11 @@ def main() -> int:
         spies = {}
         for name, pid in target.memory_pids.items():
             spies[name] = subprocess.Popen(
-                [spy, "record", "--format", "raw", "--rate", "200", "--nonblocking"]
-                + ["--duration", str(args.seconds + 1), "--pid", str(pid)]
-                + ["--output", str(out / f"profile-{name}.txt")],
+                [
+                    *(spy, "record", "--format", "raw", "--rate", "200", "--nonblocking"),
+                    *("--duration", str(args.seconds + 1), "--pid", str(pid)),
+                    *("--output", str(out / f"profile-{name}.txt")),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

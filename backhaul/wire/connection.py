@@ -102,6 +102,10 @@ class Connection:
         return len(self._streams)
 
     @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
     def accepting_streams(self) -> bool:
         """True when the relay may open a new stream on this tunnel."""
         return (
@@ -287,7 +291,7 @@ class Connection:
                 events.extend(self._receive_frame(inner))
             except RemoteProtocolError as exc:
                 events.extend(self._refuse(exc))
-            if self.phase is Phase.CLOSED:
+            if self.closed:
                 break
         return events
 

@@ -47,9 +47,12 @@ def test_batch_layout_is_length_prefixed_frames() -> None:
     one = f.encode(f.FrameType.END, 1)
     two = f.encode(f.FrameType.DATA, 3, b"abc", int(f.Flags.END_STREAM))
     wire = f.encode_batch([one, two])
-    assert wire == (
-        bytes([f.FrameType.BATCH, 0]) + b"\0\0\0\0" + struct.pack("!I", 6) + one
-    ) + struct.pack("!I", 9) + two
+    assert (
+        wire
+        == (bytes([f.FrameType.BATCH, 0]) + b"\0\0\0\0" + struct.pack("!I", 6) + one)
+        + struct.pack("!I", 9)
+        + two
+    )
     frame = f.decode(wire, 2**20)
     assert f.decode_batch(frame, 16) == [one, two]
 
@@ -161,7 +164,8 @@ def test_a_batch_on_a_stream_or_before_welcome_ends_the_tunnel() -> None:
     agent = Connection(Role.AGENT)
     relay.send_hello({})
     deliver(relay, agent)
-    early = _batch(f.encode(f.FrameType.PING, 0, b"\0" * 8), f.encode(f.FrameType.PING, 0, b"\0" * 8))
+    ping = f.encode(f.FrameType.PING, 0, b"\0" * 8)
+    early = _batch(ping, ping)
     assert "before WELCOME" in _terminated(agent.receive_message(early)).reason
 
 
