@@ -24,6 +24,7 @@ from backhaul.seal import GatewayKeyPair, open_sealed
 from backhaul.wire import ErrorCode
 
 log = structlog.get_logger("backhaul.agent.dispatch")
+_BYTES_DOWN = metrics.BYTES.labels("down")
 
 #: AgentError.code → the RESET code the relay maps to an HTTP status.
 #: Opened credentials are kept this long (and at most this many), in this process's memory
@@ -67,14 +68,17 @@ class Dispatcher:
             head = RequestHead.parse(stream.head or {})
             credentials = self._open(head)
             upstream = await self.executor.start(head, credentials, self._body(stream))
+            # When the body (or its first part) is already here, the RESPONSE waits for it
+            # and both leave in one flush; otherwise the caller gets the head at once.
             await stream.send_response(
-                {"status": upstream.status, "headers": [list(h) for h in upstream.headers]}
+                {"status": upstream.status, "headers": upstream.headers},
+                flush=not upstream.body_ready,
             )
             # One chunk of look-ahead: the last one goes out with END_STREAM, so a small
-            # response is two messages (RESPONSE, DATA) instead of three.
+            # response is two frames (RESPONSE, DATA) instead of three.
             pending: bytes | None = None
             async for chunk in upstream.aiter_bytes():
-                metrics.BYTES.labels("down").inc(len(chunk))
+                _BYTES_DOWN.inc(len(chunk))
                 if pending is not None:
                     await stream.write(pending)
                 pending = chunk

@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--rate", type=int, default=200, help="samples/s; 0: no sampling")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -88,10 +89,10 @@ def main() -> int:
         bench.check_target(target)
         bench.run_wrk(target, args.connections, 2, 2)  # warm up
         spies = {}
-        for name, pid in target.memory_pids.items():
+        for name, pid in target.memory_pids.items() if args.rate else ():
             spies[name] = subprocess.Popen(
                 [
-                    *(spy, "record", "--format", "raw", "--rate", "200", "--nonblocking"),
+                    *(spy, "record", "--format", "raw", "--rate", str(args.rate), "--nonblocking"),
                     *("--duration", str(args.seconds + 1), "--pid", str(pid)),
                     *("--output", str(out / f"profile-{name}.txt")),
                 ],
@@ -106,11 +107,12 @@ def main() -> int:
             spy_proc.wait(timeout=60)
         rate, _errors = bench.wrk_rate(wrk)
         print(f"wrk -c{args.connections} -d{args.seconds}s: {rate:,.0f} requests/s")
-        for name in spies:
+        for name in target.memory_pids:
             used = cpu_after[name] - cpu_before[name]
             per = 1000 * used / max(1.0, rate * args.seconds)
             print(f"\n{name}: {used:.2f} s CPU, {per:.3f} ms per request")
-            print(summarize(out / f"profile-{name}.txt", args.top))
+            if name in spies:
+                print(summarize(out / f"profile-{name}.txt", args.top))
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -91,11 +91,11 @@ class Recorder:
         try:
             await self.app(scope, receive, watch)
         finally:
-            title, detail = _problem_text(bytes(problem)) if is_problem else ("", "")
+            title, detail = problem_text(bytes(problem)) if is_problem else ("", "")
             self.activity.record(match.group(1), status, title, detail)
 
 
-def _problem_text(body: bytes) -> tuple[str, str]:
+def problem_text(body: bytes) -> tuple[str, str]:
     try:
         doc = json.loads(body)
     except ValueError:

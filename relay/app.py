@@ -19,7 +19,7 @@ from backhaul.version import __version__
 from relay import admin, audit, cache, egress, invoke, limits, problems, rotation, tunnel
 from relay.api import ROUTERS
 from relay.config import RelayConfig, ensure_data_dir
-from relay.fastpath import InvokeFastPath
+from relay.fastpath import RelayApp
 from relay.forward import peer_client
 from relay.hub import Hub
 from relay.registry import Registry
@@ -102,7 +102,7 @@ def create_app(config: RelayConfig) -> FastAPI:
         finally:
             await engine.dispose()
 
-    app = FastAPI(
+    app = RelayApp(
         title="Backhaul relay",
         version=__version__,
         description="Invoke on-premises APIs through an outbound-only gateway tunnel.",
@@ -114,7 +114,6 @@ def create_app(config: RelayConfig) -> FastAPI:
         app.include_router(router)
     app.include_router(tunnel.router)
     app.include_router(invoke.router)
-    app.add_middleware(InvokeFastPath)
     admin.install(app)  # the status page, and the invoke activity it shows (outside the fast path)
     limits.install(app)  # outside the fast path, inside the access log
     app.add_middleware(AccessLog)

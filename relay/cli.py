@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
 import typer
 
 from backhaul.errors import BackhaulError
 from relay.config import RelayConfig, ensure_data_dir, load_config
+
+if TYPE_CHECKING:
+    from relay.tls import TLSFiles
 
 app = typer.Typer(
     name="backhaul-relay",
@@ -79,12 +82,17 @@ def serve(
         str | None, typer.Option(help="https URL other relay instances use to reach this one")
     ] = None,
     instance_id: Annotated[str | None, typer.Option(help="name of this relay instance")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="worker processes (0: one per CPU); other than 1 needs --redis-url"),
+    ] = None,
 ) -> None:
     """Serve the HTTP API and the agent tunnel over TLS."""
     import uvicorn
 
-    from relay import limits, tls
+    from relay import tls
     from relay.app import create_app
+    from relay.workers import server_config
 
     config = _load(
         config_file,
@@ -97,30 +105,23 @@ def serve(
         redis_url=redis_url,
         advertise_url=advertise_url,
         instance_id=instance_id,
+        workers=workers,
     )
     try:
         files = tls.resolve(config)
     except tls.TLSSetupError as exc:
         raise _fail(str(exc)) from exc
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config),
-            host=config.host,
-            port=config.port,
-            ssl_certfile=str(files.cert),
-            ssl_keyfile=str(files.key),
-            ws="websockets",
-            ws_per_message_deflate=False,
-            ws_max_size=limits.WS_MAX_MESSAGE,
-            ws_max_queue=limits.WS_MAX_QUEUE,
-            http=limits.http_protocol(config),
-            access_log=False,
-            log_config=None,
-            lifespan="on",
-            h11_max_incomplete_event_size=config.max_request_header_bytes,
-            timeout_graceful_shutdown=30,
-        )
-    )
+    if config.workers != 1:
+        _serve_workers(config, files)
+        return
+    server = uvicorn.Server(server_config(create_app(config), config, files))
+    _announce(config, files)
+    server.run()
+    if getattr(server, "started", True) is False:
+        raise typer.Exit(1)
+
+
+def _announce(config: RelayConfig, files: TLSFiles, workers: int = 1) -> None:
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = config.public_url or f"https://{host}:{config.port}"
     log.info(
@@ -128,15 +129,51 @@ def serve(
         url=url,
         ca_file=str(files.ca_file) if files.ca_file else None,
         data_dir=str(config.data_dir),
+        workers=workers,
     )
     typer.echo(
         f"backhaul-relay listening on {url}"
+        + (f" with {workers} worker processes" if workers != 1 else "")
         + (f" (dev CA file: {files.ca_file})" if files.ca_file else ""),
         err=True,
     )
-    server.run()
-    if getattr(server, "started", True) is False:
-        raise typer.Exit(1)
+
+
+def _serve_workers(config: RelayConfig, files: TLSFiles) -> None:
+    """The supervisor (relay/workers.py): migrate once, bind once, then run the workers."""
+    from relay import workers
+
+    try:
+        asyncio.run(_migrate(config))
+    except Exception as exc:  # the database is down or refuses: say so, as a single relay would
+        raise _fail(f"cannot bring the database to the current schema: {exc}") from exc
+    try:
+        sockets = workers.bind(config.host, config.port)
+    except OSError as exc:
+        raise _fail(f"cannot listen on {config.listen}: {exc.strerror or exc}") from exc
+    count = config.worker_count
+    _announce(config, files, count)
+    supervisor = workers.Supervisor(config, files, sockets, count)
+    try:
+        status = supervisor.run()
+    finally:
+        for sock in sockets:
+            sock.close()
+    if status:
+        raise _fail(f"the relay did not start: {supervisor.problem}")
+
+
+async def _migrate(config: RelayConfig) -> None:
+    from relay.store.db import make_engine
+    from relay.store.migrate import upgrade
+
+    if config.database_url.startswith("sqlite"):
+        ensure_data_dir(config.data_dir)
+    engine = make_engine(config.database_url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
 
 
 async def _create_admin(config: RelayConfig, name: str) -> str:
@@ -185,20 +222,8 @@ def create_admin(
 @app.command()
 def migrate(config_file: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Bring the database to the current schema (``serve`` also does this at start)."""
-    from relay.store.db import make_engine
-    from relay.store.migrate import upgrade
-
     config = _load(config_file, data_dir=data_dir, dev=True)
-
-    async def run() -> None:
-        ensure_data_dir(config.data_dir)
-        engine = make_engine(config.database_url)
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
+    asyncio.run(_migrate(config))
     typer.echo("database is at the current schema", err=True)
 
 

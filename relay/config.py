@@ -97,6 +97,8 @@ class RelayConfig(BaseModel):
     advertise_url: str | None = None
     peer_ca_file: Path | None = None
     registry_ttl_seconds: float = Field(default=15, ge=3)
+    #: Worker processes on this machine (relay/workers.py); 0 means one per usable CPU.
+    workers: int = Field(default=1, ge=0)
 
     @field_validator("listen")
     @classmethod
@@ -139,7 +141,29 @@ class RelayConfig(BaseModel):
             raise ValueError("redis_url must be a redis:// or rediss:// URL")
         if self.invoke_timeout_seconds > self.invoke_timeout_max_seconds:
             raise ValueError("invoke_timeout_seconds exceeds invoke_timeout_max_seconds")
+        if self.workers != 1:
+            self._check_workers()
         return self
+
+    def _check_workers(self) -> None:
+        """Workers are relay instances that find each other's tunnels through the registry.
+
+        Checked whenever ``workers`` is not 1 (0 included), not only when it resolves to more
+        than one process on this machine, so a file that starts on a laptop starts on a
+        bigger server too.
+        """
+        if not self.redis_url:
+            auto = " (workers = 0 is one per CPU)" if self.workers == 0 else ""
+            raise ValueError(
+                "workers > 1 needs redis_url: the worker processes find each other's agent "
+                'tunnels through the Redis registry (e.g. redis_url = "redis://127.0.0.1:6379/0")'
+                + auto
+            )
+        if self.advertise_url is not None:
+            raise ValueError(
+                "advertise_url cannot be set with workers > 1: each worker advertises its own "
+                "listener on 127.0.0.1; across machines run one worker per relay instance"
+            )
 
     @property
     def host(self) -> str:
@@ -148,6 +172,15 @@ class RelayConfig(BaseModel):
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` with 0 resolved to the CPUs this process may run on (its affinity,
+        which a container's cpuset narrows; a CPU quota is not seen, so set it explicitly)."""
+        if self.workers:
+            return self.workers
+        affinity = getattr(os, "sched_getaffinity", None)
+        return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
     @property
     def peer_url(self) -> str:

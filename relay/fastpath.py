@@ -1,41 +1,126 @@
 """The invoke route without the framework's per-request machinery.
 
 ``ANY /v1/connections/{id}/invoke/{path}`` is the data path: every caller request crosses it.
-FastAPI's routing, dependency injection and exception middleware cost more CPU than the
-relay's own work on a small request, so this middleware answers invoke requests itself —
-same authentication, same handler, same problem responses — and passes everything else on.
-The FastAPI routes stay registered, so the OpenAPI document still lists the invoke operation.
+FastAPI's middleware stack (body limit, telemetry, server errors, exceptions, routing,
+dependency injection) and the access log cost more CPU than the relay's own work on a small
+request, so :class:`RelayApp` answers invoke requests before that stack — with the same URL
+and body limits (:class:`relay.limits.RequestLimits`), the same authentication and handler,
+the same problem responses, and the same activity record for the admin page — and passes
+everything else on. The FastAPI routes stay registered, so the OpenAPI document still lists
+the invoke operation.
+
+Successful invokes are not written to the request log (the audit log records every one of
+them, in batches); refusals and failures are, with method, path and status, and at debug
+level every invoke is.
 """
 
 from __future__ import annotations
 
 import re
+import time
 
-from fastapi import Request
-from fastapi.security.utils import get_authorization_scheme_param
-from starlette.types import ASGIApp, Receive, Scope, Send
+import structlog
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import invoke
+from relay.activity import Activity, problem_text
 from relay.identity import authenticate
-from relay.problems import ProblemError
+from relay.limits import RequestLimits
+from relay.problems import ProblemError, problem
 
-_INVOKE = re.compile(r"^/v1/connections/([^/]+)/invoke(?:/|$)")
+log = structlog.get_logger("backhaul.relay.invoke")
+
+_PREFIX = "/v1/connections/"
+_INVOKE = re.compile(r"^/v1/connections/([A-Za-z0-9_\-]+)/invoke(?:/|$)")
+_METHODS = frozenset(invoke.METHODS)
+_PROBLEM_BYTES = 4096
 
 
-class InvokeFastPath:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+class RelayApp(FastAPI):
+    """The relay's ASGI application: FastAPI, with invoke requests taken off the top."""
+
+    _edge: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _INVOKE.match(scope["path"]) if scope["type"] == "http" else None
-        if match is None or scope["method"] not in invoke.METHODS:
-            await self.app(scope, receive, send)
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith(_PREFIX)
+            and scope["method"] in _METHODS
+            and _INVOKE.match(scope["path"]) is not None
+        ):
+            scope["app"] = self
+            edge = self._edge
+            if edge is None:
+                config = self.state.config
+                edge = self._edge = RequestLimits(
+                    _answer_invoke, config.max_url_bytes, config.max_body_bytes
+                )
+            await edge(scope, receive, send)
             return
-        request = Request(scope, receive)
-        scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+        await super().__call__(scope, receive, send)
+
+
+async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
+    """Authenticate, invoke, answer; record the outcome for the admin page."""
+    match = _INVOKE.match(scope["path"])
+    assert match is not None
+    connection_id = match.group(1)
+    started = time.perf_counter()
+    status = 500
+    is_problem = False
+    response_started = False
+    body = bytearray()
+
+    async def watch(message: Message) -> None:
+        nonlocal status, is_problem, response_started
+        if message["type"] == "http.response.start":
+            response_started = True
+            status = int(message["status"])
+            for name, value in message.get("headers", ()):
+                if name == b"content-type" and b"problem+json" in value:
+                    is_problem = True
+        elif is_problem and message["type"] == "http.response.body":
+            room = _PROBLEM_BYTES - len(body)
+            if room > 0:
+                body.extend(message.get("body", b"")[:room])
+        await send(message)
+
+    request = Request(scope, receive)
+    try:
         try:
-            user = await authenticate(request, token if scheme.lower() == "bearer" else None)
-            response = await invoke.invoke(match.group(1), "", request, user)
+            user = await authenticate(request, _bearer(scope))
+            response = await invoke.invoke(connection_id, "", request, user)
         except ProblemError as exc:
             response = exc.response()
-        await response(scope, receive, send)
+        await response(scope, receive, watch)
+    except Exception:
+        log.exception("invoke.crashed", connection_id=connection_id)
+        if response_started:
+            raise
+        await problem(500, "Internal Server Error", "the relay failed; see its log")(
+            scope, receive, watch
+        )
+    finally:
+        activity: Activity = scope["app"].state.activity
+        title, detail = problem_text(bytes(body)) if is_problem else ("", "")
+        activity.record(connection_id, status, title, detail)
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if status >= 400:
+            log.info("http request", **fields)
+        else:
+            log.debug("http request", **fields)
+
+
+def _bearer(scope: Scope) -> str | None:
+    """The bearer token of the Authorization header (RFC 6750 §2.1), if any."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None

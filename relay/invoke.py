@@ -187,7 +187,7 @@ async def _invoke(
         "base_url": plan.base_url,
         "auth": plan.auth_spec(),
         "suite": target.seal_suite,
-        "sealed": b64e(target.sealed_credentials),
+        "sealed": _sealed_text(target.sealed_credentials),
         "timeout_ms": int(deadline * 1000),
         "key_version": target.key_version,
     }
@@ -304,6 +304,23 @@ async def _exchange(
     return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
 
 
+_SEALED_TEXT: dict[bytes, str] = {}
+
+
+def _sealed_text(blob: bytes) -> str:
+    """The blob in base64 for the OPEN head, computed once per blob (it is the same on every
+    invoke of a connection, and a few KiB with the ML-KEM ciphertext)."""
+    text = _SEALED_TEXT.get(blob)
+    if text is None:
+        if len(_SEALED_TEXT) >= 4096:
+            _SEALED_TEXT.clear()
+        text = _SEALED_TEXT[blob] = b64e(blob)
+    return text
+
+
+_BYTES_REQUEST = metrics.BYTES.labels(direction="request")
+_BYTES_RESPONSE = metrics.BYTES.labels(direction="response")
+
 #: Bodies up to this size are buffered (and so replayable); larger ones stream.
 REPLAY_LIMIT = 64 * 1024
 
@@ -318,7 +335,7 @@ async def _small_body(request: Request) -> bytes | None:
 async def _send_buffered(stream: TunnelStream, body: bytes) -> None:
     try:
         if body:
-            metrics.BYTES.labels(direction="request").inc(len(body))
+            _BYTES_REQUEST.inc(len(body))
             await stream.write(body)
         await stream.end()
     except (StreamError, TransportClosed):
@@ -329,7 +346,7 @@ async def _pump_request(stream: TunnelStream, request: Request) -> None:
     try:
         async for chunk in request.stream():
             if chunk:
-                metrics.BYTES.labels(direction="request").inc(len(chunk))
+                _BYTES_REQUEST.inc(len(chunk))
                 await stream.write(chunk)
         await stream.end()
     except (StreamError, TransportClosed):
@@ -375,7 +392,7 @@ class TunnelResponse(Response):
                 if not chunk:
                     finished = True
                     break
-                metrics.BYTES.labels(direction="response").inc(len(chunk))
+                _BYTES_RESPONSE.inc(len(chunk))
                 if not self.is_head:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None and (self.pump is None or self.pump.done()):

@@ -92,8 +92,12 @@ class Registry:
         self._redis_url = redis_url
         self._redis: Any = None
         self._tasks: list[asyncio.Task[None]] = []
-        #: Instances a forward to recently failed: skipped until their entries expire.
-        self._dead: dict[str, float] = {}
+        #: Instances a forward to recently failed, with the address that failed: skipped
+        #: until their entries expire. The address matters because a restarted worker
+        #: (relay.workers) comes back under the same instance id at a new one.
+        self._dead: dict[str, tuple[float, str | None]] = {}
+        #: The address ``remote_members`` last gave out for each instance.
+        self._urls: dict[str, str] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
     @property
@@ -176,8 +180,10 @@ class Registry:
             view = RemoteMember(**json.loads(raw))
             if view.instance_id == self.instance_id:
                 continue
-            if self._dead.get(view.instance_id, 0) > now:
+            until, failed_url = self._dead.get(view.instance_id, (0.0, None))
+            if until > now and failed_url in (None, view.url):
                 continue
+            self._urls[view.instance_id] = view.url
             out.append(view)
         return out
 
@@ -188,8 +194,9 @@ class Registry:
         return RemoteMember(**json.loads(raw)) if raw else None
 
     def mark_dead(self, instance_id: str) -> None:
-        """A forward to ``instance_id`` failed: skip it until its entries expire."""
-        self._dead[instance_id] = time.monotonic() + self.ttl
+        """A forward to ``instance_id`` failed: skip it until its entries expire, unless it
+        shows up again at another address (it restarted and announced itself anew)."""
+        self._dead[instance_id] = (time.monotonic() + self.ttl, self._urls.get(instance_id))
 
     # -- events applied on every instance
 

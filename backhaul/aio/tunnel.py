@@ -117,11 +117,15 @@ class TunnelStream:
 
     # -- sending
 
-    async def send_response(self, head: dict[str, Any], end_stream: bool = False) -> None:
+    async def send_response(
+        self, head: dict[str, Any], end_stream: bool = False, *, flush: bool = True
+    ) -> None:
+        """Queue the RESPONSE; with ``flush=False`` it leaves with the next write."""
         self._check()
         self.tunnel.conn.send_response(self.id, head, end_stream)
         self.tunnel._forget_if_done(self)
-        await self.tunnel.flush()
+        if flush:
+            await self.tunnel.flush()
 
     async def write(self, data: bytes | memoryview, end: bool = False) -> None:
         """Send body bytes, waiting for flow-control credit as needed. With ``end``, the last

@@ -52,11 +52,11 @@ async def _still_serves(world: Forged, tunnel: Tunnel) -> None:
 
 async def test_unknown_frame_types_are_skipped_and_logged(forged: Forged) -> None:
     tunnel = forged.tunnel
-    for ftype, sid in ((0x00, 0), (0x7F, 0), (0xFF, 5), (0x0D, 1)):
+    for ftype, sid in ((0x00, 0), (0x7F, 0), (0xFF, 5), (0x0E, 1)):
         await tunnel.transport.send(f.HEADER.pack(ftype, 0, sid) + b"from a later version?")
     await _still_serves(forged, tunnel)
     logged = {e["frame_type"] for e in await _wait_for_log(forged, "tunnel.unknown_frame")}
-    assert logged == {0x00, 0x7F, 0xFF, 0x0D}
+    assert logged == {0x00, 0x7F, 0xFF, 0x0E}
 
 
 async def test_malformed_and_huge_heads_are_refused_per_stream(forged: Forged) -> None:

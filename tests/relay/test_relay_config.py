@@ -89,3 +89,50 @@ def test_example_file_documents_every_key_and_loads() -> None:
         assert f"\n{key} = " in text or f"\n# {key} = " in text, key
     config = load_config(example, {"dev": True, "data_dir": Path("/nonexistent")}, environ={})
     assert config == load_config(None, {"dev": True, "data_dir": Path("/nonexistent")}, environ={})
+
+
+def test_workers_default_to_one_process(tmp_path: Path) -> None:
+    config = load_config(None, {"dev": True, "data_dir": tmp_path}, environ={})
+    assert config.workers == 1 and config.worker_count == 1
+
+
+def test_workers_need_redis(tmp_path: Path) -> None:
+    for workers in ("2", "0"):
+        env = {"BACKHAUL_RELAY_WORKERS": workers}
+        with pytest.raises(ConfigError, match="workers > 1 needs redis_url"):
+            load_config(None, {"dev": True, "data_dir": tmp_path}, environ=env)
+    config = load_config(
+        None,
+        {"dev": True, "data_dir": tmp_path, "workers": 3, "redis_url": "redis://127.0.0.1/0"},
+        environ={},
+    )
+    assert config.workers == 3 and config.worker_count == 3
+
+
+def test_workers_zero_is_one_per_usable_cpu(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "relay.toml"
+    path.write_text('dev = true\nworkers = 0\nredis_url = "redis://127.0.0.1:6379/0"\n')
+    config = load_config(path, {"data_dir": tmp_path}, environ={})
+    assert config.workers == 0
+    assert config.worker_count == len(os.sched_getaffinity(0)) >= 1
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_bad_workers_name_the_key(tmp_path: Path, value: str) -> None:
+    env = {"BACKHAUL_RELAY_WORKERS": value, "BACKHAUL_RELAY_REDIS_URL": "redis://r/0"}
+    with pytest.raises(ConfigError, match=r"workers \(from BACKHAUL_RELAY_WORKERS\)"):
+        load_config(None, {"dev": True, "data_dir": tmp_path}, environ=env)
+
+
+def test_workers_advertise_their_own_addresses(tmp_path: Path) -> None:
+    flags = {
+        "dev": True,
+        "data_dir": tmp_path,
+        "workers": 2,
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "advertise_url": "https://10.0.3.17:8443",
+    }
+    with pytest.raises(ConfigError, match="advertise_url cannot be set with workers > 1"):
+        load_config(None, flags, environ={})
