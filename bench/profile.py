@@ -92,7 +92,7 @@ def main() -> int:
         for name, pid in target.memory_pids.items() if args.rate else ():
             spies[name] = subprocess.Popen(
                 [
-                    *(spy, "record", "--format", "raw", "--rate", str(args.rate), "--nonblocking"),
+                    *(spy, "record", "--format", "raw", "--rate", str(args.rate)),
                     *("--duration", str(args.seconds + 1), "--pid", str(pid)),
                     *("--output", str(out / f"profile-{name}.txt")),
                 ],
@@ -107,6 +107,8 @@ def main() -> int:
             spy_proc.wait(timeout=60)
         rate, _errors = bench.wrk_rate(wrk)
         print(f"wrk -c{args.connections} -d{args.seconds}s: {rate:,.0f} requests/s")
+        for problem in bench.wrk_problems(wrk):
+            print(f"  wrk: {problem}")
         for name in target.memory_pids:
             used = cpu_after[name] - cpu_before[name]
             per = 1000 * used / max(1.0, rate * args.seconds)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
-from typing import Any
 from urllib.parse import unquote
 
 import structlog
@@ -179,23 +179,22 @@ async def _invoke(
         return await online.invoke(request, target, plan, sub_path, headers, deadline, started)
     query = request.scope.get("query_string", b"").decode("latin-1")
     parts = plan.rewrite(request.method, sub_path, query, _forward_headers(request))
-    head: dict[str, Any] = {
-        "method": parts.method,
-        "url": parts.url,
-        "headers": [list(h) for h in parts.headers],
-        "connection_id": target.connection_id,
-        "base_url": plan.base_url,
-        "auth": plan.auth_spec(),
-        "suite": target.seal_suite,
-        "sealed": _sealed_text(target.sealed_credentials),
-        "timeout_ms": int(deadline * 1000),
-        "key_version": target.key_version,
-    }
+    # The request's own fields, then the connection's, which are the same on every invoke
+    # and encoded once (the sealed blob alone is a few KiB of base64).
+    dynamic = _JSON.encode(
+        {
+            "method": parts.method,
+            "url": parts.url,
+            "headers": parts.headers,
+            "timeout_ms": int(deadline * 1000),
+        }
+    )
+    head = (dynamic[:-1] + "," + _connection_fields(target, plan)).encode()
     return await _through_gateway(request, target, head, deadline, started)
 
 
 async def _through_gateway(
-    request: Request, target: InvokeTarget, head: dict[str, Any], deadline: float, started: float
+    request: Request, target: InvokeTarget, head: bytes, deadline: float, started: float
 ) -> Response:
     """Pick a member by the gateway's policy and exchange the request with it; refused
     requests move to another member, a lost member's GET/HEAD is retried once, and with no
@@ -270,7 +269,7 @@ _REMOTE_ROTATION = RoundRobin()
 
 async def _exchange(
     live: LiveTunnel,
-    head: dict[str, Any],
+    head: bytes,
     request: Request,
     has_body: bool,
     buffered: bytes | None,
@@ -304,17 +303,30 @@ async def _exchange(
     return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
 
 
-_SEALED_TEXT: dict[bytes, str] = {}
+_JSON = json.JSONEncoder(separators=(",", ":"))
+#: (target, plan) → the OPEN head's connection fields as JSON, closing brace included. The
+#: entry keeps both objects: an id is only reused once its object is gone, and then the
+#: identity check fails.
+_FIELDS: dict[tuple[int, int], tuple[InvokeTarget, invoke_plan.Plan, str]] = {}
 
 
-def _sealed_text(blob: bytes) -> str:
-    """The blob in base64 for the OPEN head, computed once per blob (it is the same on every
-    invoke of a connection, and a few KiB with the ML-KEM ciphertext)."""
-    text = _SEALED_TEXT.get(blob)
-    if text is None:
-        if len(_SEALED_TEXT) >= 4096:
-            _SEALED_TEXT.clear()
-        text = _SEALED_TEXT[blob] = b64e(blob)
+def _connection_fields(target: InvokeTarget, plan: invoke_plan.Plan) -> str:
+    key = (id(target), id(plan))
+    found = _FIELDS.get(key)
+    if found is not None and found[0] is target and found[1] is plan:
+        return found[2]
+    fields = {
+        "connection_id": target.connection_id,
+        "base_url": plan.base_url,
+        "auth": plan.auth_spec(),
+        "suite": target.seal_suite,
+        "sealed": b64e(target.sealed_credentials),
+        "key_version": target.key_version,
+    }
+    text = _JSON.encode(fields)[1:]
+    if len(_FIELDS) >= 4096:
+        _FIELDS.clear()
+    _FIELDS[key] = (target, plan, text)
     return text
 
 
@@ -391,13 +403,18 @@ class TunnelResponse(Response):
                 chunk = await stream.read()
                 if not chunk:
                     finished = True
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
                     break
                 _BYTES_RESPONSE.inc(len(chunk))
+                if stream.at_end:  # the common small answer: one chunk, then END
+                    finished = True
+                    body = b"" if self.is_head else chunk
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    break
                 if not self.is_head:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None and (self.pump is None or self.pump.done()):
                     watcher = asyncio.create_task(_watch_disconnect(receive, stream))
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except StreamError as exc:
             if watcher is not None and watcher.done() and exc.code is ErrorCode.CANCEL:
                 return  # the caller hung up (often right after a complete Content-Length body)

@@ -111,6 +111,12 @@ class TunnelStream:
         await self.tunnel.flush()
         return data
 
+    @property
+    def at_end(self) -> bool:
+        """True when the body's end is all that is left to read: the next read returns b""."""
+        queue = self._chunks
+        return queue.qsize() == 1 and queue._queue[0] is _END  # type: ignore[attr-defined]
+
     async def iter_body(self) -> Any:
         while chunk := await self.read():
             yield chunk
@@ -276,7 +282,9 @@ class Tunnel:
     def inflight(self) -> int:
         return len(self._streams)
 
-    async def open_stream(self, head: dict[str, Any], end_stream: bool = False) -> TunnelStream:
+    async def open_stream(
+        self, head: dict[str, Any] | bytes, end_stream: bool = False
+    ) -> TunnelStream:
         """Relay side: start a request. Raises StreamUnavailable when the tunnel can't take it."""
         if self.closed:
             raise StreamUnavailable("tunnel closed")

@@ -185,7 +185,9 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
-    def open_stream(self, head: dict[str, Any], end_stream: bool = False) -> int:
+    def open_stream(self, head: dict[str, Any] | bytes, end_stream: bool = False) -> int:
+        """Open a stream with ``head``: a dict, or the JSON object already encoded (the relay
+        encodes the parts that repeat on every request once)."""
         if self.role is not Role.RELAY:
             raise LocalProtocolError("only the relay opens streams")
         if not self.accepting_streams:
@@ -196,7 +198,11 @@ class Connection:
         self._next_stream_id += 2
         stream = Stream(stream_id, self.peer.stream_window, self.local.stream_window)
         self._streams[stream_id] = stream
-        self._out.append(f.encode_json(f.FrameType.OPEN, stream_id, head, _flags(end_stream)))
+        if isinstance(head, bytes):
+            frame = f.encode(f.FrameType.OPEN, stream_id, head, _flags(end_stream))
+        else:
+            frame = f.encode_json(f.FrameType.OPEN, stream_id, head, _flags(end_stream))
+        self._out.append(frame)
         if end_stream:
             stream.transition(StreamInput.SEND_END)
         return stream_id
