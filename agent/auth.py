@@ -1,7 +1,7 @@
 """Applying a connection's opened credentials to an upstream request.
 
 The credentials arrive sealed and are opened only on the agent; this module is the one place
-that turns them into an ``Authorization`` header (RFC 7617 Basic, via :class:`httpx.BasicAuth`),
+that turns them into an ``Authorization`` header (RFC 7617 Basic, UTF-8, sent pre-emptively),
 an API-key header or an API-key query parameter. Whatever the caller sent under the same name is
 removed first, so a caller can neither replace the connection's key nor smuggle a second copy
 of it ahead of ours.
@@ -20,6 +20,7 @@ the field, never its value.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,8 @@ def apply_credentials(
                 f"credentials of connection {connection_id}: basic username contains ':'"
             )
         rest = [(k, v) for k, v in headers if k.lower() != "authorization"]
-        return AppliedAuth(query, rest, httpx.BasicAuth(username, password))
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        return AppliedAuth(query, [*rest, ("authorization", f"Basic {token}")], None)
     key = _field(credentials, "api_key", "api_key", connection_id)
     name = spec.api_key_name or ""
     if spec.api_key_in == "header":
