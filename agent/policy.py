@@ -159,11 +159,26 @@ def _normalize_path(raw: str) -> str:
 
 
 def normalize_url(url: str) -> NormalizedURL:
-    """Normalize ``url`` per RFC 3986 §6.2.2, or raise TargetDenied for anything ambiguous."""
+    """Normalize ``url`` per RFC 3986 §6.2.2, or raise TargetDenied for anything ambiguous.
+
+    Accepted URLs are remembered (a pure function of the text; most requests repeat a few
+    URLs and every one also repeats its connection's base URL); refusals are not.
+    """
+    found = _NORMALIZED.get(url) if isinstance(url, str) else None
+    if found is not None:
+        return found
     try:
-        return _normalize(url)
+        found = _normalize(url)
     except _Denied as exc:
         raise TargetDenied(f"target {_safe_display(url)} is not allowed: {exc}") from None
+    if len(_NORMALIZED) >= _NORMALIZED_SIZE:
+        _NORMALIZED.clear()
+    _NORMALIZED[url] = found
+    return found
+
+
+_NORMALIZED: dict[str, NormalizedURL] = {}
+_NORMALIZED_SIZE = 4096
 
 
 def _normalize(url: str) -> NormalizedURL:
@@ -325,12 +340,24 @@ class Policy:
         self.entries = tuple(entries)
         self._resolver = resolver or system_resolver
         self._prefixes = [normalize_url(e.prefix) for e in self.entries if e.prefix]
+        self._static: dict[NormalizedURL, bool] = {}
         self._hosts = [(e.host, e.ports) for e in self.entries if e.host]
         self._cidrs: list[tuple[IPNetwork, tuple[int, ...] | None]] = [
             (ipaddress.ip_network(e.cidr), e.ports) for e in self.entries if e.cidr
         ]
 
     def _match_static(self, target: NormalizedURL) -> bool:
+        """Whether a prefix, host or CIDR rule allows ``target`` (remembered per target: the
+        rules are fixed for the policy's life)."""
+        known = self._static.get(target)
+        if known is None:
+            known = self._static_rules(target)
+            if len(self._static) >= _NORMALIZED_SIZE:
+                self._static.clear()
+            self._static[target] = known
+        return known
+
+    def _static_rules(self, target: NormalizedURL) -> bool:
         for prefix in self._prefixes:
             if target.origin == prefix.origin and _path_under(target.path, prefix.path):
                 return True
