@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=200, help="samples/s; 0: no sampling")
+    parser.add_argument(
+        "--relay-args", default="", help="extra `backhaul-relay serve` arguments, e.g. --workers 2"
+    )
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -85,7 +89,12 @@ def main() -> int:
             "127.0.0.1", 0, timeout=30, stderr=subprocess.DEVNULL, start_new_session=True
         )
         procs.adopt("sample API", backend.process)
-        target = bench.setup_backhaul(backend_port=backend.port, procs=procs, tmp=tmp)
+        target = bench.setup_backhaul(
+            backend_port=backend.port,
+            procs=procs,
+            tmp=tmp,
+            relay_args=tuple(shlex.split(args.relay_args)),
+        )
         bench.check_target(target)
         bench.run_wrk(target, args.connections, 2, 2)  # warm up
         spies = {}

@@ -767,7 +767,9 @@ def setup_ssh(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Targe
     return Target("ssh", f"http://127.0.0.1:{tunnel_port}")
 
 
-def setup_backhaul(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Target:
+def setup_backhaul(
+    backend_port: int, procs: Processes, tmp: Path, relay_args: tuple[str, ...] = (), **_: Any
+) -> Target:
     relay_bin, agent_bin = command("backhaul-relay"), command("backhaul-agent")
     data, agent_dir = tmp / "relay-data", tmp / "agent"
     port = free_port()
@@ -776,7 +778,10 @@ def setup_backhaul(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> 
     relay_log = tmp / "relay.log"
     relay = procs.start(
         "relay",
-        [relay_bin, "serve", "--dev", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
+        [
+            *(relay_bin, "serve", "--dev", "--data-dir", str(data)),
+            *("--listen", f"127.0.0.1:{port}", *relay_args),
+        ],
         relay_log,
     )
 
