@@ -253,7 +253,7 @@ class Tunnel:
     async def flush(self) -> None:
         """Write out every frame queued so far.
 
-        The first flush of a loop iteration yields once before it writes, so the frames other
+        A flush of small frames yields once before it writes, so the frames other
         tasks queue in the same iteration (the OPENs of concurrent requests, a RESPONSE and
         its DATA) leave together in one BATCH message: one WebSocket frame, one TLS record,
         one write. A flush with nothing queued still waits for a write in progress, which
@@ -264,7 +264,8 @@ class Tunnel:
                 async with self._write_lock:
                     pass
             return
-        await asyncio.sleep(0)
+        if self.conn.batching:
+            await asyncio.sleep(0)
         async with self._write_lock:
             for message in self.conn.messages_to_send():
                 if self.closed:

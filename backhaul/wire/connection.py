@@ -134,6 +134,17 @@ class Connection:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def batching(self) -> bool:
+        """True when what is queued could still join a BATCH: the peer takes them and the
+        newest frame is a small one (a bulk DATA frame leaves alone anyway)."""
+        return (
+            bool(self.peer.batch_frames)
+            and self.phase is Phase.OPEN
+            and bool(self._out)
+            and len(self._out[-1]) <= f.BATCH_MAX_ENTRY
+        )
+
     def messages_to_send(self) -> list[bytes]:
         """Like :meth:`data_to_send`, with runs of small frames packed into BATCH messages
         when the peer announced ``batch_frames``. Order is kept: a large frame (bulk DATA)

@@ -215,3 +215,15 @@ def test_batched_delivery_means_the_same_as_one_frame_per_message(
         e for m in batched.relay.messages_to_send() for e in batched.agent.receive_message(m)
     ]
     assert together == one_by_one
+
+
+def test_batching_is_offered_only_for_small_frames_to_a_peer_that_takes_them() -> None:
+    pair = connect()
+    assert not pair.relay.batching  # nothing queued
+    sid = pair.relay.open_stream(HEAD)
+    assert pair.relay.batching
+    pair.relay.send_data(sid, b"x" * (f.BATCH_MAX_ENTRY + 1))
+    assert not pair.relay.batching  # a bulk frame is last: nothing to wait for
+    plain = connect(agent_settings=Settings(batch_frames=0))
+    plain.relay.open_stream(HEAD)
+    assert not plain.relay.batching
