@@ -357,9 +357,6 @@ class Executor:
         """
         deadline = head.timeout_seconds
         up = self.config.upstream
-        timeout = httpx.Timeout(
-            deadline, connect=min(up.connect_timeout_seconds, deadline), pool=deadline
-        )
         target: NormalizedURL | None = None
         release: Callable[[], Awaitable[None]] | None = None
         lean = self._lean
@@ -374,10 +371,6 @@ class Executor:
                 content: _CountingBody | None = None
                 if first is not None:
                     content = _CountingBody(first, body)
-                url = target.display() + (f"?{applied.query}" if applied.query else "")
-                raw_headers = [
-                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in applied.headers
-                ]
                 if head.auth.type != "windows" and applied.auth is None and lean is not None:
                     sent = applied.headers
                     if not any(name.lower() == "user-agent" for name, _ in sent):
@@ -391,6 +384,14 @@ class Executor:
                         query=applied.query,
                     )
                     return _LeanResponse(reply)
+                # httpx from here on: its URL, byte headers and timeouts.
+                url = target.display() + (f"?{applied.query}" if applied.query else "")
+                raw_headers = [
+                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in applied.headers
+                ]
+                timeout = httpx.Timeout(
+                    deadline, connect=min(up.connect_timeout_seconds, deadline), pool=deadline
+                )
                 if head.auth.type == "windows":
                     response, release = await self._windows.send(
                         head.auth,

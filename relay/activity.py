@@ -22,7 +22,7 @@ WINDOW_SECONDS = 60.0
 MAX_EVENTS = 200_000
 MAX_ERRORS = 50
 _PROBLEM_BYTES = 4096
-_INVOKE = re.compile(r"^/v1/connections/([A-Za-z0-9_\-]+)/invoke(?:/|$)")
+INVOKE_PATH = re.compile(r"^/v1/connections/([A-Za-z0-9_\-]+)/invoke(?:/|$)")
 
 
 @dataclass(frozen=True)
@@ -67,32 +67,47 @@ class Recorder:
         self.activity = activity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _INVOKE.match(scope.get("path", "")) if scope["type"] == "http" else None
+        match = INVOKE_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
         if match is None:
             await self.app(scope, receive, send)
             return
-        status = 500
-        problem = bytearray()
-        is_problem = False
-
-        async def watch(message: Message) -> None:
-            nonlocal status, is_problem
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"content-type" and b"problem+json" in value:
-                        is_problem = True
-            elif message["type"] == "http.response.body" and is_problem:
-                room = _PROBLEM_BYTES - len(problem)
-                if room > 0:
-                    problem.extend(message.get("body", b"")[:room])
-            await send(message)
-
+        outcome = Outcome(send)
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, receive, outcome.send)
         finally:
-            title, detail = problem_text(bytes(problem)) if is_problem else ("", "")
-            self.activity.record(match.group(1), status, title, detail)
+            self.activity.record(match.group(1), *outcome.summary())
+
+
+class Outcome:
+    """Watches a response as it passes: its status, whether it started, and the title and
+    detail of an RFC 9457 problem body (its first 4 KiB only)."""
+
+    __slots__ = ("_problem", "_send", "is_problem", "started", "status")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._problem = bytearray()
+        self.status = 500
+        self.started = False
+        self.is_problem = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = int(message["status"])
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-type" and b"problem+json" in value:
+                    self.is_problem = True
+        elif message["type"] == "http.response.body" and self.is_problem:
+            room = _PROBLEM_BYTES - len(self._problem)
+            if room > 0:
+                self._problem.extend(message.get("body", b"")[:room])
+        await self._send(message)
+
+    def summary(self) -> tuple[int, str, str]:
+        """(status, problem title, problem detail) for :meth:`Activity.record`."""
+        title, detail = problem_text(bytes(self._problem)) if self.is_problem else ("", "")
+        return self.status, title, detail
 
 
 def problem_text(body: bytes) -> tuple[str, str]:

@@ -16,15 +16,15 @@ level every invoke is.
 
 from __future__ import annotations
 
-import re
 import time
 
 import structlog
 from fastapi import FastAPI, Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import invoke
-from relay.activity import Activity, problem_text
+from relay.activity import INVOKE_PATH, Activity, Outcome
 from relay.identity import authenticate
 from relay.limits import RequestLimits
 from relay.problems import ProblemError, problem
@@ -32,9 +32,7 @@ from relay.problems import ProblemError, problem
 log = structlog.get_logger("backhaul.relay.invoke")
 
 _PREFIX = "/v1/connections/"
-_INVOKE = re.compile(r"^/v1/connections/([A-Za-z0-9_\-]+)/invoke(?:/|$)")
 _METHODS = frozenset(invoke.METHODS)
-_PROBLEM_BYTES = 4096
 
 
 class RelayApp(FastAPI):
@@ -47,7 +45,7 @@ class RelayApp(FastAPI):
             scope["type"] == "http"
             and scope["path"].startswith(_PREFIX)
             and scope["method"] in _METHODS
-            and _INVOKE.match(scope["path"]) is not None
+            and INVOKE_PATH.match(scope["path"]) is not None
         ):
             scope["app"] = self
             edge = self._edge
@@ -63,47 +61,30 @@ class RelayApp(FastAPI):
 
 async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
     """Authenticate, invoke, answer; record the outcome for the admin page."""
-    match = _INVOKE.match(scope["path"])
+    match = INVOKE_PATH.match(scope["path"])
     assert match is not None
     connection_id = match.group(1)
     started = time.perf_counter()
-    status = 500
-    is_problem = False
-    response_started = False
-    body = bytearray()
-
-    async def watch(message: Message) -> None:
-        nonlocal status, is_problem, response_started
-        if message["type"] == "http.response.start":
-            response_started = True
-            status = int(message["status"])
-            for name, value in message.get("headers", ()):
-                if name == b"content-type" and b"problem+json" in value:
-                    is_problem = True
-        elif is_problem and message["type"] == "http.response.body":
-            room = _PROBLEM_BYTES - len(body)
-            if room > 0:
-                body.extend(message.get("body", b"")[:room])
-        await send(message)
-
+    outcome = Outcome(send)
     request = Request(scope, receive)
     try:
         try:
-            user = await authenticate(request, _bearer(scope))
+            scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+            user = await authenticate(request, token if scheme.lower() == "bearer" else None)
             response = await invoke.invoke(connection_id, "", request, user)
         except ProblemError as exc:
             response = exc.response()
-        await response(scope, receive, watch)
+        await response(scope, receive, outcome.send)
     except Exception:
         log.exception("invoke.crashed", connection_id=connection_id)
-        if response_started:
+        if outcome.started:
             raise
         await problem(500, "Internal Server Error", "the relay failed; see its log")(
-            scope, receive, watch
+            scope, receive, outcome.send
         )
     finally:
         activity: Activity = scope["app"].state.activity
-        title, detail = problem_text(bytes(body)) if is_problem else ("", "")
+        status, title, detail = outcome.summary()
         activity.record(connection_id, status, title, detail)
         fields = {
             "method": scope["method"],
@@ -115,12 +96,3 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
             log.info("http request", **fields)
         else:
             log.debug("http request", **fields)
-
-
-def _bearer(scope: Scope) -> str | None:
-    """The bearer token of the Authorization header (RFC 6750 §2.1), if any."""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
-    return None
