@@ -8,9 +8,12 @@ from typing import Any
 from backhaul.wire.errors import ErrorCode, RemoteProtocolError
 from backhaul.wire.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD, MAX_WINDOW
 
-#: frp raised yamux's 256 KiB stream window to 6 MiB for throughput over long paths; 4 MiB
-#: keeps a 256 MiB transfer at line rate on loopback while bounding memory per stream.
-DEFAULT_STREAM_WINDOW = 4 * 1024 * 1024
+#: frp raised yamux's 256 KiB stream window to 6 MiB for throughput over long paths. Here the
+#: window is also the queue a small request waits behind when it shares a tunnel with a bulk
+#: transfer: the bytes in flight sit in the socket buffers in front of the slower side, first
+#: in, first out. On loopback 2 MiB keeps a 256 MiB transfer at the rate 4 MiB gave and halves
+#: that wait (bench/PROFILE.md, "Fairness"); 1 MiB cost throughput for no further gain.
+DEFAULT_STREAM_WINDOW = 2 * 1024 * 1024
 DEFAULT_TUNNEL_WINDOW = 32 * 1024 * 1024
 DEFAULT_MAX_DATA = 256 * 1024
 DEFAULT_MAX_STREAMS = 1024

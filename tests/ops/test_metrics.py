@@ -17,7 +17,7 @@ from tests.ops.helpers import api_base, connected, wait_status
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "packaging" / "grafana" / "backhaul.json"
-BIG = 24 * 1024 * 1024  # six times the 4 MiB stream window
+BIG = 24 * 1024 * 1024  # twelve times the 2 MiB stream window
 
 
 def samples(text: str) -> dict[str, float]:
