@@ -65,6 +65,20 @@ class TunnelConfig(_Section):
     max_concurrent_streams: int = Field(default=256, ge=1, le=65535)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     load_report_seconds: float = Field(default=5.0, gt=0)
+    #: The source address of the tunnel's connection (to the relay, or to the proxy when one
+    #: is used), for a multi-homed server whose firewall lets only one interface out. None:
+    #: the system's choice.
+    local_address: str | None = None
+
+    @field_validator("local_address")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:

@@ -115,6 +115,7 @@ class Link:
         self.state = state
         self.on_stream = on_stream
         self.settings = settings or Settings(max_streams=cfg.tunnel.max_concurrent_streams)
+        self._ssl: tuple[object, ssl.SSLContext] | None = None
         self._served = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -165,6 +166,18 @@ class Link:
         self.state.last_error = reason
         log.warning("link.down", relay=url, reason=reason)
 
+    def _ssl_context(self) -> ssl.SSLContext:
+        """The TLS context, built once and again only when the CA file changes: building
+        one (loading the trust store) costs more than the handshake it is used for."""
+        ca_file = self.cfg.ca_file
+        try:
+            version: object = (ca_file, ca_file.stat().st_mtime_ns) if ca_file else None
+        except OSError:
+            version = (ca_file, None)
+        if self._ssl is None or self._ssl[0] != version:
+            self._ssl = (version, ssl_context(self.cfg))
+        return self._ssl[1]
+
     async def _connect_and_serve(self, relay_url: str, stop: asyncio.Event) -> None:
         cfg = self.cfg
         url = tunnel_url(relay_url)
@@ -172,7 +185,7 @@ class Link:
         async with connect(
             url,
             **await connect_options(cfg, url),  # the corporate proxy, when one is configured
-            ssl=ssl_context(cfg) if secure else None,
+            ssl=self._ssl_context() if secure else None,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             compression=None,
             max_size=self.settings.max_message,

@@ -253,15 +253,24 @@ def select_proxy(
     return ProxyRoute(proxy_host, proxy_port, source, user, password, cfg.auth)
 
 
-async def connect_tcp(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket to ``host:port`` (each resolved address in turn)."""
+async def connect_tcp(host: str, port: int, local_address: str | None = None) -> socket.socket:
+    """A connected non-blocking TCP socket to ``host:port`` (each resolved address in turn),
+    from ``local_address`` when given (then only addresses of its family are tried)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    source = ipaddress.ip_address(local_address) if local_address else None
+    if source is not None:
+        family = socket.AF_INET6 if source.version == 6 else socket.AF_INET
+        infos = [info for info in infos if info[0] == family]
+        if not infos:
+            raise OSError(f"{host} has no IPv{source.version} address to reach from {source}")
     last: OSError | None = None
     for family, kind, proto, _name, address in infos:
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         try:
+            if source is not None:
+                sock.bind((str(source), 0))
             await loop.sock_connect(sock, address)
         except OSError as exc:
             sock.close()
@@ -473,11 +482,18 @@ def _refused(route: ProxyRoute, target: str, response: h11.Response) -> ProxyRef
     return ProxyRefused(message, response.status_code, reason, squid)
 
 
-async def establish(sock: socket.socket, route: ProxyRoute, host: str, port: int) -> Tunnelled:
+async def establish(
+    sock: socket.socket,
+    route: ProxyRoute,
+    host: str,
+    port: int,
+    local_address: str | None = None,
+) -> Tunnelled:
     """Run the CONNECT exchange on ``sock`` (which it owns from here on: closed on failure).
 
-    The proxy may close the connection after a 407; the next leg then goes on a new one,
-    except in the middle of an NTLM/Negotiate handshake, which is bound to its connection.
+    The proxy may close the connection after a 407; the next leg then goes on a new one
+    (from ``local_address`` too), except in the middle of an NTLM/Negotiate handshake, which
+    is bound to its connection.
     """
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     auth = _Authenticator(route)
@@ -515,7 +531,7 @@ async def establish(sock: socket.socket, route: ProxyRoute, host: str, port: int
                     )
                 # The proxy closed after its 407: the next leg goes on a fresh connection.
                 sock.close()
-                sock = await connect_tcp(route.host, route.port)
+                sock = await connect_tcp(route.host, route.port, local_address)
                 conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE)
             authorization = auth.answer(challenge)
         raise ProxyAuthFailed(
@@ -526,18 +542,25 @@ async def establish(sock: socket.socket, route: ProxyRoute, host: str, port: int
         raise
 
 
-async def open_tunnel(route: ProxyRoute, host: str, port: int, limit_seconds: float) -> Tunnelled:
-    """Connect to the proxy and CONNECT to ``host:port``; the socket is ready for TLS."""
+async def open_tunnel(
+    route: ProxyRoute,
+    host: str,
+    port: int,
+    limit_seconds: float,
+    local_address: str | None = None,
+) -> Tunnelled:
+    """Connect to the proxy (from ``local_address`` when given) and CONNECT to
+    ``host:port``; the socket is ready for TLS."""
     try:
         async with asyncio.timeout(limit_seconds):
             try:
-                sock = await connect_tcp(route.host, route.port)
+                sock = await connect_tcp(route.host, route.port, local_address)
             except OSError as exc:
                 raise ProxyError(
                     f"cannot connect to proxy {route.url} (from {route.source}): "
                     f"{exc.strerror or exc}"
                 ) from None
-            return await establish(sock, route, host, port)
+            return await establish(sock, route, host, port, local_address)
     except TimeoutError:
         raise ProxyError(
             f"proxy {route.url} did not open a tunnel to {host}:{port} within {limit_seconds:g} s"
@@ -550,13 +573,17 @@ async def connect_options(
     """Keyword arguments for ``websockets`` ``connect``: our own proxy handling, never its own.
 
     With a proxy, the tunnel's socket is opened here and passed as ``sock``; websockets then
-    runs TLS to the relay on it. Without one, websockets connects directly.
+    runs TLS to the relay on it. Without one, websockets connects directly. Either way the
+    connection leaves from ``tunnel.local_address`` when one is set.
     """
+    local_address = cfg.tunnel.local_address
     route = select_proxy(url, cfg.proxy, environ)
     if route is None:
-        return {"proxy": None}
+        if local_address is None:
+            return {"proxy": None}
+        return {"proxy": None, "local_addr": (local_address, 0)}
     _scheme, host, port = _destination(url)
-    result = await open_tunnel(route, host, port, cfg.proxy.connect_timeout_seconds)
+    result = await open_tunnel(route, host, port, cfg.proxy.connect_timeout_seconds, local_address)
     return {"proxy": None, "sock": result.sock}
 
 

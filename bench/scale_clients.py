@@ -3,7 +3,8 @@
     python bench/scale_clients.py RELAY_URL CA_FILE PIN FOLDER
 
 FOLDER holds members.json (member id, gateway id, key file per member) as written by
-bench/scale.py. Each member gets a real ``agent.link.Link``; streams are refused at once.
+bench/scale.py. Each member gets a real ``agent.link.Link``, connecting from a loopback
+address of its own (``tunnel.local_address``); streams are refused at once.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ async def refuse(stream: TunnelStream) -> None:
     await stream.reset(ErrorCode.REFUSED_STREAM, "bench client serves no requests")
 
 
+def source_address(index: int) -> str:
+    """A loopback address per agent: 127.1.0.1 to 127.1.0.250, then 127.1.1.1, ..."""
+    return f"127.1.{index // 250}.{1 + index % 250}"
+
+
 async def main(relay: str, ca_file: str, pin: str, folder: str) -> None:
     stop = asyncio.Event()
     links = []
-    for member in json.loads(Path(folder, "members.json").read_text()):
+    for i, member in enumerate(json.loads(Path(folder, "members.json").read_text())):
         cfg = config_from_dict(
             {
                 "relay_url": relay,
@@ -37,7 +43,9 @@ async def main(relay: str, ca_file: str, pin: str, folder: str) -> None:
                 "name": "scale",
                 "ca_file": ca_file,
                 "pinned_fingerprint": pin or None,
-                "tunnel": {"backoff_max_seconds": 20},
+                # Each agent from an address of its own (127.1.0.1, 127.1.0.2, ...), as
+                # separate servers would be: the relay caps pending handshakes per address.
+                "tunnel": {"backoff_max_seconds": 20, "local_address": source_address(i)},
             },
             folder,
         )

@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul.wire import Settings
 from backhaul.wire.frames import FrameType
+from relay import metrics
 from relay.config import RelayConfig
 from relay.problems import MEDIA_TYPE, ProblemError, problem
 
@@ -267,9 +268,15 @@ class HandshakeGate:
             return
         client = scope.get("client")
         address = str(client[0]) if client else "?"
-        if not self._admit(address):
+        refused = self._refusal(address)
+        if refused is not None:
+            metrics.HANDSHAKES_REFUSED.labels(scope=refused).inc()
             log.warning(
-                "limits.handshakes_full", client=address, pending=self.pending, total=self.total
+                "limits.handshakes_full",
+                client=address,
+                scope=refused,
+                pending=self.pending,
+                total=self.total,
             )
             await _deny_upgrade(scope, receive, send)
             return
@@ -285,10 +292,13 @@ class HandshakeGate:
 
             await self.app(scope, receive, releasing_send)
 
-    def _admit(self, address: str) -> bool:
+    def _refusal(self, address: str) -> str | None:
+        """Which cap a new session from ``address`` would exceed ("total", "address"), if any."""
+        if self.per_address and self.by_address.get(address, 0) >= self.per_address:
+            return "address"
         if self.pending >= self.total:
-            return False
-        return not (self.per_address and self.by_address.get(address, 0) >= self.per_address)
+            return "total"
+        return None
 
     @contextmanager
     def _slot(self, address: str) -> Iterator[Any]:

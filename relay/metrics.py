@@ -28,6 +28,13 @@ BYTES = Counter("backhaul_relay_bytes_total", "Body bytes relayed", ["direction"
 TUNNEL_CONNECTS = Counter(
     "backhaul_relay_tunnel_connects_total", "Agent tunnels accepted by this relay instance"
 )
+#: Tunnel upgrades answered 503 because too many handshakes were pending: ``scope`` says
+#: whether the relay's total cap or the per-address cap was reached (agents back off, retry).
+HANDSHAKES_REFUSED = Counter(
+    "backhaul_relay_handshakes_refused_total",
+    "Tunnel upgrades refused while too many handshakes were pending",
+    ["scope"],
+)
 #: Times a stream writer waited for an agent's flow-control credit (a slow internal API side).
 FLOW_STALLS = Counter(
     "backhaul_relay_flow_stalls_total", "Times a stream writer waited for flow-control credit"

@@ -99,6 +99,7 @@ def test_process_environment_is_the_default(
         ("[tunnel]\nping_interval_seconds = -1\n", {}, "tunnel.ping_interval_seconds"),
         ("[tunnel]\nbackoff_max_seconds = 0.1\n", {}, "tunnel.backoff_max_seconds"),
         ("[tunnel]\nping_intervl_seconds = 1\n", {}, "tunnel.ping_intervl_seconds"),
+        ("[tunnel]\nlocal_address = 'eth0'\n", {}, "tunnel.local_address"),
         ("[upstream]\nverify = 'maybe'\n", {}, "upstream.verify"),
         ("[status]\nlisten = 'localhost'\n", {}, "status.listen"),
         ("[log]\nformat = 'xml'\n", {}, "log.format"),

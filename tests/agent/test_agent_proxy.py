@@ -401,3 +401,45 @@ def test_example_config_documents_the_proxy_defaults(tmp_path: Path) -> None:
     text = example.read_text()
     for key in ("url", "username", "password"):
         assert f"# {key} = " in text, key
+
+
+# -- the tunnel's source address (tunnel.local_address)
+
+
+async def test_connect_options_pass_the_source_address_for_a_direct_connection(
+    tmp_path: Path,
+) -> None:
+    plain = cfg(tmp_path)
+    assert await connect_options(plain, "wss://relay.example.com/v1/tunnel", {}) == {"proxy": None}
+    bound = config_from_dict({**BASE, "tunnel": {"local_address": " 127.0.0.7 "}}, tmp_path)
+    assert bound.tunnel.local_address == "127.0.0.7"
+    options = await connect_options(bound, "wss://relay.example.com/v1/tunnel", {})
+    assert options == {"proxy": None, "local_addr": ("127.0.0.7", 0)}
+
+
+async def test_proxy_connection_leaves_from_the_source_address() -> None:
+    seen: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("peername")[0])
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    route = ProxyRoute("127.0.0.1", server.sockets[0].getsockname()[1], "test")
+    result = await open_tunnel(route, "relay", 443, 5, local_address="127.0.0.9")
+    assert result.sock.getsockname()[0] == "127.0.0.9"
+    result.sock.close()
+    result = await open_tunnel(route, "relay", 443, 5)
+    result.sock.close()
+    server.close()
+    assert seen[0] == "127.0.0.9"
+    assert seen[1] != "127.0.0.9"
+
+
+async def test_source_address_of_the_wrong_family_is_a_clear_error() -> None:
+    route = ProxyRoute("127.0.0.1", 9, "test")
+    with pytest.raises(ProxyError, match="no IPv6 address"):
+        await open_tunnel(route, "relay", 443, 5, local_address="::1")

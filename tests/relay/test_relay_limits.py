@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
 from backhaul.wire.frames import FrameType
 from relay.config import RelayConfig
@@ -57,6 +58,13 @@ def _scope(address: str) -> dict[str, Any]:
     }
 
 
+def _refused(scope: str) -> float:
+    return (
+        REGISTRY.get_sample_value("backhaul_relay_handshakes_refused_total", {"scope": scope})
+        or 0.0
+    )
+
+
 async def test_handshake_gate_caps_in_total_and_per_address_and_releases_on_welcome() -> None:
     release: dict[str, asyncio.Event] = {}
     welcome = bytes([FrameType.WELCOME]) + b"\0" * 5
@@ -74,12 +82,14 @@ async def test_handshake_gate_caps_in_total_and_per_address_and_releases_on_welc
     ]
     await asyncio.sleep(0.01)
     assert gate.pending == 3
+    counted = {s: _refused(s) for s in ("address", "total")}
     for address in ("10.0.0.1", "10.0.0.3"):  # per-address cap, then the total cap
         denied = _Recorder()
         await gate(_scope(address), _connect, denied.send)
         assert denied.sent[0]["type"] == "websocket.http.response.start"
         assert denied.sent[0]["status"] == 503
         assert (b"retry-after", b"1") in denied.sent[0]["headers"]
+    assert {s: _refused(s) - n for s, n in counted.items()} == {"address": 1, "total": 1}
     release["10.0.0.1"].set()
     await asyncio.sleep(0.01)
     assert gate.pending == 1 and gate.by_address == {"10.0.0.2": 1}
