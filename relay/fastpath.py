@@ -9,6 +9,10 @@ the same problem responses, and the same activity record for the admin page — 
 everything else on. The FastAPI routes stay registered, so the OpenAPI document still lists
 the invoke operation.
 
+Agent tunnels (``/v1/tunnel``) are taken off the top too, through the same handshake cap
+(:class:`relay.limits.HandshakeGate`): a tunnel lives for days, and every layer it passes
+keeps a suspended frame per tunnel for all that time.
+
 Successful invokes are not written to the request log (the audit log records every one of
 them, in batches); refusals and failures are, with method, path and status, and at debug
 level every invoke is.
@@ -19,14 +23,14 @@ from __future__ import annotations
 import time
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay import invoke
+from relay import invoke, tunnel
 from relay.activity import INVOKE_PATH, Activity, Outcome
 from relay.identity import authenticate
-from relay.limits import RequestLimits
+from relay.limits import TUNNEL_PATH, HandshakeGate, RequestLimits
 from relay.problems import ProblemError, problem
 
 log = structlog.get_logger("backhaul.relay.invoke")
@@ -39,8 +43,21 @@ class RelayApp(FastAPI):
     """The relay's ASGI application: FastAPI, with invoke requests taken off the top."""
 
     _edge: ASGIApp | None = None
+    _gate: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == TUNNEL_PATH:
+            scope["app"] = self
+            gate = self._gate
+            if gate is None:
+                config = self.state.config
+                gate = self._gate = HandshakeGate(
+                    _serve_tunnel,
+                    config.max_pending_handshakes,
+                    config.max_pending_handshakes_per_address,
+                )
+            await gate(scope, receive, send)
+            return
         if (
             scope["type"] == "http"
             and scope["path"].startswith(_PREFIX)
@@ -57,6 +74,10 @@ class RelayApp(FastAPI):
             await edge(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+async def _serve_tunnel(scope: Scope, receive: Receive, send: Send) -> None:
+    await tunnel.tunnel_endpoint(WebSocket(scope, receive, send))
 
 
 async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:

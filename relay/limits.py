@@ -60,7 +60,7 @@ MAX_BUCKETS = 100_000
 
 _INVOKE_PREFIX = "/v1/connections/"
 _INVOKE_MARK = "/invoke"
-_TUNNEL_PATH = "/v1/tunnel"
+TUNNEL_PATH = "/v1/tunnel"
 
 
 # ---------------------------------------------------------------------------- rate limits
@@ -263,7 +263,7 @@ class HandshakeGate:
         self.by_address: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or scope["path"] != _TUNNEL_PATH:
+        if scope["type"] != "websocket" or scope["path"] != TUNNEL_PATH:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
@@ -529,14 +529,10 @@ def http_protocol(config: RelayConfig, parser: str = "auto") -> type:
 
 
 def install(app: FastAPI) -> None:
-    """Add the limit middlewares (call where the access log will wrap them)."""
+    """Add the limit middlewares (call where the access log will wrap them). The handshake
+    cap wraps the tunnel endpoint in :class:`relay.fastpath.RelayApp` instead."""
     config: RelayConfig = app.state.config
     app.state.limits = Limits(config)
     app.add_middleware(
         RequestLimits, max_url_bytes=config.max_url_bytes, max_body_bytes=config.max_body_bytes
-    )
-    app.add_middleware(
-        HandshakeGate,
-        total=config.max_pending_handshakes,
-        per_address=config.max_pending_handshakes_per_address,
     )
