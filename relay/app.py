@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul.version import __version__
-from relay import admin, audit, cache, egress, invoke, limits, problems, rotation, tunnel
+from relay import admin, allocator, audit, cache, egress, invoke, limits, problems, rotation, tunnel
 from relay.api import ROUTERS
 from relay.config import RelayConfig, ensure_data_dir
 from relay.fastpath import RelayApp
@@ -78,11 +78,13 @@ def create_app(config: RelayConfig) -> FastAPI:
         if config.database_url.startswith("sqlite"):
             ensure_data_dir(config.data_dir)
         engine = make_engine(config.database_url)
+        trimmer = allocator.Trimmer(float(config.memory_trim_seconds))
         try:
             await migrate.upgrade(engine)
             app.state.engine = engine
             app.state.db = make_session_factory(engine)
-            app.state.hub = Hub(config.instance_id)
+            trimmer.start()
+            app.state.hub = Hub(config.instance_id, on_change=trimmer.poke)
             app.state.registry = Registry(
                 app.state.hub,
                 config.instance_id,
@@ -100,6 +102,7 @@ def create_app(config: RelayConfig) -> FastAPI:
             await egress.close(app.state)
             await audit.drain()
         finally:
+            await trimmer.stop()
             await engine.dispose()
 
     app = RelayApp(

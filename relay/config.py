@@ -78,6 +78,9 @@ class RelayConfig(BaseModel):
     max_url_bytes: int = Field(default=8192, ge=256)
     max_pending_handshakes: int = Field(default=1024, ge=1)
     max_pending_handshakes_per_address: int = Field(default=64, ge=0)
+    #: Seconds of quiet after tunnel connects and disconnects before the relay returns freed
+    #: heap memory to the system (relay/allocator.py); 0 turns it off.
+    memory_trim_seconds: float = Field(default=2, ge=0)
     rate_limit_per_token: float = Field(default=0, ge=0)
     rate_limit_per_token_burst: int = Field(default=0, ge=0)
     rate_limit_per_connection: float = Field(default=0, ge=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -60,7 +61,9 @@ class LiveTunnel:
 
 
 class Hub:
-    def __init__(self, instance_id: str = "") -> None:
+    def __init__(self, instance_id: str = "", on_change: Callable[[], None] | None = None) -> None:
+        #: Called after every register and unregister (relay.allocator's trimmer).
+        self.on_change = on_change
         self.instance_id = instance_id
         self._by_member: dict[str, LiveTunnel] = {}
         self._by_gateway: dict[str, dict[str, LiveTunnel]] = {}
@@ -79,6 +82,8 @@ class Hub:
         self._by_member[live.member_id] = live
         self._by_gateway.setdefault(live.gateway_id, {})[live.member_id] = live
         metrics.TUNNELS.set(len(self._by_member))
+        if self.on_change is not None:
+            self.on_change()
         return previous
 
     def unregister(self, live: LiveTunnel) -> None:
@@ -89,6 +94,8 @@ class Hub:
             if not members:
                 self._by_gateway.pop(live.gateway_id, None)
         metrics.TUNNELS.set(len(self._by_member))
+        if self.on_change is not None:
+            self.on_change()
 
     def pick(
         self,

@@ -70,7 +70,7 @@ def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Con
         port=config.port,
         ssl_certfile=str(files.cert),
         ssl_keyfile=str(files.key),
-        ws="websockets",
+        ws="websockets-sansio",
         ws_per_message_deflate=False,
         ws_max_size=limits.WS_MAX_MESSAGE,
         ws_max_queue=limits.WS_MAX_QUEUE,
