@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from relay import invoke, tunnel
 from relay.activity import INVOKE_PATH, Activity, Outcome
 from relay.identity import authenticate
-from relay.limits import TUNNEL_PATH, HandshakeGate, RequestLimits
+from relay.limits import HandshakeGate, RequestLimits
 from relay.problems import ProblemError, problem
 
 log = structlog.get_logger("backhaul.relay.invoke")
@@ -46,7 +46,7 @@ class RelayApp(FastAPI):
     _gate: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == TUNNEL_PATH:
+        if scope["type"] == "websocket" and scope["path"] == tunnel.TUNNEL_PATH:
             scope["app"] = self
             gate = self._gate
             if gate is None:

@@ -19,9 +19,10 @@ The relay faces the internet, so every resource a client can make it hold is bou
   ``/v1/tunnel`` that have not finished the handshake are capped in total and per client
   address; past the cap the upgrade is answered ``503`` with ``Retry-After``. Each such
   session already ends after ``handshake_timeout_seconds`` (relay/tunnel.py).
-- **WebSocket messages** (:data:`WS_MAX_MESSAGE`, :data:`WS_MAX_QUEUE`): the largest tunnel
-  frame the relay accepts, so a peer cannot make it buffer 16 MiB messages it would refuse
-  after reading them.
+- **WebSocket messages** (:data:`WS_MAX_MESSAGE`): the largest tunnel frame the relay
+  accepts, so a peer cannot make it buffer 16 MiB messages it would refuse after reading
+  them. uvicorn's sans-I/O WebSocket protocol stops reading after each message until the
+  tunnel's reader has taken it, so no queue of messages builds up ahead of the tunnel.
 
 Limits are per relay instance. Every refusal is an RFC 9457 problem.
 """
@@ -53,14 +54,11 @@ log = structlog.get_logger("backhaul.relay.limits")
 
 #: The largest WebSocket message a tunnel ever carries (one frame; see docs/protocol.md).
 WS_MAX_MESSAGE = Settings().max_message
-#: Messages a WebSocket may have read ahead of the tunnel's reader.
-WS_MAX_QUEUE = 16
 #: Buckets kept per kind; the least recently used goes first (a full bucket is a new one).
 MAX_BUCKETS = 100_000
 
 _INVOKE_PREFIX = "/v1/connections/"
 _INVOKE_MARK = "/invoke"
-TUNNEL_PATH = "/v1/tunnel"
 
 
 # ---------------------------------------------------------------------------- rate limits
@@ -248,8 +246,9 @@ def _body_refusal(limit: int) -> JSONResponse:
 
 
 class HandshakeGate:
-    """Pure ASGI middleware capping ``/v1/tunnel`` sessions that have not finished the
-    handshake, in total and per client address.
+    """Wraps the ``/v1/tunnel`` endpoint (relay.fastpath.RelayApp routes only tunnel
+    sessions here), capping the sessions that have not finished the handshake, in total and
+    per client address.
 
     A session holds its slot from the upgrade until the relay sends WELCOME (the handshake
     succeeded) or closes the WebSocket (it failed or timed out), whichever comes first.
@@ -263,9 +262,6 @@ class HandshakeGate:
         self.by_address: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or scope["path"] != TUNNEL_PATH:
-            await self.app(scope, receive, send)
-            return
         client = scope.get("client")
         address = str(client[0]) if client else "?"
         refused = self._refusal(address)

@@ -31,6 +31,8 @@ from relay.store import queries
 router = APIRouter()
 log = structlog.get_logger("backhaul.relay.tunnel")
 
+TUNNEL_PATH = "/v1/tunnel"
+
 
 class StarletteTransport:
     """A Starlette WebSocket as a :class:`backhaul.aio.tunnel.MessageTransport`."""
@@ -62,7 +64,7 @@ class StarletteTransport:
             await self.ws.close(code, reason)
 
 
-@router.websocket("/v1/tunnel")
+@router.websocket(TUNNEL_PATH)
 async def tunnel_endpoint(ws: WebSocket) -> None:
     config = ws.app.state.config
     hub: Hub = ws.app.state.hub

@@ -73,7 +73,6 @@ def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Con
         ws="websockets-sansio",
         ws_per_message_deflate=False,
         ws_max_size=limits.WS_MAX_MESSAGE,
-        ws_max_queue=limits.WS_MAX_QUEUE,
         # The tunnel's own PING frames detect a dead peer (backhaul.aio.tunnel): WebSocket
         # pings on top would cost a task and a timer per tunnel for nothing.
         ws_ping_interval=None,
