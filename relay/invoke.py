@@ -19,6 +19,7 @@ from urllib.parse import unquote
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from prometheus_client import Counter
 from starlette.datastructures import MutableHeaders
 from starlette.types import Receive, Scope, Send
 
@@ -137,19 +138,30 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers
 
 
+_BY_STATUS: dict[int, Counter] = {}
+
+
+def _requests(status: int) -> Counter:
+    """The request counter's child for ``status`` (``labels`` costs a lock and a lookup)."""
+    child = _BY_STATUS.get(status)
+    if child is None:
+        child = _BY_STATUS[status] = metrics.REQUESTS.labels(code=str(status))
+    return child
+
+
 async def invoke(connection_id: str, path: str, request: Request, user: CurrentUser) -> Response:
     del path  # the decoded form is unsafe to use; _sub_path reads the raw target
     started = time.monotonic()
     try:
         response = await _invoke(connection_id, request, user.id, user.is_admin, started)
     except ProblemError as exc:
-        metrics.REQUESTS.labels(code=str(exc.status)).inc()
+        _requests(exc.status).inc()
         log.info(
             "invoke.refused", connection_id=connection_id, status=exc.status, detail=exc.detail
         )
         await audit.invoke_refused(request, user, connection_id, exc.status, exc.detail)
         raise
-    metrics.REQUESTS.labels(code=str(response.status_code)).inc()
+    _requests(response.status_code).inc()
     metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
     return audit.track_invoke(request, user, connection_id, response)
 

@@ -381,23 +381,48 @@ class _HeadGuard:
     client: tuple[str, int] | None
 
     def _guard_init(self) -> None:
+        self._guard_loop = asyncio.get_running_loop()
+        #: When the head now arriving must be complete (loop time); None between requests.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_too_large = False
 
     def _arm(self) -> None:
-        if self._head_timer is None and not self.transport.is_closing():
-            loop = asyncio.get_running_loop()
-            self._head_timer = loop.call_later(self.head_timeout, self._head_expired)
+        """A head has started (or goes on arriving): it must be complete by its deadline.
+
+        One timer per connection, not one per request: a head that completes only clears the
+        deadline, and the timer, when it fires, checks the deadline then in force and sleeps
+        again until it — keep-alive connections carry thousands of requests a second.
+        """
+        if self._head_deadline is not None or self.transport.is_closing():
+            return
+        self._head_deadline = deadline = self._guard_loop.time() + self.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self._guard_loop.call_at(deadline, self._head_check)
 
     def _disarm(self) -> None:
+        self._head_deadline = None
+        self._head_bytes = 0
+
+    def _guard_stop(self) -> None:
+        self._disarm()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        self._head_bytes = 0
+
+    def _head_check(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # no head arriving; the next one arms the timer again
+        if self._guard_loop.time() < deadline:
+            self._head_timer = self._guard_loop.call_at(deadline, self._head_check)
+            return
+        self._head_deadline = None
+        self._head_expired()
 
     def _head_expired(self) -> None:
-        self._head_timer = None
         if self.transport.is_closing():
             return
         log.info("limits.head_timeout", client=self._client(), seconds=self.head_timeout)
@@ -430,7 +455,7 @@ def _h11_guard() -> type:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._guard_stop()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -471,7 +496,7 @@ def _httptools_guard() -> type | None:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._guard_stop()
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
