@@ -14,6 +14,7 @@ and a watchdog behind it would never notice that the peer went silent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -75,6 +76,47 @@ class StreamError(Exception):
 _END = object()
 
 
+class _Inbox:
+    """A stream's received items (body chunks, then the end or an error), read by one task.
+
+    What ``asyncio.Queue`` does for a single reader without its bookkeeping: a queue and its
+    getter and putter lists were the most expensive part of opening a stream.
+    """
+
+    __slots__ = ("_queue", "_waiter")
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._queue.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._queue:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._queue.popleft()
+
+    def get_nowait(self) -> Any:
+        return self._queue.popleft()
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    def qsize(self) -> int:
+        return len(self._queue)
+
+
 class TunnelStream:
     """One request/response exchange on the tunnel."""
 
@@ -82,9 +124,11 @@ class TunnelStream:
         self.tunnel = tunnel
         self.id = stream_id
         self.head = head
-        self._chunks: asyncio.Queue[Any] = asyncio.Queue()
+        self._chunks = _Inbox()
         self._response: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._writable = asyncio.Event()
+        #: Set when flow-control credit (or an error) arrives; made once the stream first
+        #: waits for credit, which most streams never do.
+        self._writable: asyncio.Event | None = None
         self._error: StreamError | None = None
         #: False when the peer's OPEN carried END_STREAM: there is no request body at all.
         self.has_body = True
@@ -114,8 +158,8 @@ class TunnelStream:
     @property
     def at_end(self) -> bool:
         """True when the body's end is all that is left to read: the next read returns b""."""
-        queue = self._chunks
-        return queue.qsize() == 1 and queue._queue[0] is _END  # type: ignore[attr-defined]
+        queue = self._chunks._queue
+        return len(queue) == 1 and queue[0] is _END
 
     async def iter_body(self) -> Any:
         while chunk := await self.read():
@@ -144,9 +188,12 @@ class TunnelStream:
             if allowed <= 0:
                 for hook in STALL_HOOKS:
                     hook()
-                self._writable.clear()
+                writable = self._writable
+                if writable is None:
+                    writable = self._writable = asyncio.Event()
+                writable.clear()
                 self.tunnel._blocked.add(self)
-                await self._writable.wait()
+                await writable.wait()
                 continue
             chunk, view = view[:allowed], view[allowed:]
             last = end and not view
@@ -202,8 +249,12 @@ class TunnelStream:
             if not self._response.done():
                 self._response.set_exception(error)
                 self._response.exception()  # mark retrieved: nobody may be waiting
-        self._writable.set()
+        self._wake_writer()
         self.closed = True
+
+    def _wake_writer(self) -> None:
+        if self._writable is not None:
+            self._writable.set()
 
 
 class Tunnel:
@@ -433,12 +484,12 @@ class Tunnel:
     def _wake(self, stream_id: int) -> None:
         if stream_id == 0:
             for stream in self._blocked:
-                stream._writable.set()
+                stream._wake_writer()
             self._blocked.clear()
         else:
             waiting = self._streams.get(stream_id)
             if waiting is not None:
-                waiting._writable.set()
+                waiting._wake_writer()
                 self._blocked.discard(waiting)
 
     def _close_streams(self, code: ErrorCode, reason: str) -> None:
