@@ -47,9 +47,11 @@ ops-setup:
 test: real-setup $(STAMP) lint typecheck services faults ops-setup
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
+# wrk, sshd and friends (bench/setup.sh), matplotlib for the chart, then every measurement.
 bench: $(STAMP)
 	bash bench/setup.sh
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/run.py --all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

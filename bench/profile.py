@@ -96,7 +96,7 @@ def main() -> int:
             relay_args=tuple(shlex.split(args.relay_args)),
         )
         bench.check_target(target)
-        bench.run_wrk(target, args.connections, 2, 2)  # warm up
+        bench.run_wrk(target, args.connections, min(2, args.connections), 2)  # warm up
         spies = {}
         for name, pid in target.memory_pids.items() if args.rate else ():
             spies[name] = subprocess.Popen(
@@ -110,7 +110,7 @@ def main() -> int:
             )
         time.sleep(0.5)
         cpu_before = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
-        wrk = bench.run_wrk(target, args.connections, 2, args.seconds)
+        wrk = bench.run_wrk(target, args.connections, min(2, args.connections), args.seconds)
         cpu_after = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
         for spy_proc in spies.values():
             spy_proc.wait(timeout=60)
