@@ -96,8 +96,18 @@ def _later(engine: AsyncEngine, **fields: Any) -> asyncio.Task[None]:
 
 
 async def _flush_soon(engine: AsyncEngine) -> None:
-    await asyncio.sleep(FLUSH_DELAY)
-    while rows := _batches.pop(engine, None):
+    """Write the queued records every FLUSH_DELAY while records keep coming.
+
+    The delay comes before every batch, not only the first: rows queued while one batch is
+    being written wait for the next, instead of going out at once in a batch of their own —
+    under steady load that had shrunk the batches to a row or two, each a transaction with
+    several round trips to the database thread.
+    """
+    while True:
+        await asyncio.sleep(FLUSH_DELAY)
+        rows = _batches.pop(engine, None)
+        if not rows:
+            return
         try:
             async with engine.begin() as conn:
                 await conn.execute(insert(AuditEvent), rows)

@@ -458,6 +458,10 @@ def _h11_guard() -> type:
             self._guard_stop()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+            self._guard_stop()  # as for httptools: a tunnel needs no head timer
+            super().handle_websocket_upgrade(event)
+
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:
                 # h11 bounds only an *incomplete* head; a whole oversized one arriving at
@@ -503,6 +507,11 @@ def _httptools_guard() -> type | None:
             super().on_message_begin()
             self._head_bytes = 0
             self._arm()
+
+        def handle_websocket_upgrade(self) -> None:
+            # The connection becomes a tunnel: its head timer would keep this object alive.
+            self._guard_stop()
+            super().handle_websocket_upgrade()
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))

@@ -194,3 +194,30 @@ async def test_the_timeout_restarts_for_each_kept_alive_request(server: int) -> 
             await asyncio.sleep(0.3)  # idle between requests is the keep-alive's business
     finally:
         writer.close()
+
+
+async def test_a_slow_head_after_kept_alive_requests_is_cut_at_its_own_deadline(
+    server: int,
+) -> None:
+    """One timer serves the connection: quick requests move its deadline along, and a head
+    that then trickles in is cut half a second after it started, neither sooner nor never."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    try:
+        for _ in range(3):  # the first head's deadline passes while these are served
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            assert answer.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.25)
+        started = time.monotonic()
+        answer_task = asyncio.create_task(reader.read(65536))
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            if answer_task.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.02)
+        answer = await asyncio.wait_for(answer_task, 5)
+        elapsed = time.monotonic() - started
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert 0.45 < elapsed < 1.2, elapsed
