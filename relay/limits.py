@@ -47,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backhaul.wire import Settings
 from backhaul.wire.frames import FrameType
 from relay import metrics
+from relay.coalesce import CoalescingTransport
 from relay.config import RelayConfig
 from relay.problems import MEDIA_TYPE, ProblemError, problem
 
@@ -495,7 +496,9 @@ def _httptools_guard() -> type | None:
 
     class HttpToolsHeadGuard(_HeadGuard, HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            # A response's head and body leave in one write (relay.coalesce).
+            coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+            super().connection_made(coalescing)  # type: ignore[arg-type]
             self._guard_init()
             self._arm()
 
@@ -509,8 +512,12 @@ def _httptools_guard() -> type | None:
             self._arm()
 
         def handle_websocket_upgrade(self) -> None:
-            # The connection becomes a tunnel: its head timer would keep this object alive.
+            # The connection becomes a tunnel: its head timer would keep this object alive,
+            # and the WebSocket protocol writes to the transport itself, held back by nothing.
             self._guard_stop()
+            if isinstance(self.transport, CoalescingTransport):
+                self.transport.flush()
+                self.transport = self.transport.transport
             super().handle_websocket_upgrade()
 
         def on_url(self, url: bytes) -> None:
