@@ -47,8 +47,9 @@ ops-setup:
 test: real-setup $(STAMP) lint typecheck services faults ops-setup
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
-# wrk, sshd and friends (bench/setup.sh), matplotlib for the chart, then every measurement.
-bench: $(STAMP)
+# wrk, sshd and friends (bench/setup.sh), the KDC and Apache of bench/winauth.py
+# (real-setup), matplotlib for the chart, then every measurement.
+bench: real-setup $(STAMP)
 	bash bench/setup.sh
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py --all
