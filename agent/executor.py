@@ -70,6 +70,7 @@ HOP_BY_HOP = _HOP_BY_HOP | {"host"}
 #: The caller's own credentials never reach the internal API.
 _CALLER_SECRETS = frozenset({"authorization", "cookie"})
 _USER_AGENT = f"backhaul-agent/{__version__}"
+_BYTES_UP = metrics.BYTES.labels("up")
 
 
 def strip_hop_by_hop(
@@ -226,7 +227,7 @@ class _CountingBody:
         while chunk is not None:
             if chunk:
                 self.sent += len(chunk)
-                metrics.BYTES.labels("up").inc(len(chunk))
+                _BYTES_UP.inc(len(chunk))
                 yield chunk
             chunk = await anext(self._rest, None)
 

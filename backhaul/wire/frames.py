@@ -102,8 +102,12 @@ def encode(
     return HEADER.pack(ftype, flags, stream_id) + payload
 
 
+#: One encoder for every control payload (``json.dumps`` with options builds one per call).
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_json(ftype: FrameType, stream_id: int, obj: dict[str, Any], flags: int = 0) -> bytes:
-    return encode(ftype, stream_id, json.dumps(obj, separators=(",", ":")).encode(), flags)
+    return encode(ftype, stream_id, _JSON.encode(obj).encode(), flags)
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:
