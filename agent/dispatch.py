@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 
 import structlog
-from prometheus_client import Counter
 
 from agent import metrics
 from agent.errors import AgentError, CredentialsInvalid
@@ -21,20 +20,13 @@ from agent.state import AgentState
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.errors import SealError
 from backhaul.keys import b64d
+from backhaul.metric_labels import Children
 from backhaul.seal import GatewayKeyPair, open_sealed
 from backhaul.wire import ErrorCode
 
 log = structlog.get_logger("backhaul.agent.dispatch")
 _BYTES_DOWN = metrics.BYTES.labels("down")
-_BY_OUTCOME: dict[str, Counter] = {}
-
-
-def _requests(outcome: str) -> Counter:
-    """The request counter's child for ``outcome`` (``labels`` costs a lock and a lookup)."""
-    child = _BY_OUTCOME.get(outcome)
-    if child is None:
-        child = _BY_OUTCOME[outcome] = metrics.REQUESTS.labels(outcome)
-    return child
+_REQUESTS = Children(metrics.REQUESTS)
 
 
 #: AgentError.code → the RESET code the relay maps to an HTTP status.
@@ -111,7 +103,7 @@ class Dispatcher:
         finally:
             if upstream is not None:
                 await upstream.aclose()
-            _requests(metrics.outcome_of(outcome)).inc()
+            _REQUESTS(metrics.outcome_of(outcome)).inc()
             metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
 
     def _open(self, head: RequestHead) -> dict[str, object]:

@@ -77,14 +77,10 @@ def strip_hop_by_hop(
     headers: list[tuple[str, str]], extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields (and Host, which httpx sets from the URL) plus ``extra``."""
-    with_host = _WITH_HOST.get(extra)
-    if with_host is None:
-        with_host = _WITH_HOST.setdefault(extra, extra | {"host"})
-    return _strip(headers, with_host)
+    return _strip(headers, extra | _HOST)
 
 
-#: ``extra`` → ``extra`` and Host (the callers' ``extra`` sets are module constants).
-_WITH_HOST: dict[frozenset[str], frozenset[str]] = {}
+_HOST = frozenset({"host"})
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:

@@ -111,13 +111,13 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
         activity: Activity = scope["app"].state.activity
         status, title, detail = outcome.summary()
         activity.record(connection_id, status, title, detail)
-        fields = {
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-        if status >= 400:
-            log.info("http request", **fields)
-        elif _stdlib_log.isEnabledFor(logging.DEBUG):
-            log.debug("http request", **fields)
+        level = logging.INFO if status >= 400 else logging.DEBUG
+        if level == logging.INFO or _stdlib_log.isEnabledFor(level):
+            log.log(
+                level,
+                "http request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )

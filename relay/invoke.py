@@ -19,13 +19,13 @@ from urllib.parse import unquote
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import Counter
 from starlette.datastructures import MutableHeaders
 from starlette.types import Receive, Scope, Send
 
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.headers import strip_hop_by_hop
 from backhaul.keys import b64e
+from backhaul.metric_labels import Children
 from backhaul.wire import ErrorCode, StreamUnavailable
 from relay import audit, limits, metrics, online
 from relay import plan as invoke_plan
@@ -138,15 +138,7 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers
 
 
-_BY_STATUS: dict[int, Counter] = {}
-
-
-def _requests(status: int) -> Counter:
-    """The request counter's child for ``status`` (``labels`` costs a lock and a lookup)."""
-    child = _BY_STATUS.get(status)
-    if child is None:
-        child = _BY_STATUS[status] = metrics.REQUESTS.labels(code=str(status))
-    return child
+_REQUESTS = Children(metrics.REQUESTS)
 
 
 async def invoke(connection_id: str, path: str, request: Request, user: CurrentUser) -> Response:
@@ -155,13 +147,13 @@ async def invoke(connection_id: str, path: str, request: Request, user: CurrentU
     try:
         response = await _invoke(connection_id, request, user.id, user.is_admin, started)
     except ProblemError as exc:
-        _requests(exc.status).inc()
+        _REQUESTS(str(exc.status)).inc()
         log.info(
             "invoke.refused", connection_id=connection_id, status=exc.status, detail=exc.detail
         )
         await audit.invoke_refused(request, user, connection_id, exc.status, exc.detail)
         raise
-    _requests(response.status_code).inc()
+    _REQUESTS(str(response.status_code)).inc()
     metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
     return audit.track_invoke(request, user, connection_id, response)
 

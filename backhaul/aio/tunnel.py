@@ -113,9 +113,6 @@ class _Inbox:
     def empty(self) -> bool:
         return not self._queue
 
-    def qsize(self) -> int:
-        return len(self._queue)
-
 
 class TunnelStream:
     """One request/response exchange on the tunnel."""
