@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -311,6 +312,8 @@ class Target:
     headers: dict[str, str] = field(default_factory=dict)
     ca_file: Path | None = None
     memory_pids: dict[str, int] = field(default_factory=dict)
+    #: The path's own processes (and the backend, added by main), for the CPU budget.
+    cpu_pids: dict[str, int] = field(default_factory=dict)
 
     def client(self, **kwargs: Any) -> httpx.Client:
         verify: ssl.SSLContext | bool = True
@@ -393,14 +396,26 @@ def wrk_problems(out: str) -> list[str]:
     return notes
 
 
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's finished (waited-for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure_wrk(target: Target, s: Settings, result: Result) -> None:
-    cpu_before = {name: tree_cpu(pid) for name, pid in target.memory_pids.items()}
+    """wrk at 64 clients, and the CPU time every process on the path spent per request:
+    wrk itself, the path's own processes and the backend."""
+    pids = {**target.memory_pids, **target.cpu_pids}
+    cpu_before = {name: tree_cpu(pid) for name, pid in pids.items()}
+    wrk_before = children_cpu()
     out = run_wrk(target, s.wrk_connections, s.wrk_threads, s.wrk_seconds)
+    wrk_used = children_cpu() - wrk_before
     result.values["rps"], requests = wrk_rate(out)
-    for name, pid in target.memory_pids.items():
-        if requests:
+    if requests:
+        for name, pid in pids.items():
             used = tree_cpu(pid) - cpu_before[name]
             result.values[f"{name}_cpu_per_request"] = used / requests * 1000
+        result.values["wrk_cpu_per_request"] = wrk_used / requests * 1000
     for pct, key in (("50", "wrk_p50"), ("99", "wrk_p99")):
         pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
         if pm:
@@ -764,7 +779,9 @@ def setup_ssh(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Targe
         wait_for("ssh -R tunnel", lambda: port_open(tunnel_port), 30, ssh)
     except Exception as exc:
         raise RuntimeError(f"{exc}\nssh: {tail(ssh_log)}\nsshd: {tail(sshd_log)}") from exc
-    return Target("ssh", f"http://127.0.0.1:{tunnel_port}")
+    return Target(
+        "ssh", f"http://127.0.0.1:{tunnel_port}", cpu_pids={"sshd": sshd.pid, "ssh": ssh.pid}
+    )
 
 
 def setup_backhaul(
@@ -907,6 +924,68 @@ MEMORY_ROWS = [
 ]
 
 
+#: The CPU budget table: (row label, the process's key on each path).
+BUDGET_ROWS = [
+    ("wrk, the client", {"direct": "wrk", "ssh": "wrk", "backhaul": "wrk"}),
+    ("the tunnel's public end: sshd / relay", {"ssh": "sshd", "backhaul": "relay"}),
+    ("the tunnel's private end: ssh / agent", {"ssh": "ssh", "backhaul": "agent"}),
+    ("the sample API backend", {"direct": "backend", "ssh": "backend", "backhaul": "backend"}),
+]
+
+
+def cpu_budget(results: dict[str, Result | None]) -> list[str]:
+    """Where the machine's cores go during the 64-client wrk run, per path: CPU time per
+    request of every process on it, and the rate that total would allow on all cores."""
+
+    def cpu(path: str, name: str | None) -> float | None:
+        r = results.get(path)
+        if r is None or name is None:
+            return None
+        return r.values.get(f"{name}_cpu_per_request")
+
+    if not any(cpu(path, "wrk") is not None for path in PATHS):
+        return []
+    cores = os.cpu_count() or 1
+    out = [
+        "## CPU budget of a small request",
+        "",
+        "CPU time (user + system) per request during the 64-client wrk run above, for every"
+        " process on the path, read from /proc (wrk from its resource usage). On a machine"
+        " where all of them share the cores, their sum bounds the rate: at most"
+        f" {cores} cores x 1,000 ms / (sum per request) requests per second.",
+        "",
+        "| CPU per request (ms) | direct | ssh -R | Backhaul |",
+        "|---|---:|---:|---:|",
+    ]
+    totals: dict[str, float] = {}
+    for label, names in BUDGET_ROWS:
+        cells = []
+        for path in PATHS:
+            used = cpu(path, names.get(path))
+            if used is not None:
+                totals[path] = totals.get(path, 0.0) + used
+            cells.append(fmt(used, "{:.3f}"))
+        out.append(f"| {label} | {' | '.join(cells)} |")
+    out.append("| **sum** | " + " | ".join(fmt(totals.get(p), "{:.3f}") for p in PATHS) + " |")
+    out.append(
+        f"| ceiling on {cores} cores (req/s) | "
+        + " | ".join(
+            fmt(cores * 1000 / totals[p] if totals.get(p) else None, "{:,.0f}") for p in PATHS
+        )
+        + " |"
+    )
+    out.append(
+        "| measured (req/s) | "
+        + " | ".join(
+            fmt(rps.values.get("rps") if (rps := results.get(p)) else None, "{:,.0f}")
+            for p in PATHS
+        )
+        + " |"
+    )
+    out.append("")
+    return out
+
+
 FAIRNESS_TARGET_MS = 10.0
 
 
@@ -1024,6 +1103,7 @@ def render(
                 f" {fmt(value('backhaul', f'agent_{key}'), '{:.1f}')} |"
             )
         out.append("")
+    out += cpu_budget(results)
     out += [
         "## Requests per second against concurrency",
         "",
@@ -1329,6 +1409,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== {LABELS[path]} ===")
             try:
                 target = SETUP[path](backend_port=backend.port, procs=procs, tmp=tmp)
+                target.cpu_pids["backend"] = backend.pid
                 results[path] = measure(target, settings, procs, tmp)
             except Exception as exc:
                 failed = True
