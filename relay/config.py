@@ -8,6 +8,7 @@ request. ``config/relay.toml`` documents every key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -78,6 +79,9 @@ class RelayConfig(BaseModel):
     max_url_bytes: int = Field(default=8192, ge=256)
     max_pending_handshakes: int = Field(default=1024, ge=1)
     max_pending_handshakes_per_address: int = Field(default=64, ge=0)
+    #: Addresses (or networks) of the reverse proxies in front of the relay whose
+    #: X-Forwarded-For and X-Forwarded-Proto it believes; empty: none, the TCP peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
     #: Seconds of quiet after tunnel connects and disconnects before the relay returns freed
     #: heap memory to the system (relay/allocator.py); 0 turns it off.
     memory_trim_seconds: float = Field(default=2, ge=0)
@@ -107,6 +111,26 @@ class RelayConfig(BaseModel):
     @classmethod
     def _listen(cls, value: str) -> str:
         split_listen(value)
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: Any) -> Any:
+        # BACKHAUL_RELAY_TRUSTED_PROXIES="10.0.0.1, 10.1.0.0/16"
+        return (
+            [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
 
     @field_validator("log_level", mode="before")

@@ -77,6 +77,10 @@ def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Con
         # pings on top would cost a task and a timer per tunnel for nothing.
         ws_ping_interval=None,
         http=limits.http_protocol(config),
+        # Forwarded headers only from the proxies the operator names: believing them from
+        # anyone would let a caller pick the address it is audited and rate-limited under.
+        proxy_headers=bool(config.trusted_proxies),
+        forwarded_allow_ips=list(config.trusted_proxies) or None,
         access_log=False,
         log_config=None,
         lifespan="on",
