@@ -290,8 +290,7 @@ async def _exchange(
     try:
         remaining = max(0.0, deadline - (time.monotonic() - started))
         try:
-            async with asyncio.timeout(remaining + 0.5):
-                response_head = await stream.response()
+            response_head = await stream.response(remaining + 0.5)
         except TimeoutError:
             await stream.reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
             raise ProblemError(

@@ -114,6 +114,11 @@ class _Inbox:
         return not self._queue
 
 
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class TunnelStream:
     """One request/response exchange on the tunnel."""
 
@@ -133,9 +138,21 @@ class TunnelStream:
 
     # -- receiving
 
-    async def response(self) -> dict[str, Any]:
-        """Relay side: the agent's RESPONSE head."""
-        return await self._response
+    async def response(self, within: float | None = None) -> dict[str, Any]:
+        """Relay side: the agent's RESPONSE head; TimeoutError once ``within`` seconds pass.
+
+        The wait is bounded by one timer handle on the head's future rather than
+        ``asyncio.timeout``, whose scope object and task cancellation cost more than the rest
+        of this wait on every request.
+        """
+        waiter = self._response
+        if within is None or waiter.done():
+            return await waiter
+        timer = waiter.get_loop().call_later(within, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
 
     async def read(self) -> bytes:
         """Next body chunk; b"" at the end. Raises StreamError if the stream was reset."""

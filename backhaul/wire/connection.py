@@ -58,7 +58,8 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-_KNOWN_TYPES = frozenset(int(t) for t in f.FrameType)
+#: Wire type → FrameType, without an enum constructor call per frame.
+_FRAME_TYPES: dict[int, f.FrameType] = {int(t): t for t in f.FrameType}
 
 
 class Connection:
@@ -313,9 +314,9 @@ class Connection:
         return events
 
     def _receive_frame(self, frame: f.Frame) -> list[Event]:
-        if frame.type not in _KNOWN_TYPES:
+        ftype = _FRAME_TYPES.get(frame.type)
+        if ftype is None:
             return [UnknownFrameReceived(frame.type, frame.stream_id)]
-        ftype = f.FrameType(frame.type)
         self._check_placement(ftype, frame.stream_id)
         return self._handlers[ftype](frame)
 
@@ -511,5 +512,8 @@ def _close_run(run: list[bytes], messages: list[bytes]) -> None:
         messages.append(f.encode_batch(run))
 
 
+_END_STREAM = int(f.Flags.END_STREAM)
+
+
 def _flags(end_stream: bool) -> int:
-    return int(f.Flags.END_STREAM) if end_stream else 0
+    return _END_STREAM if end_stream else 0

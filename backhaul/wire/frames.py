@@ -82,6 +82,10 @@ JSON_FRAMES = frozenset(
 )
 
 
+#: Plain ints for the per-frame checks: ``int & IntFlag`` builds a flag object each time.
+_END_STREAM = int(Flags.END_STREAM)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A decoded frame. ``type`` is an int so that unknown types can be reported and skipped."""
@@ -93,7 +97,7 @@ class Frame:
 
     @property
     def end_stream(self) -> bool:
-        return bool(self.flags & Flags.END_STREAM)
+        return bool(self.flags & _END_STREAM)
 
 
 def encode(

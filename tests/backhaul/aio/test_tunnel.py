@@ -287,6 +287,27 @@ async def test_request_without_body() -> None:
     assert seen == [False]
 
 
+async def test_response_wait_is_bounded_and_a_late_head_is_dropped() -> None:
+    answer = asyncio.Event()
+
+    async def handler(stream: TunnelStream) -> None:
+        await answer.wait()
+        with contextlib.suppress(StreamError):
+            await stream.send_response({"status": 200}, end_stream=True)
+
+    async with tunnel_pair(handler) as pair:
+        async with asyncio.timeout(5):
+            slow = await pair.relay.open_stream({"method": "GET"}, end_stream=True)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError):
+                await slow.response(within=0.05)
+            assert asyncio.get_running_loop().time() - started < 1
+            answer.set()  # the head arrives after the wait gave up: nothing breaks
+            fast = await pair.relay.open_stream({"method": "GET"}, end_stream=True)
+            assert await fast.response(within=5) == {"status": 200}
+            await slow.reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+
+
 async def test_many_concurrent_streams() -> None:
     async with tunnel_pair(echo_digest, relay_settings=SMALL, agent_settings=SMALL) as pair:
 
