@@ -34,6 +34,9 @@ from backhaul import sampleapi  # noqa: E402
 
 
 def summarize(raw: Path, top: int) -> str:
+    """The event loop thread's samples only: py-spy also reports the database and executor
+    threads while they wait for work, which would dilute every figure (their real CPU time
+    is in the per-thread figures above)."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
@@ -43,18 +46,32 @@ def summarize(raw: Path, top: int) -> str:
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
-        if not frames:
+        if not frames or frames[0].startswith("Thread._bootstrap"):
             continue
         total += count
         own[_short(frames[-1])] += count
         for name in {_short(f) for f in frames}:
             inclusive[name] += count
-    lines = [f"  {total} samples"]
+    lines = [f"  {total} samples of the event loop thread"]
     lines.append("  self:")
     lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
     lines.append("  inclusive:")
     lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
     return "\n".join(lines)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far per thread of a process ("tid name" → seconds)."""
+    seconds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds[f"{task.name} {name}"] = (int(fields[11]) + int(fields[12])) / bench._TICK
+    return seconds
 
 
 def _short(frame: str) -> str:
@@ -110,8 +127,10 @@ def main() -> int:
             )
         time.sleep(0.5)
         cpu_before = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
+        threads_before = {n: thread_cpu(p) for n, p in target.memory_pids.items()}
         wrk = bench.run_wrk(target, args.connections, min(2, args.connections), args.seconds)
         cpu_after = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
+        threads_after = {n: thread_cpu(p) for n, p in target.memory_pids.items()}
         for spy_proc in spies.values():
             spy_proc.wait(timeout=60)
         rate, _errors = bench.wrk_rate(wrk)
@@ -122,6 +141,11 @@ def main() -> int:
             used = cpu_after[name] - cpu_before[name]
             per = 1000 * used / max(1.0, rate * args.seconds)
             print(f"\n{name}: {used:.2f} s CPU, {per:.3f} ms per request")
+            for thread, after in sorted(threads_after[name].items()):
+                spent = after - threads_before[name].get(thread, 0.0)
+                if spent >= 0.01:
+                    share = 1000 * spent / max(1.0, rate * args.seconds)
+                    print(f"  thread {thread}: {spent:.2f} s, {share:.3f} ms per request")
             if name in spies:
                 print(summarize(out / f"profile-{name}.txt", args.top))
     finally:

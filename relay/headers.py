@@ -8,7 +8,7 @@ from starlette.datastructures import MutableHeaders
 
 from backhaul.headers import HOP_BY_HOP
 
-__all__ = ["HOP_BY_HOP", "response_headers"]
+__all__ = ["HOP_BY_HOP", "raw_response_headers", "response_headers"]
 
 
 def response_headers(
@@ -20,3 +20,15 @@ def response_headers(
         if name.lower() not in drop:
             headers.append(name, value)
     return headers
+
+
+def raw_response_headers(
+    pairs: Iterable[tuple[str, str]], drop: frozenset[str] = HOP_BY_HOP
+) -> list[tuple[bytes, bytes]]:
+    """The same filter, as the ASGI ``http.response.start`` header list (lower-case names)."""
+    raw = []
+    for name, value in pairs:
+        lower = name.lower()
+        if lower not in drop:
+            raw.append((lower.encode("latin-1"), value.encode("latin-1")))
+    return raw

@@ -19,7 +19,6 @@ from urllib.parse import unquote
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.datastructures import MutableHeaders
 from starlette.types import Receive, Scope, Send
 
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
@@ -32,7 +31,7 @@ from relay import plan as invoke_plan
 from relay.balancing import RoundRobin, Thresholds, choose
 from relay.cache import ReadCache, lookup
 from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
-from relay.headers import response_headers
+from relay.headers import raw_response_headers
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
 from relay.problems import ProblemError
@@ -302,7 +301,7 @@ async def _exchange(
         await stream.reset(ErrorCode.CANCEL, "request abandoned")
         raise
     status = int(response_head.get("status", 502))
-    headers = response_headers((str(k), str(v)) for k, v in response_head.get("headers", []))
+    headers = raw_response_headers((str(k), str(v)) for k, v in response_head.get("headers", []))
     return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
 
 
@@ -386,14 +385,14 @@ class TunnelResponse(Response):
         pump: asyncio.Task[None] | None,
         is_head: bool,
         status: int,
-        headers: MutableHeaders,
+        headers: list[tuple[bytes, bytes]],
     ) -> None:
         self.stream = stream
         self.pump = pump
         self.is_head = is_head
         self.status_code = status
         self.background = None
-        self.raw_headers = headers.raw
+        self.raw_headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(

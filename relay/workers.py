@@ -82,6 +82,8 @@ def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Con
         proxy_headers=bool(config.trusted_proxies),
         forwarded_allow_ips=list(config.trusted_proxies) or None,
         access_log=False,
+        # No "server: uvicorn" on every answer: it names the relay's software to anyone.
+        server_header=False,
         log_config=None,
         lifespan="on",
         h11_max_incomplete_event_size=config.max_request_header_bytes,

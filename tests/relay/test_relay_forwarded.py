@@ -1,5 +1,6 @@
 """``trusted_proxies``: forwarded client addresses are believed from the named proxies only,
-through uvicorn configured as the relay configures it (relay.workers.server_config)."""
+through uvicorn configured as the relay configures it (relay.workers.server_config); and no
+``Server`` header on the relay's answers."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ async def _seen(tmp_path: Path, trusted: list[str]) -> dict[str, str]:
                 f"https://127.0.0.1:{port}/",
                 headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"},
             )
+        assert "server" not in r.headers  # the relay does not name its software
+        assert "date" in r.headers
         result: dict[str, str] = r.json()
         return result
     finally:
