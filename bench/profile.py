@@ -65,12 +65,10 @@ def thread_cpu(pid: int) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            name = (task / "comm").read_text().strip()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds[f"{task.name} {name}"] = (int(fields[11]) + int(fields[12])) / bench._TICK
+        seconds[f"{task.name} {name}"] = bench.stat_cpu(task / "stat")
     return seconds
 
 

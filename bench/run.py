@@ -265,16 +265,19 @@ def tree_status(pid: int) -> dict[str, int]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def stat_cpu(stat: Path) -> float:
+    """CPU seconds (user + system) from a /proc ``stat`` file of a process or thread; 0 if
+    it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and its descendants."""
-    total = 0.0
-    for p in [pid, *descendants(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-    return total
+    return sum(stat_cpu(Path(f"/proc/{p}/stat")) for p in [pid, *descendants(pid)])
 
 
 class MemorySampler:

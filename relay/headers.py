@@ -15,11 +15,7 @@ def response_headers(
     pairs: Iterable[tuple[str, str]], drop: frozenset[str] = HOP_BY_HOP
 ) -> MutableHeaders:
     """Response headers minus ``drop``, keeping repeated fields (Set-Cookie) a dict would fold."""
-    headers = MutableHeaders()
-    for name, value in pairs:
-        if name.lower() not in drop:
-            headers.append(name, value)
-    return headers
+    return MutableHeaders(raw=raw_response_headers(pairs, drop))
 
 
 def raw_response_headers(

@@ -512,8 +512,5 @@ def _close_run(run: list[bytes], messages: list[bytes]) -> None:
         messages.append(f.encode_batch(run))
 
 
-_END_STREAM = int(f.Flags.END_STREAM)
-
-
 def _flags(end_stream: bool) -> int:
-    return _END_STREAM if end_stream else 0
+    return f.END_STREAM_BIT if end_stream else 0

@@ -82,8 +82,8 @@ JSON_FRAMES = frozenset(
 )
 
 
-#: Plain ints for the per-frame checks: ``int & IntFlag`` builds a flag object each time.
-_END_STREAM = int(Flags.END_STREAM)
+#: END_STREAM as a plain int for the per-frame checks: ``int & IntFlag`` builds a flag object.
+END_STREAM_BIT = int(Flags.END_STREAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ class Frame:
 
     @property
     def end_stream(self) -> bool:
-        return bool(self.flags & _END_STREAM)
+        return bool(self.flags & END_STREAM_BIT)
 
 
 def encode(
