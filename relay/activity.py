@@ -99,10 +99,14 @@ class Outcome:
                 if name.lower() == b"content-type" and b"problem+json" in value:
                     self.is_problem = True
         elif message["type"] == "http.response.body" and self.is_problem:
-            room = _PROBLEM_BYTES - len(self._problem)
-            if room > 0:
-                self._problem.extend(message.get("body", b"")[:room])
+            self.keep(message.get("body", b""))
         await self._send(message)
+
+    def keep(self, body: bytes) -> None:
+        """Keep the start of a problem body (up to 4 KiB in all) for :meth:`summary`."""
+        room = _PROBLEM_BYTES - len(self._problem)
+        if room > 0:
+            self._problem.extend(body[:room])
 
     def summary(self) -> tuple[int, str, str]:
         """(status, problem title, problem detail) for :meth:`Activity.record`."""

@@ -198,22 +198,30 @@ class AuditedResponse(Response):
             if self.background is not None and self.background is not self.inner.background:
                 await self.background()
         finally:
-            head = self._request.method == "HEAD" and started
-            complete = finished or head or (declared is not None and sent >= declared)
-            result = "aborted"
-            if complete:
-                result = "ok" if status < 400 else "error"
-            bytes_in = self._request.scope.get(BYTES_IN_KEY, _declared_length(self._request))
-            # Not awaited: the row goes out with the next batch, and shutdown waits for it
-            # (drain). Waiting here held every request's task for the batch delay.
-            _later(
-                self._request.app.state.engine,
-                **self._fields,
-                status=status,
-                result=result,
-                bytes_in=bytes_in,
-                bytes_out=sent,
-            )
+            self.record(status, sent, declared, started, finished)
+
+    def record(
+        self, status: int, sent: int, declared: int | None, started: bool, finished: bool
+    ) -> None:
+        """Queue the invoke's row: ``sent`` body bytes of ``declared``, ``finished`` when the
+        body's end went out (also called by :class:`relay.edge.DirectReply`, which counts
+        them itself)."""
+        head = self._request.method == "HEAD" and started
+        complete = finished or head or (declared is not None and sent >= declared)
+        result = "aborted"
+        if complete:
+            result = "ok" if status < 400 else "error"
+        bytes_in = self._request.scope.get(BYTES_IN_KEY, _declared_length(self._request))
+        # Not awaited: the row goes out with the next batch, and shutdown waits for it
+        # (drain). Waiting here held every request's task for the batch delay.
+        _later(
+            self._request.app.state.engine,
+            **self._fields,
+            status=status,
+            result=result,
+            bytes_in=bytes_in,
+            bytes_out=sent,
+        )
 
 
 async def events(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import structlog
 from fastapi import FastAPI, Request, WebSocket
@@ -62,12 +63,7 @@ class RelayApp(FastAPI):
                 )
             await gate(scope, receive, send)
             return
-        if (
-            scope["type"] == "http"
-            and scope["path"].startswith(_PREFIX)
-            and scope["method"] in _METHODS
-            and INVOKE_PATH.match(scope["path"]) is not None
-        ):
+        if scope["type"] == "http" and is_invoke(scope):
             scope["app"] = self
             edge = self._edge
             if edge is None:
@@ -84,6 +80,25 @@ async def _serve_tunnel(scope: Scope, receive: Receive, send: Send) -> None:
     await tunnel.tunnel_endpoint(WebSocket(scope, receive, send))
 
 
+def is_invoke(scope: Scope) -> bool:
+    """An invoke request (``ANY /v1/connections/{id}/invoke/...``), by method and path."""
+    path: str = scope["path"]
+    return (
+        path.startswith(_PREFIX)
+        and scope["method"] in _METHODS
+        and INVOKE_PATH.match(path) is not None
+    )
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of the first ``Authorization: Bearer`` field, as Starlette would read it."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, token = get_authorization_scheme_param(value.decode("latin-1"))
+            return token if scheme.lower() == "bearer" else None
+    return None
+
+
 async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
     """Authenticate, invoke, answer; record the outcome for the admin page."""
     match = INVOKE_PATH.match(scope["path"])
@@ -94,8 +109,7 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
     request = Request(scope, receive)
     try:
         try:
-            scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-            user = await authenticate(request, token if scheme.lower() == "bearer" else None)
+            user = await authenticate(request, bearer_token(scope["headers"]))
             response = await invoke.invoke(connection_id, "", request, user)
         except ProblemError as exc:
             response = exc.response()
@@ -108,16 +122,22 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
             scope, receive, outcome.send
         )
     finally:
-        activity: Activity = scope["app"].state.activity
-        status, title, detail = outcome.summary()
-        activity.record(connection_id, status, title, detail)
-        level = logging.INFO if status >= 400 else logging.DEBUG
-        if level == logging.INFO or _stdlib_log.isEnabledFor(level):
-            log.log(
-                level,
-                "http request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            )
+        finish(scope, connection_id, outcome, started)
+
+
+def finish(scope: Scope, connection_id: str, outcome: Outcome, started: float) -> None:
+    """An invoke has been answered: the admin page's activity record, and the request log
+    line (refusals and failures; every invoke at debug level)."""
+    activity: Activity = scope["app"].state.activity
+    status, title, detail = outcome.summary()
+    activity.record(connection_id, status, title, detail)
+    level = logging.INFO if status >= 400 else logging.DEBUG
+    if level == logging.INFO or _stdlib_log.isEnabledFor(level):
+        log.log(
+            level,
+            "http request",
+            method=scope["method"],
+            path=scope["path"],
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+        )

@@ -14,6 +14,7 @@ import contextlib
 import json
 import re
 import time
+from typing import Protocol
 from urllib.parse import unquote
 
 import structlog
@@ -370,6 +371,30 @@ async def _pump_request(stream: TunnelStream, request: Request) -> None:
         await stream.reset(ErrorCode.CANCEL, "caller aborted the upload")
 
 
+class BodySink(Protocol):
+    """Where a tunnel answer goes: an ASGI ``send`` (:class:`AsgiSink`), or the caller's
+    connection itself (:class:`relay.edge.DirectReply`)."""
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def body(self, data: bytes, more: bool) -> None: ...
+
+
+class AsgiSink:
+    """A :class:`BodySink` over an ASGI ``send``."""
+
+    __slots__ = ("send",)
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, more: bool) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+
 class TunnelResponse(Response):
     """Streams the agent's response body to the caller.
 
@@ -395,26 +420,28 @@ class TunnelResponse(Response):
         self.raw_headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+        await self.deliver(AsgiSink(send), receive)
+
+    async def deliver(self, sink: BodySink, receive: Receive) -> None:
+        """The head, then the body chunks as the agent sends them; ``receive`` tells when the
+        caller hangs up mid-body."""
         stream, finished = self.stream, False
         watcher: asyncio.Task[None] | None = None
         try:
+            await sink.start(self.status_code, self.raw_headers)
             while True:
                 chunk = await stream.read()
                 if not chunk:
                     finished = True
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await sink.body(b"", False)
                     break
                 _BYTES_RESPONSE.inc(len(chunk))
                 if stream.at_end:  # the common small answer: one chunk, then END
                     finished = True
-                    body = b"" if self.is_head else chunk
-                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    await sink.body(b"" if self.is_head else chunk, False)
                     break
                 if not self.is_head:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await sink.body(chunk, True)
                 if watcher is None and (self.pump is None or self.pump.done()):
                     watcher = asyncio.create_task(_watch_disconnect(receive, stream))
         except StreamError as exc:

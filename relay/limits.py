@@ -547,14 +547,20 @@ def _httptools_guard() -> type | None:
     return HttpToolsHeadGuard
 
 
-def http_protocol(config: RelayConfig, parser: str = "auto") -> type:
+def http_protocol(config: RelayConfig, parser: str = "auto", app: Any = None) -> type:
     """Uvicorn's HTTP protocol class (httptools when installed, as uvicorn's ``auto``) with
-    the relay's head timeout and head size limit."""
+    the relay's head timeout and head size limit; given the relay's ``app``, invoke requests
+    are answered below ASGI (:mod:`relay.edge`), unless forwarded headers are believed from
+    trusted proxies (uvicorn's middleware for them is ASGI)."""
     base = _httptools_guard() if parser in ("auto", "httptools") else None
     if base is None:
         if parser == "httptools":
             raise RuntimeError("httptools is not installed")
         base = _h11_guard()
+    elif app is not None and not config.trusted_proxies:
+        from relay.edge import with_direct_invoke  # relay.edge builds on this module
+
+        base = with_direct_invoke(base, app, config.max_url_bytes, config.max_body_bytes)
     attrs = {
         "head_timeout": float(config.header_timeout_seconds),
         "max_head": int(config.max_request_header_bytes),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import ssl
+from typing import Any
 
 import pytest
 
@@ -184,3 +186,38 @@ def test_no_member_online_is_503(world: World) -> None:
 def test_credentials_are_never_returned(world: World) -> None:
     doc = world.stack.call("GET", f"/v1/connections/{world.basic_id}")
     assert PASSWORD not in str(doc)
+
+
+def test_answers_framed_right_on_one_kept_alive_connection(world: World) -> None:
+    """Fixed-length, chunked (the API streams without a length), HEAD and no-content answers
+    one after another on one connection: each framed so the next one still parses."""
+    with world.stack.client() as client:
+        base = f"/v1/connections/{world.none_id}/invoke"
+        for _ in range(3):
+            small = client.get(f"{base}/small")
+            assert small.status_code == 200 and len(small.content) == 1024
+            drip = client.get(f"{base}/drip/3/10")
+            assert drip.status_code == 200
+            assert drip.headers.get("transfer-encoding") == "chunked"
+            assert drip.content
+            head = client.head(f"{base}/small")
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["content-length"] == "1024"
+            assert client.get(f"{base}/status/204").status_code == 204
+
+
+def test_uploads_with_and_without_a_length_pass_through(world: World) -> None:
+    """A body with Content-Length takes the relay's direct path, a chunked one the path
+    that counts it as it streams: both reach the API whole."""
+    body = b"0123456789" * 5000
+
+    def chunks() -> Any:
+        for i in range(0, len(body), 7000):
+            yield body[i : i + 7000]
+
+    with world.stack.client() as client:
+        path = f"/v1/connections/{world.none_id}/invoke/echo/up"
+        for content in (body, chunks()):
+            doc = client.post(path, content=content).json()
+            assert doc["body_bytes"] == len(body)
+            assert doc["body_sha256"] == hashlib.sha256(body).hexdigest()

@@ -1,0 +1,246 @@
+"""Invoke requests answered by the relay's HTTP protocol itself, below ASGI.
+
+Every caller request crosses ``ANY /v1/connections/{id}/invoke/{path}``. Through ASGI, each one
+paid for uvicorn's request cycle task and its ``send`` (a list of messages, two regular
+expressions per response header), :class:`relay.fastpath.RelayApp`'s dispatch, the URL and
+body limit middleware with its wrapped ``receive`` and ``send``, the activity recorder's
+wrapped ``send``, the audit counter's wrapped ``send``, and one message dict per hop for the
+head and for every body chunk. Here the relay's HTTP protocol (:func:`relay.limits.http_protocol`)
+starts :func:`answer` instead of the ASGI application for an invoke request that needs none
+of that: the same authentication, invoke handler, audit row, activity record and request log
+line, with the agent's answer written to the caller's connection by :class:`DirectReply`
+(status line and headers in one buffer, validated in two regular-expression searches per
+response, and the body counted as it goes for the audit row).
+
+The request stays on the ASGI path, unchanged, when it needs a middleware: a URL over
+``max_url_bytes`` (414), a body without ``Content-Length`` or over ``max_body_bytes`` (413,
+counted as it streams), and every request when forwarded headers are believed from trusted
+proxies (uvicorn's proxy-headers middleware). Answers other than a tunnel stream (problems,
+online connectors, requests forwarded to another instance) go out through uvicorn's own
+``send``, as before.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from starlette.requests import Request
+from starlette.types import Scope
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    RequestResponseCycle,
+)
+
+from relay import invoke
+from relay.activity import INVOKE_PATH, Outcome
+from relay.audit import AuditedResponse
+from relay.fastpath import RelayApp, bearer_token, finish, is_invoke
+from relay.identity import authenticate
+from relay.problems import ProblemError, problem
+
+log = structlog.get_logger("backhaul.relay.invoke")
+
+#: Chunked body chunks below this size are framed in one buffer; larger ones are written
+#: with their framing around them, not copied into it.
+_JOIN_BELOW = 16 * 1024
+
+
+def eligible(scope: Scope, max_url: int, max_body: int) -> bool:
+    """An invoke request the edge limits have nothing to do for: URL within ``max_url``
+    bytes, and no body or a ``Content-Length`` one within ``max_body`` (0: no limit)."""
+    if not is_invoke(scope):
+        return False
+    if len(scope["raw_path"]) + len(scope["query_string"]) > max_url:
+        return False
+    length: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if length is not None:
+                return False
+            length = value
+        elif name == b"transfer-encoding":
+            return False
+    if length is None:
+        return True
+    if not length.isdigit():
+        return False
+    return not max_body or int(length) <= max_body
+
+
+async def answer(cycle: RequestResponseCycle, app: RelayApp) -> None:
+    """Authenticate, invoke, answer and record one invoke request; ``cycle`` is uvicorn's
+    state for the request (its body, its flow control, its keep-alive)."""
+    scope = cycle.scope
+    scope["app"] = app  # type: ignore[typeddict-unknown-key]
+    path = scope["path"]
+    match = INVOKE_PATH.match(path)
+    assert match is not None
+    connection_id = match.group(1)
+    started = time.perf_counter()
+    receive = cycle.receive
+    request = Request(scope, receive)  # type: ignore[arg-type]
+    reply = DirectReply(cycle)
+    outcome: Outcome = reply
+    try:
+        try:
+            user = await authenticate(request, bearer_token(scope["headers"]))
+            response = await invoke.invoke(connection_id, "", request, user)
+        except ProblemError as exc:
+            response = exc.response()
+        inner = getattr(response, "inner", None)
+        if type(response) is AuditedResponse and type(inner) is invoke.TunnelResponse:
+            try:
+                await inner.deliver(reply, receive)  # type: ignore[arg-type]
+            finally:
+                response.record(
+                    reply.status, reply.sent, reply.declared, reply.started, reply.finished
+                )
+        else:
+            outcome = Outcome(cycle.send)  # type: ignore[arg-type]
+            await response(scope, receive, outcome.send)  # type: ignore[arg-type]
+    except Exception:
+        log.exception("invoke.crashed", connection_id=connection_id)
+        if not (reply.started or outcome.started):
+            outcome = Outcome(cycle.send)  # type: ignore[arg-type]
+            await problem(500, "Internal Server Error", "the relay failed; see its log")(
+                scope,  # type: ignore[arg-type]
+                receive,  # type: ignore[arg-type]
+                outcome.send,
+            )
+    finally:
+        # As uvicorn ends an ASGI request: an answer that did not complete ends the
+        # connection (the caller cannot tell where it stopped), and the cycle is done.
+        if not cycle.response_complete and not cycle.disconnected:
+            cycle.transport.close()
+        cycle.on_response = _nothing
+        finish(scope, connection_id, outcome, started)  # type: ignore[arg-type]
+
+
+def _nothing() -> None:
+    return None
+
+
+class DirectReply(Outcome):
+    """Writes an agent's answer to the caller's connection: the :class:`relay.invoke.BodySink`
+    of the direct path, and the :class:`relay.activity.Outcome` and audit counts of it."""
+
+    __slots__ = ("chunked", "cycle", "declared", "finished", "is_head", "remaining", "sent")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        super().__init__(cycle.send)  # type: ignore[arg-type]
+        self.cycle = cycle
+        self.is_head = cycle.scope["method"] == "HEAD"
+        self.chunked = False
+        self.declared: int | None = None
+        self.remaining = 0
+        self.sent = 0
+        self.finished = False
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        cycle = self.cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        self.status = status
+        if cycle.disconnected:
+            return
+        if cycle.response_started:
+            raise RuntimeError("the response has already started")
+        content = [STATUS_LINE[status]]
+        for name, value in cycle.default_headers:
+            content += (name, b": ", value, b"\r\n")
+        names: list[bytes] = []
+        values: list[bytes] = []
+        chunked: bool | None = None
+        closes = False
+        for name, value in headers:  # lower-case names (relay.headers.raw_response_headers)
+            names.append(name)
+            values.append(value)
+            if name == b"content-length" and chunked is None:
+                if not value.isdigit():
+                    raise RuntimeError("the agent sent an invalid Content-Length")
+                self.declared = self.remaining = int(value)
+                chunked = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.remaining = 0
+                chunked = True
+            elif name == b"connection":
+                if b"close" in [token.strip().lower() for token in value.split(b",")]:
+                    cycle.keep_alive = False
+                    closes = True
+            elif name == b"content-type" and b"problem+json" in value:
+                self.is_problem = True
+            content += (name, b": ", value, b"\r\n")
+        # What uvicorn checks field by field, in one search over all the names and one over
+        # all the values: nothing the agent sends can end a field or the head early.
+        if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"\t".join(values)):
+            raise RuntimeError("the agent sent an invalid response header")
+        if not cycle.keep_alive and not closes:
+            content.append(b"connection: close\r\n")
+        if chunked is None and not self.is_head and status not in (204, 304):
+            chunked = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        self.chunked = bool(chunked)
+        self.started = True
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.transport.write(b"".join(content))
+
+    async def body(self, data: bytes, more: bool) -> None:
+        cycle = self.cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return
+        if not self.started or cycle.response_complete:
+            raise RuntimeError("a body chunk outside a response")
+        size = len(data)
+        if self.is_head:
+            pass
+        elif self.chunked:
+            tail = b"\r\n" if more else b"\r\n0\r\n\r\n"
+            if size >= _JOIN_BELOW:  # a bulk chunk is not copied to frame it
+                cycle.transport.writelines((b"%x\r\n" % size, data, tail))
+            elif size:
+                cycle.transport.write(b"%x\r\n%b%b" % (size, data, tail))
+            elif not more:
+                cycle.transport.write(b"0\r\n\r\n")
+        else:
+            if size > self.remaining:
+                raise RuntimeError("the agent's body is longer than its Content-Length")
+            self.remaining -= size
+            if size:
+                cycle.transport.write(data)
+        self.sent += size
+        if self.is_problem:
+            self.keep(data)
+        if more:
+            return
+        self.finished = True
+        if self.remaining and not self.is_head:
+            raise RuntimeError("the agent's body is shorter than its Content-Length")
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+
+
+def with_direct_invoke(base: type, app: RelayApp, max_url: int, max_body: int) -> type:
+    """``base`` (uvicorn's httptools protocol with the relay's head limits) answering
+    :func:`eligible` invoke requests through :func:`answer` instead of the ASGI app."""
+
+    class DirectInvokeProtocol(base):  # type: ignore[misc]
+        def _start_asgi_task(self, cycle: RequestResponseCycle, asgi: object) -> None:
+            # ``asgi`` is uvicorn's 503 answer past limit_concurrency: that one stands.
+            if asgi is self.app and eligible(cycle.scope, max_url, max_body):  # type: ignore[arg-type]
+                task = self.loop.create_task(answer(cycle, app))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+                return
+            super()._start_asgi_task(cycle, asgi)
+
+    return DirectInvokeProtocol

@@ -1,0 +1,249 @@
+"""The direct invoke path (relay.edge): which requests take it, and the bytes it writes.
+
+The answers are written through uvicorn's own request cycle, so these tests build a real
+``RequestResponseCycle`` over a recording transport. The whole path through real relay and
+agent processes is in tests/e2e/test_invoke.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from relay.edge import DirectReply, eligible
+from relay.limits import http_protocol
+from tests.relay.relay_helpers import make_config
+
+INVOKE = "/v1/connections/cxn_0123456789abcdef0123/invoke/small"
+
+
+def scope(
+    path: str = INVOKE,
+    method: str = "GET",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    query: bytes = b"",
+) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": headers or [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, True),
+        ({"method": "DELETE"}, True),
+        ({"headers": [(b"content-length", b"7")]}, True),
+        ({"headers": [(b"content-length", b"0")]}, True),
+        ({"path": "/v1/connections"}, False),
+        ({"path": "/v1/connections/cxn_1/invokes/x"}, False),
+        ({"method": "TRACE"}, False),
+        ({"query": b"q=" + b"x" * 200}, False),  # 414 comes from the limits middleware
+        ({"headers": [(b"content-length", b"1001")]}, False),  # 413 likewise
+        ({"headers": [(b"transfer-encoding", b"chunked")]}, False),  # counted as it streams
+        ({"headers": [(b"content-length", b"1"), (b"content-length", b"1")]}, False),
+        ({"headers": [(b"content-length", b"-1")]}, False),
+    ],
+)
+def test_eligible_only_where_no_middleware_has_work(kwargs: dict[str, Any], expected: bool) -> None:
+    assert eligible(scope(**kwargs), max_url=200, max_body=1000) is expected
+
+
+def test_no_body_limit_takes_any_declared_length() -> None:
+    assert eligible(scope(headers=[(b"content-length", b"99999999")]), 200, 0)
+
+
+class Recorder:
+    """A transport that keeps what is written, in order."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class Cycle:
+    """A real uvicorn request cycle for one request, over a :class:`Recorder`."""
+
+    def __init__(self, method: str = "GET", keep_alive: bool = True) -> None:
+        self.transport = Recorder()
+        self.completed = 0
+        self.cycle = RequestResponseCycle(
+            scope=scope(method=method),  # type: ignore[arg-type]
+            transport=self.transport,  # type: ignore[arg-type]
+            flow=FlowControl(self.transport),  # type: ignore[arg-type]
+            logger=logging.getLogger("test"),
+            access_logger=logging.getLogger("test.access"),
+            access_log=False,
+            default_headers=[(b"date", b"Thu, 03 Dec 2026 10:00:00 GMT")],
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=keep_alive,
+            on_response=self._done,
+        )
+        self.reply = DirectReply(self.cycle)
+
+    def _done(self) -> None:
+        self.completed += 1
+
+
+async def test_content_length_answer_is_head_and_body() -> None:
+    c = Cycle()
+    await c.reply.start(200, [(b"content-type", b"text/plain"), (b"content-length", b"5")])
+    await c.reply.body(b"hello", False)
+    assert c.transport.data == (
+        b"HTTP/1.1 200 OK\r\ndate: Thu, 03 Dec 2026 10:00:00 GMT\r\n"
+        b"content-type: text/plain\r\ncontent-length: 5\r\n\r\nhello"
+    )
+    assert c.cycle.response_complete and c.completed == 1 and not c.transport.closed
+    assert (c.reply.status, c.reply.sent, c.reply.declared, c.reply.finished) == (200, 5, 5, True)
+
+
+async def test_no_length_is_chunked_small_and_bulk_chunks_alike() -> None:
+    c = Cycle()
+    bulk = b"x" * 20000
+    await c.reply.start(200, [(b"content-type", b"text/plain")])
+    await c.reply.body(b"abc", True)
+    await c.reply.body(bulk, True)
+    await c.reply.body(b"", False)
+    head, _, body = c.transport.data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head
+    assert body == b"3\r\nabc\r\n" + b"4e20\r\n" + bulk + b"\r\n0\r\n\r\n"
+    assert c.reply.sent == 20003 and c.completed == 1
+
+
+async def test_last_chunk_and_terminator_leave_together() -> None:
+    c = Cycle()
+    await c.reply.start(200, [])
+    await c.reply.body(b"end", False)
+    assert c.transport.chunks[-1] == b"3\r\nend\r\n0\r\n\r\n"
+
+
+async def test_head_has_no_body_whatever_the_length() -> None:
+    c = Cycle(method="HEAD")
+    await c.reply.start(200, [(b"content-length", b"1024")])
+    await c.reply.body(b"", False)
+    assert c.transport.data.endswith(b"content-length: 1024\r\n\r\n")
+    assert c.cycle.response_complete and c.completed == 1
+
+
+async def test_no_keep_alive_says_close_and_closes() -> None:
+    c = Cycle(keep_alive=False)
+    await c.reply.start(204, [])
+    await c.reply.body(b"", False)
+    assert b"connection: close\r\n" in c.transport.data
+    assert b"transfer-encoding" not in c.transport.data  # 204 has no body to frame
+    assert c.transport.closed
+
+
+async def test_agent_connection_close_ends_keep_alive() -> None:
+    c = Cycle()
+    await c.reply.start(200, [(b"connection", b"Keep-Alive, close"), (b"content-length", b"0")])
+    await c.reply.body(b"", False)
+    assert c.transport.data.count(b"connection:") == 1
+    assert not c.cycle.keep_alive and c.transport.closed
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"x-evil", b"a\r\nset-cookie: stolen=1"),
+        (b"x-evil", b"a\nb"),
+        (b"x-evil", b"nul\x00"),
+        (b"bad name", b"v"),
+        (b"x:y", b"v"),
+    ],
+)
+async def test_header_that_could_split_the_response_writes_nothing(
+    header: tuple[bytes, bytes],
+) -> None:
+    c = Cycle()
+    with pytest.raises(RuntimeError, match="invalid response header"):
+        await c.reply.start(200, [(b"content-length", b"0"), header])
+    assert c.transport.chunks == []
+    assert not c.reply.started and not c.cycle.response_started  # a 500 can still be sent
+
+
+async def test_tab_inside_a_value_is_allowed() -> None:
+    c = Cycle()
+    await c.reply.start(200, [(b"x-list", b"a\tb"), (b"content-length", b"0")])
+    assert b"x-list: a\tb\r\n" in c.transport.data
+
+
+async def test_body_longer_or_shorter_than_its_length_is_an_error() -> None:
+    c = Cycle()
+    await c.reply.start(200, [(b"content-length", b"3")])
+    with pytest.raises(RuntimeError, match="longer"):
+        await c.reply.body(b"abcd", False)
+    c = Cycle()
+    await c.reply.start(200, [(b"content-length", b"3")])
+    with pytest.raises(RuntimeError, match="shorter"):
+        await c.reply.body(b"ab", False)
+    assert not c.cycle.response_complete
+
+
+async def test_invalid_content_length_is_refused() -> None:
+    c = Cycle()
+    with pytest.raises(RuntimeError, match="Content-Length"):
+        await c.reply.start(200, [(b"content-length", b"12, 12")])
+
+
+async def test_problem_body_is_kept_for_the_admin_page() -> None:
+    c = Cycle()
+    doc = json.dumps({"title": "Nope", "detail": "not today"}).encode()
+    await c.reply.start(
+        404, [(b"content-type", b"application/problem+json"), (b"content-length", b"%d" % len(doc))]
+    )
+    await c.reply.body(doc, False)
+    assert c.reply.summary() == (404, "Nope", "not today")
+
+
+async def test_disconnected_caller_gets_nothing_written() -> None:
+    c = Cycle()
+    c.cycle.disconnected = True
+    await c.reply.start(200, [(b"content-length", b"2")])
+    await c.reply.body(b"hi", False)
+    assert c.transport.chunks == [] and c.completed == 0
+
+
+def test_protocol_takes_the_direct_path_only_when_nothing_forbids_it(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data")
+    app = object()
+    direct = http_protocol(config, "httptools", app=app)
+    assert direct.__name__ == "RelayHttpProtocol"
+    assert any(c.__name__ == "DirectInvokeProtocol" for c in direct.__mro__)
+    without_app = http_protocol(config, "httptools")
+    assert not any(c.__name__ == "DirectInvokeProtocol" for c in without_app.__mro__)
+    h11 = http_protocol(config, "h11", app=app)
+    assert not any(c.__name__ == "DirectInvokeProtocol" for c in h11.__mro__)
+    proxied = make_config(tmp_path / "p", trusted_proxies=["127.0.0.1"])
+    behind_proxy = http_protocol(proxied, "httptools", app=app)
+    assert not any(c.__name__ == "DirectInvokeProtocol" for c in behind_proxy.__mro__)
