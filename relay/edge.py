@@ -127,12 +127,14 @@ class DirectReply(Outcome):
     """Writes an agent's answer to the caller's connection: the :class:`relay.invoke.BodySink`
     of the direct path, and the :class:`relay.activity.Outcome` and audit counts of it."""
 
-    __slots__ = ("chunked", "cycle", "declared", "finished", "is_head", "remaining", "sent")
+    __slots__ = ("bodiless", "chunked", "cycle", "declared", "finished", "remaining", "sent")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         super().__init__(cycle.send)  # type: ignore[arg-type]
         self.cycle = cycle
-        self.is_head = cycle.scope["method"] == "HEAD"
+        #: No body goes out: a HEAD request, or a status that has none (RFC 9110 §6.4.1).
+        #: Its Content-Length, if any, describes the representation, not this message.
+        self.bodiless = cycle.scope["method"] == "HEAD"
         self.chunked = False
         self.declared: int | None = None
         self.remaining = 0
@@ -148,6 +150,8 @@ class DirectReply(Outcome):
             return
         if cycle.response_started:
             raise RuntimeError("the response has already started")
+        if status < 200 or status in (204, 304):
+            self.bodiless = True
         content = [STATUS_LINE[status]]
         for name, value in cycle.default_headers:
             content += (name, b": ", value, b"\r\n")
@@ -179,7 +183,7 @@ class DirectReply(Outcome):
             raise RuntimeError("the agent sent an invalid response header")
         if not cycle.keep_alive and not closes:
             content.append(b"connection: close\r\n")
-        if chunked is None and not self.is_head and status not in (204, 304):
+        if chunked is None and not self.bodiless:
             chunked = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
@@ -198,8 +202,8 @@ class DirectReply(Outcome):
         if not self.started or cycle.response_complete:
             raise RuntimeError("a body chunk outside a response")
         size = len(data)
-        if self.is_head:
-            pass
+        if self.bodiless:
+            size = 0
         elif self.chunked:
             tail = b"\r\n" if more else b"\r\n0\r\n\r\n"
             if size >= _JOIN_BELOW:  # a bulk chunk is not copied to frame it
@@ -220,7 +224,7 @@ class DirectReply(Outcome):
         if more:
             return
         self.finished = True
-        if self.remaining and not self.is_head:
+        if self.remaining and not self.bodiless:
             raise RuntimeError("the agent's body is shorter than its Content-Length")
         cycle.response_complete = True
         cycle.message_event.set()

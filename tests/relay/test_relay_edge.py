@@ -155,6 +155,18 @@ async def test_head_has_no_body_whatever_the_length() -> None:
     assert c.cycle.response_complete and c.completed == 1
 
 
+@pytest.mark.parametrize("status", [304, 204])
+async def test_bodiless_status_keeps_its_content_length_and_sends_no_body(status: int) -> None:
+    """A 304 may carry the Content-Length of the representation it stands for (RFC 9110
+    §8.6): the answer ends after its head, and the connection stays usable."""
+    c = Cycle()
+    await c.reply.start(status, [(b"etag", b'"v1"'), (b"content-length", b"1024")])
+    await c.reply.body(b"", False)
+    assert c.transport.data.endswith(b"content-length: 1024\r\n\r\n")
+    assert b"transfer-encoding" not in c.transport.data
+    assert c.cycle.response_complete and c.completed == 1 and not c.transport.closed
+
+
 async def test_no_keep_alive_says_close_and_closes() -> None:
     c = Cycle(keep_alive=False)
     await c.reply.start(204, [])
