@@ -13,6 +13,11 @@ Agent tunnels (``/v1/tunnel``) are taken off the top too, through the same hands
 (:class:`relay.limits.HandshakeGate`): a tunnel lives for days, and every layer it passes
 keeps a suspended frame per tunnel for all that time.
 
+Under uvicorn's httptools protocol most invoke requests do not reach this ASGI application at
+all: :mod:`relay.edge` answers them in the protocol itself, with :func:`bearer_token` and
+:func:`finish` from here. What it leaves to ASGI (URLs and bodies the limits middleware must
+see, requests behind trusted proxies, in-process test clients) comes through here.
+
 Successful invokes are not written to the request log (the audit log records every one of
 them, in batches); refusals and failures are, with method, path and status, and at debug
 level every invoke is.
