@@ -42,7 +42,7 @@ from backhaul.wire.events import (
     WelcomeReceived,
     WindowUpdated,
 )
-from backhaul.wire.flow import ReceiveWindow, SendWindow
+from backhaul.wire.flow import YIELD_IN_FLIGHT, YIELD_SPAN, ReceiveWindow, SendWindow
 from backhaul.wire.settings import Settings
 from backhaul.wire.streams import Stream, StreamInput, StreamState
 
@@ -79,6 +79,13 @@ class Connection:
         self._last_peer_stream_id = 0
         self._send_window = SendWindow(self.peer.tunnel_window)
         self._recv_window = ReceiveWindow(self.local.tunnel_window)
+        #: Streams started so far, DATA bytes sent so far, and that count when the newest
+        #: stream started: an older stream holds back while that is recent (max_sendable).
+        self._starts = 0
+        self._sent = 0
+        self._sent_at_start = -YIELD_SPAN
+        #: The credit a peer-granted stream window is cut by while it yields; 0: never.
+        self._yield_cut = 0
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
         self._handlers: dict[f.FrameType, Callable[[f.Frame], list[Event]]] = {
@@ -124,7 +131,37 @@ class Connection:
         stream = self._streams.get(stream_id)
         if stream is None or not stream.can_send:
             return 0
-        return max(0, min(stream.send.available, self._send_window.available, self.peer.max_data))
+        available = stream.send.available
+        if (
+            self._yield_cut
+            and stream.order < self._starts
+            and self._sent - self._sent_at_start < YIELD_SPAN
+        ):
+            # A newer stream shares the tunnel: keep YIELD_IN_FLIGHT in flight, not the window.
+            available -= self._yield_cut
+        return max(0, min(available, self._send_window.available, self.peer.max_data))
+
+    def _new_stream(self, stream_id: int) -> Stream:
+        self._starts += 1
+        self._sent_at_start = self._sent
+        stream = Stream(
+            stream_id,
+            self.peer.stream_window,
+            self.local.stream_window,
+            self.local.stream_update,
+            self._starts,
+        )
+        self._streams[stream_id] = stream
+        return stream
+
+    def _peer_settings(self, settings: Settings) -> None:
+        self.peer = settings
+        self._send_window = SendWindow(settings.tunnel_window)
+        # Held below the window only where credit comes back well before it runs out: the
+        # peer returns it every ``window_update`` bytes, so twice that stays in flight.
+        keep = max(YIELD_IN_FLIGHT, 2 * settings.window_update)
+        self._yield_cut = settings.stream_window - keep if settings.window_update else 0
+        self._yield_cut = max(0, self._yield_cut)
 
     def data_to_send(self) -> list[bytes]:
         """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""
@@ -208,8 +245,7 @@ class Connection:
         if stream_id > f.MAX_STREAM_ID:
             raise StreamUnavailable("stream ids exhausted; reconnect")
         self._next_stream_id += 2
-        stream = Stream(stream_id, self.peer.stream_window, self.local.stream_window)
-        self._streams[stream_id] = stream
+        stream = self._new_stream(stream_id)
         if isinstance(head, bytes):
             frame = f.encode(f.FrameType.OPEN, stream_id, head, _flags(end_stream))
         else:
@@ -235,6 +271,7 @@ class Connection:
             raise FlowControlBlocked(f"{size} bytes exceed the window on stream {stream_id}")
         stream.send.consume(size)
         self._send_window.consume(size)
+        self._sent += size
         self._out.append(f.encode(f.FrameType.DATA, stream_id, data, _flags(end_stream)))
         if end_stream:
             self._send_end_transition(stream)
@@ -351,8 +388,7 @@ class Connection:
         if self._hello_received or (self.role is Role.RELAY and not self._hello_sent):
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected HELLO")
         payload = f.decode_json(frame)
-        self.peer = Settings.from_dict(payload.get("settings"))
-        self._send_window = SendWindow(self.peer.tunnel_window)
+        self._peer_settings(Settings.from_dict(payload.get("settings")))
         self._hello_received = True
         return [HelloReceived(payload)]
 
@@ -377,9 +413,8 @@ class Connection:
             self._out.append(f.encode_reset(sid, ErrorCode.REFUSED_STREAM, "too many streams"))
             return []
         head = f.decode_json(frame)
-        stream = Stream(sid, self.peer.stream_window, self.local.stream_window)
+        stream = self._new_stream(sid)
         stream.head_received = True
-        self._streams[sid] = stream
         events: list[Event] = [StreamOpened(sid, head, frame.end_stream)]
         if frame.end_stream:
             events.extend(self._recv_end(stream))

@@ -11,6 +11,18 @@ from __future__ import annotations
 from backhaul.wire.errors import ErrorCode, RemoteProtocolError
 from backhaul.wire.frames import MAX_WINDOW
 
+#: While newer streams share the tunnel, an older stream keeps at most this many of its bytes
+#: in flight (sent and not yet credited), whatever window the peer granted. The bytes in
+#: flight wait in the socket buffers ahead of everything sent after them, first in, first
+#: out: a bulk transfer with its whole window in flight makes every small answer queue behind
+#: 2 MiB. Only a peer that announces ``window_update`` gets this (it returns credit early
+#: enough; one that returns it at half the window would stall a stream held below that).
+YIELD_IN_FLIGHT = 512 * 1024
+#: How long, in DATA bytes sent on the tunnel since a stream last started, older streams
+#: hold back: a transfer with one small request beside it yields for this much, not for the
+#: rest of its life.
+YIELD_SPAN = 8 * 1024 * 1024
+
 
 class SendWindow:
     """How many more bytes we may send, as granted by the peer."""
@@ -35,14 +47,14 @@ class ReceiveWindow:
     """The credit we granted the peer, and when to grant more.
 
     ``received`` checks the peer stayed inside the window; ``consumed`` records what the
-    application has processed and returns the increment to send, batched until at least half
-    the window is free so that WINDOW frames stay rare (h2 uses the same threshold).
+    application has processed and returns the increment to send, batched until ``threshold``
+    bytes are free (half the window by default, as h2 does) so that WINDOW frames stay rare.
     """
 
-    __slots__ = ("_max", "_pending", "available")
+    __slots__ = ("_pending", "_threshold", "available")
 
-    def __init__(self, size: int) -> None:
-        self._max = size
+    def __init__(self, size: int, threshold: int | None = None) -> None:
+        self._threshold = size // 2 if threshold is None else threshold
         self.available = size
         self._pending = 0
 
@@ -57,7 +69,7 @@ class ReceiveWindow:
 
     def consumed(self, size: int) -> int:
         self._pending += size
-        if self._pending >= self._max // 2 or self.available == 0:
+        if self._pending >= self._threshold or self.available == 0:
             increment, self._pending = self._pending, 0
             self.available += increment
             return increment

@@ -31,6 +31,17 @@ class Settings:
     tunnel_window: int = DEFAULT_TUNNEL_WINDOW
     max_data: int = DEFAULT_MAX_DATA
     max_streams: int = DEFAULT_MAX_STREAMS
+    #: A stream's receiver returns credit once this many of its bytes are consumed; left out,
+    #: an eighth of ``stream_window``, not h2's half: a sender that holds a bulk stream's bytes
+    #: in flight below the window while newer streams share the tunnel
+    #: (backhaul.wire.flow.YIELD_IN_FLIGHT) must still see credit come back before it runs
+    #: out. 0, from a peer that predates the setting: half the window.
+    window_update: int = -1
+
+    def __post_init__(self) -> None:
+        if self.window_update < 0:
+            object.__setattr__(self, "window_update", self.stream_window // 8)
+
     #: 0: this side does not take BATCH frames (a peer that predates them announces nothing,
     #: which :meth:`from_dict` reads as 0).
     batch_frames: int = DEFAULT_BATCH_FRAMES
@@ -42,16 +53,17 @@ class Settings:
     def from_dict(cls, raw: Any) -> Settings:
         """Parse a peer's settings; missing keys take the defaults, bad ones end the tunnel."""
         if raw is None:
-            return cls(batch_frames=0)
+            return cls(batch_frames=0, window_update=0)
         if not isinstance(raw, dict):
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "settings must be an object")
-        values: dict[str, int] = {"batch_frames": 0}
+        values: dict[str, int] = {"batch_frames": 0, "window_update": 0}
         limits = {
             "stream_window": (1, MAX_WINDOW),
             "tunnel_window": (1, MAX_WINDOW),
             "max_data": (_MIN_MAX_DATA, _LIMIT_MAX_DATA),
             "max_streams": (1, 1_000_000),
             "batch_frames": (0, 65_536),
+            "window_update": (0, MAX_WINDOW),
         }
         for key, (low, high) in limits.items():
             if key not in raw:
@@ -61,6 +73,11 @@ class Settings:
                 raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"invalid setting {key}")
             values[key] = value
         return cls(**values)
+
+    @property
+    def stream_update(self) -> int:
+        """Consumed bytes after which this side returns a stream's credit."""
+        return self.window_update or self.stream_window // 2
 
     @property
     def max_message(self) -> int:

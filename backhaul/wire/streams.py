@@ -34,14 +34,23 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
 class Stream:
     """Per-stream bookkeeping: state, both windows, and whether a head has arrived."""
 
-    __slots__ = ("head_received", "id", "recv", "send", "state")
+    __slots__ = ("head_received", "id", "order", "recv", "send", "state")
 
-    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
+    def __init__(
+        self,
+        stream_id: int,
+        send_window: int,
+        recv_window: int,
+        recv_threshold: int | None = None,
+        order: int = 0,
+    ) -> None:
         self.id = stream_id
         self.state = StreamState.OPEN
         self.send = SendWindow(send_window)
-        self.recv = ReceiveWindow(recv_window)
+        self.recv = ReceiveWindow(recv_window, recv_threshold)
         self.head_received = False
+        #: Which stream of the tunnel this is, counting from 1 in the order they started.
+        self.order = order
 
     def transition(self, event: StreamInput) -> StreamState | None:
         """Apply ``event``; None when the table has no such transition (a rules violation)."""

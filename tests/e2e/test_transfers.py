@@ -83,3 +83,36 @@ def test_one_gib_upload_with_flat_memory(world: World) -> None:
     assert response.status_code == 200, response.text
     assert response.json() == {"bytes": GIB, "sha256": expected.hexdigest()}
     peak.assert_flat()
+
+
+def test_download_yields_to_small_requests_and_both_arrive_whole(world: World) -> None:
+    """Small requests on the same tunnel while a download runs: the download holds fewer
+    bytes in flight while they come (backhaul.wire.flow), and still completes intact, and
+    every small answer arrives. How long they wait is measured in bench/, not asserted."""
+    size = 256 * 1024**2
+    digest = hashlib.sha256()
+    received = 0
+    answers: list[int] = []
+    done = threading.Event()
+
+    def small_requests() -> None:
+        with world.stack.client(timeout=60) as client:
+            url = f"/v1/connections/{world.none_id}/invoke/small"
+            while not done.is_set() or len(answers) < 20:
+                r = client.get(url)
+                answers.append(r.status_code if len(r.content) == 1024 else -1)
+
+    caller = threading.Thread(target=small_requests, daemon=True)
+    with world.stack.client(timeout=300) as client:
+        url = f"/v1/connections/{world.none_id}/invoke/bytes/{size}"
+        with client.stream("GET", url) as response:
+            assert response.status_code == 200
+            caller.start()
+            for chunk in response.iter_raw(1 << 20):
+                digest.update(chunk)
+                received += len(chunk)
+        done.set()
+    caller.join(timeout=60)
+    assert received == size
+    assert digest.hexdigest() == pattern_sha256(size)
+    assert len(answers) >= 20 and set(answers) == {200}

@@ -33,7 +33,9 @@ from backhaul.wire import (
 from backhaul.wire import frames as f
 from tests.backhaul.wire.wire_pair import Pair, connect, deliver, frames_of, windows
 
-SMALL = Settings(stream_window=4096, tunnel_window=10_000, max_data=1024, max_streams=8)
+SMALL = Settings(
+    stream_window=4096, tunnel_window=10_000, max_data=1024, max_streams=8, window_update=2048
+)
 
 
 def _terminated(events: list, code: ErrorCode) -> ConnectionTerminated:
@@ -134,12 +136,13 @@ def test_settings_defaults_when_absent() -> None:
     agent = Connection(Role.AGENT, SMALL)
     relay.send_hello({})
     deliver(relay, agent)
-    # An agent HELLO without settings: the relay assumes the defaults, and no BATCH frames
-    # (an agent that announces nothing predates them).
+    # An agent HELLO without settings: the relay assumes the defaults, no BATCH frames and
+    # credit returned at half the window (an agent that announces nothing predates both).
     assert relay.receive_message(f.encode_json(f.FrameType.HELLO, 0, {"x": 1})) == [
         HelloReceived({"x": 1})
     ]
-    assert relay.peer == Settings(batch_frames=0)
+    assert relay.peer == Settings(batch_frames=0, window_update=0)
+    assert relay.peer.stream_update == relay.peer.stream_window // 2
 
 
 @pytest.mark.parametrize(
