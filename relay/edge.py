@@ -37,9 +37,8 @@ from uvicorn.protocols.http.httptools_impl import (
 from relay import invoke
 from relay.activity import INVOKE_PATH, Outcome
 from relay.audit import AuditedResponse
-from relay.fastpath import RelayApp, bearer_token, finish, is_invoke
-from relay.identity import authenticate
-from relay.problems import ProblemError, problem
+from relay.fastpath import RelayApp, finish, is_invoke, respond
+from relay.problems import problem
 
 log = structlog.get_logger("backhaul.relay.invoke")
 
@@ -81,15 +80,10 @@ async def answer(cycle: RequestResponseCycle, app: RelayApp) -> None:
     connection_id = match.group(1)
     started = time.perf_counter()
     receive = cycle.receive
-    request = Request(scope, receive)  # type: ignore[arg-type]
     reply = DirectReply(cycle)
     outcome: Outcome = reply
     try:
-        try:
-            user = await authenticate(request, bearer_token(scope["headers"]))
-            response = await invoke.invoke(connection_id, "", request, user)
-        except ProblemError as exc:
-            response = exc.response()
+        response = await respond(Request(scope, receive), connection_id)  # type: ignore[arg-type]
         inner = getattr(response, "inner", None)
         if type(response) is AuditedResponse and type(inner) is invoke.TunnelResponse:
             try:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 
 import structlog
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -111,13 +111,8 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
     connection_id = match.group(1)
     started = time.perf_counter()
     outcome = Outcome(send)
-    request = Request(scope, receive)
     try:
-        try:
-            user = await authenticate(request, bearer_token(scope["headers"]))
-            response = await invoke.invoke(connection_id, "", request, user)
-        except ProblemError as exc:
-            response = exc.response()
+        response = await respond(Request(scope, receive), connection_id)
         await response(scope, receive, outcome.send)
     except Exception:
         log.exception("invoke.crashed", connection_id=connection_id)
@@ -128,6 +123,15 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
         )
     finally:
         finish(scope, connection_id, outcome, started)
+
+
+async def respond(request: Request, connection_id: str) -> Response:
+    """The invoke's answer for the caller the bearer token names, a problem included."""
+    try:
+        user = await authenticate(request, bearer_token(request.scope["headers"]))
+        return await invoke.invoke(connection_id, "", request, user)
+    except ProblemError as exc:
+        return exc.response()
 
 
 def finish(scope: Scope, connection_id: str, outcome: Outcome, started: float) -> None:
