@@ -420,6 +420,10 @@ class TunnelResponse(Response):
         self.raw_headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.status_code in (204, 304):
+            # The Content-Length of a 304 describes the representation, not this message
+            # (RFC 9110 §8.6); ASGI servers read it as a body they then never get.
+            self.raw_headers = [(n, v) for n, v in self.raw_headers if n != b"content-length"]
         await self.deliver(AsgiSink(send), receive)
 
     async def deliver(self, sink: BodySink, receive: Receive) -> None:

@@ -259,3 +259,36 @@ def test_protocol_takes_the_direct_path_only_when_nothing_forbids_it(tmp_path: P
     proxied = make_config(tmp_path / "p", trusted_proxies=["127.0.0.1"])
     behind_proxy = http_protocol(proxied, "httptools", app=app)
     assert not any(c.__name__ == "DirectInvokeProtocol" for c in behind_proxy.__mro__)
+
+
+class EmptyStream:
+    """A tunnel stream whose answer has no body."""
+
+    id = 1
+    at_end = True
+
+    async def read(self) -> bytes:
+        return b""
+
+    async def reset(self, *args: object) -> None:
+        raise AssertionError("a complete answer is not reset")
+
+
+@pytest.mark.parametrize("status", [304, 204])
+async def test_asgi_path_bodiless_answer_completes_under_uvicorns_send(status: int) -> None:
+    """Through ASGI (chunked uploads, trusted proxies) uvicorn's own send takes the answer:
+    it would wait for the body a Content-Length announces, so a 304's is left out there."""
+    from relay.invoke import TunnelResponse
+
+    c = Cycle()
+    response = TunnelResponse(
+        EmptyStream(),  # type: ignore[arg-type]
+        None,
+        False,
+        status,
+        [(b"etag", b'"v1"'), (b"content-length", b"1024")],
+    )
+    await response({}, c.cycle.receive, c.cycle.send)  # type: ignore[arg-type]
+    assert c.cycle.response_complete and not c.transport.closed
+    assert b"content-length" not in c.transport.data
+    assert b'etag: "v1"' in c.transport.data
