@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -142,20 +143,12 @@ async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         await conn.execute(insert(AuditEvent), rows)
         return
     # The values the ORM would store, so that reads through it see the same rows.
-    processors = [
-        column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    columns = [
+        (column.name, column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect))
         for column in AuditEvent.__table__.columns
     ]
     payload = _JSON.encode(
-        [
-            [
-                value if processor is None or value is None else processor(value)
-                for value, processor in zip(
-                    [row.get(name) for name in _COLUMNS], processors, strict=True
-                )
-            ]
-            for row in rows
-        ]
+        [[_bound(row.get(name), bind) for name, bind in columns] for row in rows]
     )
     try:
         await conn.exec_driver_sql(_SQLITE_BATCH, (payload,))
@@ -165,6 +158,10 @@ async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         log.warning("audit.sqlite_without_json", error=str(exc.orig))
         _sqlite_json = False
         await conn.execute(insert(AuditEvent), rows)
+
+
+def _bound(value: Any, bind: Callable[[Any], Any] | None) -> Any:
+    return value if bind is None or value is None else bind(value)
 
 
 async def drain() -> None:

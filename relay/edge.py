@@ -38,6 +38,7 @@ from relay import invoke
 from relay.activity import INVOKE_PATH, Outcome
 from relay.audit import AuditedResponse
 from relay.fastpath import RelayApp, finish, is_invoke, respond
+from relay.limits import url_length
 from relay.problems import problem
 
 log = structlog.get_logger("backhaul.relay.invoke")
@@ -52,7 +53,7 @@ def eligible(scope: Scope, max_url: int, max_body: int) -> bool:
     bytes, and no body or a ``Content-Length`` one within ``max_body`` (0: no limit)."""
     if not is_invoke(scope):
         return False
-    if len(scope["raw_path"]) + len(scope["query_string"]) > max_url:
+    if url_length(scope) > max_url:
         return False
     length: bytes | None = None
     for name, value in scope["headers"]:

@@ -178,8 +178,7 @@ class RequestLimits:
         if scope["type"] != "http" or not _is_invoke(scope["path"]):
             await self.app(scope, receive, send)
             return
-        raw: bytes = scope.get("raw_path") or scope["path"].encode()
-        if len(raw) + len(scope.get("query_string", b"")) > self.max_url:
+        if url_length(scope) > self.max_url:
             detail = f"the request URL exceeds {self.max_url} bytes"
             await problem(414, "URI too long", detail)(scope, receive, send)
             return
@@ -223,6 +222,12 @@ class RequestLimits:
         if exceeded and not started:
             log.info("limits.body_too_large", path=scope["path"], limit=self.max_body)
             await _body_refusal(self.max_body)(scope, receive, send)
+
+
+def url_length(scope: Scope) -> int:
+    """The request target's bytes as ``max_url_bytes`` counts them: raw path and query."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return len(raw) + len(scope.get("query_string", b""))
 
 
 def _content_length(scope: Scope) -> int | None:

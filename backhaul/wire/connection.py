@@ -160,8 +160,7 @@ class Connection:
         # Held below the window only where credit comes back well before it runs out: the
         # peer returns it every ``window_update`` bytes, so twice that stays in flight.
         keep = max(YIELD_IN_FLIGHT, 2 * settings.window_update)
-        self._yield_cut = settings.stream_window - keep if settings.window_update else 0
-        self._yield_cut = max(0, self._yield_cut)
+        self._yield_cut = max(0, settings.stream_window - keep) if settings.window_update else 0
 
     def data_to_send(self) -> list[bytes]:
         """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""

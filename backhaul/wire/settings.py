@@ -39,13 +39,13 @@ class Settings:
     #: out. 0, from a peer that predates the setting: half the window.
     window_update: int = -1
 
-    def __post_init__(self) -> None:
-        if self.window_update < 0:
-            object.__setattr__(self, "window_update", self.stream_window // 8)
-
     #: 0: this side does not take BATCH frames (a peer that predates them announces nothing,
     #: which :meth:`from_dict` reads as 0).
     batch_frames: int = DEFAULT_BATCH_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.window_update < 0:
+            object.__setattr__(self, "window_update", self.stream_window // 8)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
