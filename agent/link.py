@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent import metrics
@@ -29,6 +30,7 @@ from agent.proxy import connect_options
 from agent.state import AgentState
 from backhaul import handshake
 from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
+from backhaul.aio.wsreader import install
 from backhaul.keys import fingerprint
 from backhaul.version import SUBPROTOCOL, __version__
 from backhaul.wire import Connection, ErrorCode, HelloReceived, Role, Settings, WelcomeReceived
@@ -38,6 +40,14 @@ log = structlog.get_logger("backhaul.agent.link")
 
 class LinkRefused(Exception):
     """The relay refused this member for good (revoked, unknown, bad signature)."""
+
+
+class TunnelClientConnection(ClientConnection):
+    """websockets' client connection, its frames parsed out of a :class:`ChunkReader`."""
+
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        install(protocol)
+        super().__init__(protocol, **kwargs)
 
 
 class WebSocketTransport:
@@ -194,6 +204,7 @@ class Link:
             ping_interval=None,
             close_timeout=5,
             user_agent_header=f"backhaul-agent/{__version__}",
+            create_connection=TunnelClientConnection,
         ) as ws:
             if secure:
                 check_pin(ws, cfg.pinned_fingerprint)

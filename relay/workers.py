@@ -46,6 +46,7 @@ import uvicorn
 from relay import limits
 from relay.config import RelayConfig
 from relay.tls import TLSFiles
+from relay.wsprotocol import TunnelWebSocketProtocol
 
 log = structlog.get_logger("backhaul.relay.workers")
 
@@ -70,7 +71,7 @@ def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Con
         port=config.port,
         ssl_certfile=str(files.cert),
         ssl_keyfile=str(files.key),
-        ws="websockets-sansio",
+        ws=TunnelWebSocketProtocol,
         ws_per_message_deflate=False,
         ws_max_size=limits.WS_MAX_MESSAGE,
         # The tunnel's own PING frames detect a dead peer (backhaul.aio.tunnel): WebSocket

@@ -1,0 +1,75 @@
+"""The relay's WebSocket protocol: uvicorn's, parsing out of the chunk reader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from websockets.asyncio.client import connect
+
+from backhaul.aio.wsreader import ChunkReader
+from relay.config import RelayConfig
+from relay.tls import TLSFiles
+from relay.workers import server_config
+from relay.wsprotocol import TunnelWebSocketProtocol
+
+READERS: list[Any] = []
+
+
+async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Echoes binary messages back, and notes which reader the connection parses with."""
+    assert scope["type"] == "websocket"
+    await receive()
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+class Recording(TunnelWebSocketProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        READERS.append(self.conn.reader)
+
+
+@contextlib.asynccontextmanager
+async def serving(ws: type) -> AsyncIterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(echo, ws=ws, log_config=None, lifespan="off", ws_max_size=2**24)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_tunnel_messages_arrive_whole_through_the_chunk_reader() -> None:
+    READERS.clear()
+    messages = [os.urandom(n) for n in (0, 1, 125, 126, 65_535, 65_536, 256 * 1024, 3_000_000)]
+    async with serving(Recording) as port:
+        async with connect(f"ws://127.0.0.1:{port}/", max_size=2**24) as ws:
+            for message in messages:
+                await ws.send(message)
+            for message in messages:
+                assert await ws.recv() == message
+    assert len(READERS) == 1
+    assert isinstance(READERS[0], ChunkReader)
+
+
+def test_the_relay_serves_with_it() -> None:
+    config = server_config(object(), RelayConfig(dev=True), TLSFiles(Path("c"), Path("k")))
+    assert config.ws is TunnelWebSocketProtocol
