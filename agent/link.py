@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from agent import metrics
 from agent.backoff import backoff, should_retry
@@ -30,6 +31,7 @@ from agent.proxy import connect_options
 from agent.state import AgentState
 from backhaul import handshake
 from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
+from backhaul.aio.wsframes import binary_frame
 from backhaul.aio.wsreader import install
 from backhaul.keys import fingerprint
 from backhaul.version import SUBPROTOCOL, __version__
@@ -43,11 +45,27 @@ class LinkRefused(Exception):
 
 
 class TunnelClientConnection(ClientConnection):
-    """websockets' client connection, its frames parsed out of a :class:`ChunkReader`."""
+    """websockets' client connection for the tunnel: its frames parsed out of a
+    :class:`ChunkReader`, and binary messages written by :meth:`send_message`."""
 
     def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
         install(protocol)
         super().__init__(protocol, **kwargs)
+
+    async def send_message(self, data: bytes) -> None:
+        """One binary message, framed and masked here and handed to the transport.
+
+        What ``send`` does for a message while the connection is open, without its context
+        manager, its checks for text and fragments, and the copy of the frame into one
+        buffer: a bulk message leaves as its header and its masked payload. Anything but an
+        open connection takes ``send``, which raises as websockets does.
+        """
+        if self.protocol.state is not State.OPEN or self.send_in_progress is not None:
+            await self.send(data)
+            return
+        self.transport.writelines(binary_frame(data, masked=True))
+        if self.paused:
+            await self.drain()
 
 
 class WebSocketTransport:
@@ -55,6 +73,7 @@ class WebSocketTransport:
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        self._send = ws.send_message if isinstance(ws, TunnelClientConnection) else ws.send
 
     async def recv(self) -> bytes:
         try:
@@ -68,7 +87,7 @@ class WebSocketTransport:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.ws.send(data)
+            await self._send(data)
         except ConnectionClosed as exc:
             raise _closed(exc) from exc
 

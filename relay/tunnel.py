@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -27,6 +27,7 @@ from relay import metrics, probe, rotation
 from relay.hub import Hub, LiveTunnel
 from relay.registry import Registry
 from relay.store import queries
+from relay.wsprotocol import SEND_MESSAGE
 
 router = APIRouter()
 log = structlog.get_logger("backhaul.relay.tunnel")
@@ -39,6 +40,12 @@ class StarletteTransport:
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
+        self._send_message: Callable[[bytes], Awaitable[None]] | None = None
+
+    def accelerate(self) -> None:
+        """From now on (the handshake is over), binary messages go straight to the
+        WebSocket protocol when the server offers that (relay.wsprotocol)."""
+        self._send_message = self.ws.scope.get("extensions", {}).get(SEND_MESSAGE)
 
     async def recv(self) -> bytes:
         try:
@@ -55,7 +62,10 @@ class StarletteTransport:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.ws.send_bytes(data)
+            if self._send_message is not None:
+                await self._send_message(data)
+            else:
+                await self.ws.send_bytes(data)
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             raise TransportClosed("agent disconnected") from exc
 
@@ -98,6 +108,7 @@ async def tunnel_endpoint(ws: WebSocket) -> None:
         log.info("tunnel.probe", member_id=exc.member_id, client=_peer(ws))
         await probe.serve(tunnel)
         return
+    transport.accelerate()  # after WELCOME, which the handshake gate watches for
     previous = hub.register(live)
     metrics.TUNNEL_CONNECTS.inc()
     if previous is not None:

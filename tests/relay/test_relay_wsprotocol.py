@@ -17,7 +17,7 @@ from backhaul.aio.wsreader import ChunkReader
 from relay.config import RelayConfig
 from relay.tls import TLSFiles
 from relay.workers import server_config
-from relay.wsprotocol import TunnelWebSocketProtocol
+from relay.wsprotocol import SEND_MESSAGE, TunnelWebSocketProtocol
 
 READERS: list[Any] = []
 
@@ -73,3 +73,40 @@ async def test_tunnel_messages_arrive_whole_through_the_chunk_reader() -> None:
 def test_the_relay_serves_with_it() -> None:
     config = server_config(object(), RelayConfig(dev=True), TLSFiles(Path("c"), Path("k")))
     assert config.ws is TunnelWebSocketProtocol
+
+
+async def test_after_the_handshake_messages_take_the_direct_send() -> None:
+    """The scope offers send_message; messages sent through it arrive as ASGI's do, and
+    it refuses once the connection is closing."""
+    sent: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        direct = scope["extensions"][SEND_MESSAGE]
+        for size in (3, 70_000):
+            await direct(b"m" * size)
+        await send({"type": "websocket.close", "code": 1000})
+        try:
+            await direct(b"late")
+        except OSError as exc:
+            sent.append(exc)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, ws=TunnelWebSocketProtocol, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        async with connect(f"ws://127.0.0.1:{port}/") as ws:
+            assert await ws.recv() == b"mmm"
+            assert await ws.recv() == b"m" * 70_000
+            await ws.wait_closed()
+            assert ws.close_code == 1000
+    finally:
+        server.should_exit = True
+        await task
+    assert len(sent) == 1

@@ -1,0 +1,55 @@
+"""The agent's tunnel connection: frames parsed out of the chunk reader, messages sent by
+``send_message``, websockets' own behaviour once the connection is no longer open."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from agent.link import TunnelClientConnection, WebSocketTransport
+from backhaul.aio.tunnel import TransportClosed
+from backhaul.aio.wsreader import ChunkReader
+
+
+async def echo(ws: ServerConnection) -> None:
+    async for message in ws:
+        if message == b"bye":
+            await ws.close(4001, "asked to")
+            return
+        await ws.send(message)
+
+
+async def test_messages_go_out_whole_and_come_back_whole() -> None:
+    messages = [os.urandom(n) for n in (0, 5, 125, 126, 16_383, 16_384, 65_536, 2_000_000)]
+    async with serve(echo, "127.0.0.1", 0, max_size=2**22) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(
+            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection, max_size=2**22
+        ) as ws:
+            assert isinstance(ws, TunnelClientConnection)
+            assert isinstance(ws.protocol.reader, ChunkReader)
+            for message in messages:
+                await ws.send_message(message)
+            for message in messages:
+                assert await ws.recv() == message
+
+
+async def test_once_the_peer_closed_sending_raises_as_websockets_does() -> None:
+    async with serve(echo, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(
+            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection
+        ) as ws:
+            transport = WebSocketTransport(ws)
+            await transport.send(b"bye")
+            with pytest.raises(TransportClosed) as closed:
+                await transport.recv()
+            assert closed.value.code == 4001
+            with pytest.raises(ConnectionClosed):
+                await ws.send_message(b"after the close")
+            with pytest.raises(TransportClosed):
+                await transport.send(b"after the close")

@@ -1,0 +1,48 @@
+"""Binary frames written by hand on the hot path parse as websockets' own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from backhaul.aio.wsframes import JOIN_BELOW, binary_frame
+
+
+def _opened(protocol: ServerProtocol | ClientProtocol) -> ServerProtocol | ClientProtocol:
+    protocol.state = State.OPEN
+    protocol.parser = protocol.parse()
+    next(protocol.parser)
+    return protocol
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, JOIN_BELOW - 1, 300_000])
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_frame_parses_back_to_its_payload(size: int, masked: bool) -> None:
+    payload = os.urandom(size)
+    pieces = binary_frame(payload, masked)
+    assert len(pieces) == (1 if size < JOIN_BELOW else 2)
+    # A client's frames are masked and read by a server, a server's the other way round.
+    reader = _opened(ServerProtocol() if masked else ClientProtocol(parse_uri("ws://relay/")))
+    reader.receive_data(b"".join(pieces))
+    assert reader.parser_exc is None
+    [frame] = reader.events_received()
+    assert isinstance(frame, Frame)
+    assert (frame.opcode, frame.fin, bytes(frame.data)) == (Opcode.BINARY, True, payload)
+
+
+def test_each_masked_frame_has_its_own_key_and_leaves_the_payload_alone() -> None:
+    payload = b"\x00" * 64
+    first, second = binary_frame(payload, True)[0], binary_frame(payload, True)[0]
+    assert first[2:6] != second[2:6]  # 32 random bits each: equal once in 4 billion
+    assert first[6:] == first[2:6] * 16  # zeros masked: the key, repeated
+    assert payload == b"\x00" * 64
+
+
+def test_a_server_frame_is_not_masked() -> None:
+    assert binary_frame(b"abc", False) == (b"\x82\x03abc",)
