@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,63 +471,80 @@ def measure_latency(target: Target, s: Settings, result: Result) -> None:
 TRANSFER_LIMIT_S = 600.0
 
 
+def curl_argv(target: Target) -> list[str]:
+    """curl with the path's trust anchor and headers (the bearer token for Backhaul)."""
+    argv = ["curl", "--silent", "--show-error", "--fail", "--http1.1"]
+    if target.ca_file is not None:
+        argv += ["--cacert", str(target.ca_file)]
+    for name, value in target.headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    return argv
+
+
+def curl_rate(out: str, n: int, what: str) -> float:
+    """MiB/s from curl's ``--write-out "%{size_…} %{time_pretransfer} %{time_total}"``:
+    the body's bytes over the time after the connection (and TLS) was set up."""
+    size, before, total = out.split()
+    if int(size) != n:
+        raise RuntimeError(f"{what}: curl moved {size} bytes, expected {n}")
+    return n / MiB / (float(total) - float(before))
+
+
 def measure_download(target: Target, s: Settings, result: Result) -> None:
     n = s.transfer_bytes
-    log(f"{target.name}: download {n // MiB} MiB")
+    log(f"{target.name}: download {n // MiB} MiB with curl")
+    argv = [
+        *curl_argv(target),
+        *("--output", "/dev/null"),
+        *("--write-out", "%{size_download} %{time_pretransfer} %{time_total}"),
+        f"{target.base}/bytes/{n}",
+    ]
     sampler = MemorySampler(target.memory_pids)
-    with target.client() as c:
-        c.get(target.base + "/small").raise_for_status()  # connection up before the clock
-        with sampler:
-            got = 0
-            t0 = time.perf_counter()
-            with c.stream("GET", f"{target.base}/bytes/{n}") as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise RuntimeError(f"GET /bytes answered {r.status_code}: {r.text[:300]}")
-                for chunk in r.iter_raw():
-                    got += len(chunk)
-                    if time.perf_counter() - t0 > TRANSFER_LIMIT_S:
-                        raise TimeoutError("download took too long")
-            elapsed = time.perf_counter() - t0
-    if got != n:
-        raise RuntimeError(f"download: got {got} bytes, expected {n}")
-    result.values["download"] = n / MiB / elapsed
+    with sampler:
+        out = run_cmd(argv, TRANSFER_LIMIT_S, "download")
+    result.values["download"] = curl_rate(out, n, "download")
     for name, peak in sampler.peak.items():
         result.values[f"{name}_rss_download"] = peak / 1024
 
 
+def upload_file(n: int) -> Path:
+    """The upload's body on disk (pattern bytes), written once per run."""
+    path = Path(tempfile.gettempdir()) / f"backhaul-bench-upload-{os.getpid()}-{n}.bin"
+    if not path.exists() or path.stat().st_size != n:
+        block = sampleapi.pattern_bytes(MiB)
+        with path.open("wb") as out:
+            left = n
+            while left > 0:
+                piece = block[: min(left, MiB)]
+                out.write(piece)
+                left -= len(piece)
+    return path
+
+
 def measure_upload(target: Target, s: Settings, result: Result) -> None:
     n = s.transfer_bytes
-    log(f"{target.name}: upload {n // MiB} MiB")
-    block = sampleapi.pattern_bytes(MiB)
-    t0 = 0.0
-
-    def body() -> Iterator[bytes]:
-        left = n
-        while left > 0:
-            piece = block if left >= MiB else block[:left]
-            left -= len(piece)
-            yield piece
-            if time.perf_counter() - t0 > TRANSFER_LIMIT_S:
-                raise TimeoutError("upload took too long")
-
+    log(f"{target.name}: upload {n // MiB} MiB with curl")
+    body = upload_file(n)
+    answer = body.with_suffix(f".{target.name}.json")
+    argv = [
+        *curl_argv(target),
+        *("-X", "POST", "--upload-file", str(body)),
+        *("-H", "Content-Type: application/octet-stream"),
+        *("-H", "Expect:"),  # no 100-continue round trip: every path sends the body at once
+        *("--output", str(answer)),
+        *("--write-out", "%{size_upload} %{time_pretransfer} %{time_total}"),
+        f"{target.base}/upload",
+    ]
     sampler = MemorySampler(target.memory_pids)
-    with target.client() as c:
-        c.get(target.base + "/small").raise_for_status()
+    try:
         with sampler:
-            t0 = time.perf_counter()
-            r = c.post(
-                target.base + "/upload",
-                content=body(),
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)},
-            )
-            elapsed = time.perf_counter() - t0
-    if r.status_code != 200:
-        raise RuntimeError(f"POST /upload answered {r.status_code}: {r.text[:300]}")
-    reported = r.json().get("bytes")
+            out = run_cmd(argv, TRANSFER_LIMIT_S, "upload")
+        reported = json.loads(answer.read_text()).get("bytes")
+    finally:
+        answer.unlink(missing_ok=True)
     if reported != n:
         raise RuntimeError(f"upload: the backend received {reported} bytes, expected {n}")
-    result.values["upload"] = n / MiB / elapsed
+    result.values["upload"] = curl_rate(out, n, "upload")
     for name, peak in sampler.peak.items():
         result.values[f"{name}_rss_upload"] = peak / 1024
 
@@ -560,21 +577,11 @@ class Download:
 
     def __init__(self, target: Target, size: int, procs: Processes, logfile: Path) -> None:
         argv = [
-            "curl",
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--http1.1",
-            "--output",
-            "/dev/null",
-            "--write-out",
-            "%{size_download} %{time_total}\\n",  # curl turns \n into a newline
+            *curl_argv(target),
+            *("--output", "/dev/null"),
+            *("--write-out", "%{size_download} %{time_total}\\n"),  # curl turns \n into a newline
+            f"{target.base}/bytes/{size}",
         ]
-        if target.ca_file is not None:
-            argv += ["--cacert", str(target.ca_file)]
-        for name, value in target.headers.items():
-            argv += ["-H", f"{name}: {value}"]
-        argv.append(f"{target.base}/bytes/{size}")
         self.size, self.logfile = size, logfile
         self.proc = procs.start("curl download", argv, logfile)
 
@@ -1196,7 +1203,7 @@ def render(
         "Settings: "
         f"wrk -t{s.wrk_threads} -c{s.wrk_connections} -d{s.wrk_seconds}s; "
         f"{s.latency_samples} latency samples after {s.latency_warmup} warm-up requests; "
-        f"{size} transfers (httpx, streamed); concurrency sweep at"
+        f"{size} transfers (curl, one each way); concurrency sweep at"
         f" {', '.join(map(str, s.sweep_levels))} clients, {s.sweep_seconds} s each;"
         f" fairness: {s.fairness_samples} small requests, idle and during a {big} download."
         f" Total wall time {wall:.0f} s.",
@@ -1431,6 +1438,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         procs.stop_all()
+        for body in Path(tempfile.gettempdir()).glob(f"backhaul-bench-upload-{os.getpid()}-*"):
+            body.unlink(missing_ok=True)
         if failed:
             save_logs(tmp, REPO / "bench" / "out" / "logs")
         if args.keep_temp:
