@@ -42,7 +42,14 @@ from backhaul.wire.events import (
     WelcomeReceived,
     WindowUpdated,
 )
-from backhaul.wire.flow import YIELD_IN_FLIGHT, YIELD_SPAN, ReceiveWindow, SendWindow
+from backhaul.wire.flow import (
+    PROMPT_FRAME,
+    PROMPT_IN_FLIGHT,
+    YIELD_IN_FLIGHT,
+    YIELD_SPAN,
+    ReceiveWindow,
+    SendWindow,
+)
 from backhaul.wire.settings import Settings
 from backhaul.wire.streams import Stream, StreamInput, StreamState
 
@@ -86,6 +93,7 @@ class Connection:
         self._sent_at_start = -YIELD_SPAN
         #: The credit a peer-granted stream window is cut by while it yields; 0: never.
         self._yield_cut = 0
+        self._yield_frame = f.MAX_WINDOW
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
         self._handlers: dict[f.FrameType, Callable[[f.Frame], list[Event]]] = {
@@ -132,14 +140,28 @@ class Connection:
         if stream is None or not stream.can_send:
             return 0
         available = stream.send.available
-        if (
+        if self._yields(stream):
+            # A newer stream shares the tunnel: keep little in flight, not the window.
+            room = available - self._yield_cut
+            if (
+                room < PROMPT_FRAME
+                and self._yield_frame == PROMPT_FRAME
+                and stream.send.credited >= stream.prompt_end
+            ):
+                # Everything in flight left before the yield began, so nothing in flight asks
+                # for prompt credit, and the peer may hold up to ``window_update`` consumed
+                # bytes without returning them: one flagged frame goes, to fetch them.
+                room = PROMPT_FRAME
+            available = min(available, room, self._yield_frame)
+        return max(0, min(available, self._send_window.available, self.peer.max_data))
+
+    def _yields(self, stream: Stream) -> bool:
+        """Whether ``stream`` holds back for a newer one (see backhaul.wire.flow)."""
+        return bool(
             self._yield_cut
             and stream.order < self._starts
             and self._sent - self._sent_at_start < YIELD_SPAN
-        ):
-            # A newer stream shares the tunnel: keep YIELD_IN_FLIGHT in flight, not the window.
-            available -= self._yield_cut
-        return max(0, min(available, self._send_window.available, self.peer.max_data))
+        )
 
     def _new_stream(self, stream_id: int) -> Stream:
         self._starts += 1
@@ -157,10 +179,17 @@ class Connection:
     def _peer_settings(self, settings: Settings) -> None:
         self.peer = settings
         self._send_window = SendWindow(settings.tunnel_window)
-        # Held below the window only where credit comes back well before it runs out: the
-        # peer returns it every ``window_update`` bytes, so twice that stays in flight.
-        keep = max(YIELD_IN_FLIGHT, 2 * settings.window_update)
-        self._yield_cut = max(0, settings.stream_window - keep) if settings.window_update else 0
+        # Held below the window only where credit comes back well before it runs out: a peer
+        # that takes PROMPT_CREDIT returns it frame by frame; one that does not, every
+        # ``window_update`` bytes, so twice that stays in flight.
+        if not settings.window_update:
+            keep = settings.stream_window
+        elif settings.prompt_credit:
+            keep = PROMPT_IN_FLIGHT
+        else:
+            keep = max(YIELD_IN_FLIGHT, 2 * settings.window_update)
+        self._yield_cut = max(0, settings.stream_window - keep)
+        self._yield_frame = PROMPT_FRAME if settings.prompt_credit else f.MAX_WINDOW
 
     def data_to_send(self) -> list[bytes]:
         """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""
@@ -271,7 +300,12 @@ class Connection:
         stream.send.consume(size)
         self._send_window.consume(size)
         self._sent += size
-        self._out.append(f.encode(f.FrameType.DATA, stream_id, data, _flags(end_stream)))
+        stream.sent += size
+        flags = _flags(end_stream)
+        if self._yield_frame == PROMPT_FRAME and self._yields(stream):
+            flags |= f.PROMPT_CREDIT_BIT
+            stream.prompt_end = stream.sent
+        self._out.append(f.encode(f.FrameType.DATA, stream_id, data, flags))
         if end_stream:
             self._send_end_transition(stream)
 
@@ -457,6 +491,8 @@ class Connection:
             # The stream is reset for this: give the dropped bytes' tunnel credit back.
             self.acknowledge(0, size)
             raise
+        if frame.flags & f.PROMPT_CREDIT_BIT and self.local.prompt_credit:
+            stream.recv.prompt()
         events: list[Event] = [DataReceived(frame.stream_id, frame.payload, frame.end_stream)]
         if frame.end_stream:
             events.extend(self._recv_end(stream))

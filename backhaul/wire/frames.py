@@ -62,6 +62,9 @@ class Flags(IntFlag):
     NONE = 0
     #: On OPEN, RESPONSE and DATA: the sender's side of the stream ends with this frame.
     END_STREAM = 0x1
+    #: On DATA, to a peer that announced ``prompt_credit``: return this frame's credit as soon
+    #: as it is consumed, not once ``window_update`` bytes have added up (a yielding sender).
+    PROMPT_CREDIT = 0x2
 
 
 #: Frame types that belong to the tunnel (stream id must be 0).
@@ -84,6 +87,7 @@ JSON_FRAMES = frozenset(
 
 #: END_STREAM as a plain int for the per-frame checks: ``int & IntFlag`` builds a flag object.
 END_STREAM_BIT = int(Flags.END_STREAM)
+PROMPT_CREDIT_BIT = int(Flags.PROMPT_CREDIT)
 
 
 @dataclass(frozen=True, slots=True)

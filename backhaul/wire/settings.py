@@ -39,6 +39,10 @@ class Settings:
     #: out. 0, from a peer that predates the setting: half the window.
     window_update: int = -1
 
+    #: 1: this side returns the credit of a DATA frame flagged PROMPT_CREDIT as soon as it is
+    #: consumed. 0 (a peer that predates the flag): senders never count on it.
+    prompt_credit: int = 1
+
     #: 0: this side does not take BATCH frames (a peer that predates them announces nothing,
     #: which :meth:`from_dict` reads as 0).
     batch_frames: int = DEFAULT_BATCH_FRAMES
@@ -54,10 +58,10 @@ class Settings:
     def from_dict(cls, raw: Any) -> Settings:
         """Parse a peer's settings; missing keys take the defaults, bad ones end the tunnel."""
         if raw is None:
-            return cls(batch_frames=0, window_update=0)
+            return cls(batch_frames=0, window_update=0, prompt_credit=0)
         if not isinstance(raw, dict):
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "settings must be an object")
-        values: dict[str, int] = {"batch_frames": 0, "window_update": 0}
+        values: dict[str, int] = {"batch_frames": 0, "window_update": 0, "prompt_credit": 0}
         limits = {
             "stream_window": (1, MAX_WINDOW),
             "tunnel_window": (1, MAX_WINDOW),
@@ -65,6 +69,7 @@ class Settings:
             "max_streams": (1, 1_000_000),
             "batch_frames": (0, 65_536),
             "window_update": (0, MAX_WINDOW),
+            "prompt_credit": (0, 1),
         }
         for key, (low, high) in limits.items():
             if key not in raw:

@@ -34,7 +34,7 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
 class Stream:
     """Per-stream bookkeeping: state, both windows, and whether a head has arrived."""
 
-    __slots__ = ("head_received", "id", "order", "recv", "send", "state")
+    __slots__ = ("head_received", "id", "order", "prompt_end", "recv", "send", "sent", "state")
 
     def __init__(
         self,
@@ -51,6 +51,9 @@ class Stream:
         self.head_received = False
         #: Which stream of the tunnel this is, counting from 1 in the order they started.
         self.order = order
+        #: DATA bytes sent, and ``sent`` after the last frame that asked for prompt credit.
+        self.sent = 0
+        self.prompt_end = 0
 
     def transition(self, event: StreamInput) -> StreamState | None:
         """Apply ``event``; None when the table has no such transition (a rules violation)."""

@@ -137,11 +137,12 @@ def test_settings_defaults_when_absent() -> None:
     relay.send_hello({})
     deliver(relay, agent)
     # An agent HELLO without settings: the relay assumes the defaults, no BATCH frames and
-    # credit returned at half the window (an agent that announces nothing predates both).
+    # credit returned at half the window, no prompt credit (an agent that announces nothing
+    # predates all three).
     assert relay.receive_message(f.encode_json(f.FrameType.HELLO, 0, {"x": 1})) == [
         HelloReceived({"x": 1})
     ]
-    assert relay.peer == Settings(batch_frames=0, window_update=0)
+    assert relay.peer == Settings(batch_frames=0, window_update=0, prompt_credit=0)
     assert relay.peer.stream_update == relay.peer.stream_window // 2
 
 
