@@ -93,6 +93,9 @@ class Connection:
         self._sent_at_start = -YIELD_SPAN
         #: The credit a peer-granted stream window is cut by while it yields; 0: never.
         self._yield_cut = 0
+        #: The peer returns the credit of DATA flagged PROMPT_CREDIT at once; frames are at
+        #: most this big while a stream yields.
+        self._prompt = False
         self._yield_frame = f.MAX_WINDOW
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
@@ -143,11 +146,7 @@ class Connection:
         if self._yields(stream):
             # A newer stream shares the tunnel: keep little in flight, not the window.
             room = available - self._yield_cut
-            if (
-                room < PROMPT_FRAME
-                and self._yield_frame == PROMPT_FRAME
-                and stream.send.credited >= stream.prompt_end
-            ):
+            if room < PROMPT_FRAME and self._prompt and stream.send.credited >= stream.prompt_end:
                 # Everything in flight left before the yield began, so nothing in flight asks
                 # for prompt credit, and the peer may hold up to ``window_update`` consumed
                 # bytes without returning them: one flagged frame goes, to fetch them.
@@ -182,14 +181,14 @@ class Connection:
         # Held below the window only where credit comes back well before it runs out: a peer
         # that takes PROMPT_CREDIT returns it frame by frame; one that does not, every
         # ``window_update`` bytes, so twice that stays in flight.
-        if not settings.window_update:
-            keep = settings.stream_window
-        elif settings.prompt_credit:
-            keep = PROMPT_IN_FLIGHT
+        self._prompt = bool(settings.prompt_credit)
+        if self._prompt:
+            keep, self._yield_frame = PROMPT_IN_FLIGHT, PROMPT_FRAME
+        elif settings.window_update:
+            keep, self._yield_frame = max(YIELD_IN_FLIGHT, 2 * settings.window_update), f.MAX_WINDOW
         else:
-            keep = max(YIELD_IN_FLIGHT, 2 * settings.window_update)
+            keep, self._yield_frame = settings.stream_window, f.MAX_WINDOW
         self._yield_cut = max(0, settings.stream_window - keep)
-        self._yield_frame = PROMPT_FRAME if settings.prompt_credit else f.MAX_WINDOW
 
     def data_to_send(self) -> list[bytes]:
         """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""
@@ -302,7 +301,7 @@ class Connection:
         self._sent += size
         stream.sent += size
         flags = _flags(end_stream)
-        if self._yield_frame == PROMPT_FRAME and self._yields(stream):
+        if self._prompt and self._yields(stream):
             flags |= f.PROMPT_CREDIT_BIT
             stream.prompt_end = stream.sent
         self._out.append(f.encode(f.FrameType.DATA, stream_id, data, flags))

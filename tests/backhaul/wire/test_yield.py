@@ -126,12 +126,17 @@ def test_a_yielding_stream_sends_small_frames_that_ask_for_prompt_credit() -> No
     assert windows(pair.relay.data_to_send()) == [(bulk, PROMPT_FRAME)]
 
 
-def test_bytes_sent_before_the_yield_cannot_stall_it() -> None:
-    """Less than window_update in flight, sent before a newer stream came: the receiver may
-    hold their credit until window_update bytes add up. The flagged frame that still may go
-    brings all of it back once it is consumed."""
-    pair, bulk = download_pair()
-    pair.agent.send_data(bulk, b"x" * (CHUNK - PROMPT_FRAME))  # below the relay's threshold
+@pytest.mark.parametrize("window_update", [CHUNK, 0], ids=["window-update", "half-the-window"])
+def test_bytes_sent_before_the_yield_cannot_stall_it(window_update: int) -> None:
+    """Less than the receiver's threshold in flight, sent before a newer stream came: the
+    receiver may hold their credit until the threshold adds up. The flagged frame that still
+    may go brings all of it back once it is consumed."""
+    pair, bulk = download_pair(Settings(window_update=window_update))
+    threshold = pair.relay.local.stream_update
+    left = threshold - PROMPT_FRAME  # below the threshold
+    while left:
+        pair.agent.send_data(bulk, b"x" * min(left, CHUNK))
+        left -= min(left, CHUNK)
     pair.relay.open_stream({}, end_stream=True)
     pair.relay_to_agent()
     for _ in range(3):
@@ -177,7 +182,11 @@ def test_a_receiver_without_prompt_credit_ignores_the_flag() -> None:
     assert windows(pair.relay.data_to_send()) == []
 
 
-@pytest.mark.parametrize("relay_settings", [None, NO_PROMPT], ids=["prompt", "no-prompt"])
+@pytest.mark.parametrize(
+    "relay_settings",
+    [None, NO_PROMPT, Settings(window_update=0)],
+    ids=["prompt", "no-prompt", "prompt-credit-at-half-the-window"],
+)
 def test_credit_keeps_a_yielding_stream_moving(relay_settings: Settings | None) -> None:
     """Credit comes back before the bytes a yielding stream may keep in flight run out, so
     it never waits for credit that would only come at half the window."""
