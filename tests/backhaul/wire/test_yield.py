@@ -6,6 +6,8 @@ credit; to YIELD_IN_FLIGHT toward one that only returns credit every window_upda
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backhaul.wire import DataReceived, Settings
 from backhaul.wire import frames as f
@@ -17,6 +19,7 @@ from backhaul.wire.flow import (
     ReceiveWindow,
 )
 from tests.backhaul.wire.wire_pair import Pair, connect, windows
+from tests.fuzzing import budget
 
 MIB = 1024 * 1024
 WINDOW = 2 * MIB
@@ -254,3 +257,80 @@ def test_uploads_yield_the_same_way() -> None:
         pair.relay.send_data(other, b"x" * allowed)
         sent += allowed
     assert sent == PROMPT_IN_FLIGHT
+
+
+_YIELD_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(1, CHUNK)),
+        st.tuples(st.just("newcomer"), st.just(0)),
+        st.tuples(st.just("to_relay"), st.integers(1, 4)),
+        st.tuples(st.just("to_agent"), st.integers(1, 4)),
+        st.tuples(st.just("consume"), st.integers(1, 3 * CHUNK)),
+    ),
+    max_size=60,
+)
+
+
+@pytest.mark.parametrize(
+    "relay_settings",
+    [Settings(), NO_PROMPT, Settings(window_update=0), Settings(window_update=0, prompt_credit=0)],
+    ids=["prompt", "no-prompt", "prompt-at-half-the-window", "legacy"],
+)
+@settings(max_examples=budget(60), deadline=None)
+@given(ops=_YIELD_OPS)
+def test_a_bulk_stream_never_stalls_and_never_overruns(
+    relay_settings: Settings, ops: list[tuple[str, int]]
+) -> None:
+    """A download with newer streams starting beside it, frames and credit delivered and
+    consumed in any order: it never has more in flight than the window, and once everything
+    is delivered and consumed it can always send again."""
+    pair, bulk = download_pair(relay_settings)
+    to_relay: list[bytes] = []
+    to_agent: list[bytes] = []
+    unconsumed = 0
+    sent = credited = 0
+
+    def deliver_to_relay(count: int) -> None:
+        nonlocal unconsumed
+        for message in to_relay[:count]:
+            for event in pair.relay.receive_message(message):
+                if isinstance(event, DataReceived) and event.stream_id == bulk:
+                    unconsumed += len(event.data)
+        del to_relay[:count]
+
+    def deliver_to_agent(count: int) -> None:
+        nonlocal credited
+        for message in to_agent[:count]:
+            credited += sum(n for sid, n in windows([message]) if sid == bulk)
+            pair.agent.receive_message(message)
+        del to_agent[:count]
+
+    def collect() -> None:
+        to_relay.extend(pair.agent.data_to_send())
+        to_agent.extend(pair.relay.data_to_send())
+
+    for op, n in ops:
+        if op == "send":
+            size = min(n, pair.agent.max_sendable(bulk))
+            pair.agent.send_data(bulk, b"x" * size)
+            sent += size
+        elif op == "newcomer":
+            pair.relay.open_stream({}, end_stream=True)
+        elif op == "to_relay":
+            deliver_to_relay(n)
+        elif op == "to_agent":
+            deliver_to_agent(n)
+        else:
+            take = min(n, unconsumed)
+            pair.relay.acknowledge(bulk, take)
+            unconsumed -= take
+        collect()
+        assert 0 <= sent - credited <= WINDOW
+    for _ in range(2):
+        deliver_to_relay(len(to_relay))
+        pair.relay.acknowledge(bulk, unconsumed)
+        unconsumed = 0
+        collect()
+        deliver_to_agent(len(to_agent))
+        collect()
+    assert pair.agent.max_sendable(bulk) > 0, "the stream is stalled"
