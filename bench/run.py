@@ -33,6 +33,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,9 @@ class Settings:
     fairness_samples: int = 500
     fairness_bytes: int = GiB
     fairness_time_limit: float = 120.0
+    #: Each path's transfers are measured this many times, the paths taking turns, and the
+    #: median is reported: a single transfer moves ±20 % between runs minutes apart.
+    transfer_rounds: int = 3
 
 
 FULL = Settings(10, 64, 2, 2000, 200, 256 * MiB, False)
@@ -89,6 +93,7 @@ QUICK = Settings(
     fairness_samples=200,
     fairness_bytes=256 * MiB,
     fairness_time_limit=30.0,
+    transfer_rounds=1,
 )
 
 
@@ -331,6 +336,8 @@ class Result:
     values: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    #: Every run of a measurement taken several times (the transfers), in order.
+    runs: dict[str, list[float]] = field(default_factory=dict)
 
 
 def check_target(target: Target) -> None:
@@ -670,6 +677,39 @@ def measure_fairness(
         )
 
 
+def measure_transfers(targets: dict[str, Target], results: dict[str, Result], s: Settings) -> None:
+    """The download and the upload, ``s.transfer_rounds`` times, the paths taking turns
+    (direct, ssh -R, Backhaul, direct, …) so that a slow minute of the machine weighs on all
+    of them; each path reports the median, its runs are kept for the report."""
+    broken: set[tuple[str, str]] = set()
+    for round_ in range(s.transfer_rounds):
+        for path, target in targets.items():
+            result = results[path]
+            for kind, step in (("download", measure_download), ("upload", measure_upload)):
+                if (path, kind) in broken:
+                    continue
+                one = Result()
+                try:
+                    step(target, s, one)
+                except Exception as exc:
+                    log(f"{target.name}: {kind} failed: {exc}")
+                    result.notes.append(f"{kind}: {exc}")
+                    broken.add((path, kind))
+                    continue
+                result.runs.setdefault(kind, []).append(one.values.pop(kind))
+                for key, peak in one.values.items():  # the memory peaks: the largest
+                    result.values[key] = max(peak, result.values.get(key, 0.0))
+            log(f"{target.name}: transfers round {round_ + 1} of {s.transfer_rounds}")
+    for path, target in targets.items():
+        result = results[path]
+        for kind, runs in result.runs.items():
+            result.values[kind] = statistics.median(runs)
+        for name, pid in target.memory_pids.items():
+            st = tree_status(pid)
+            result.values[f"{name}_rss_end"] = st["VmRSS"] / 1024
+            result.values[f"{name}_hwm"] = st["VmHWM"] / 1024
+
+
 def measure(target: Target, s: Settings, procs: Processes, tmp: Path) -> Result:
     result = Result()
     check_target(target)
@@ -682,8 +722,6 @@ def measure(target: Target, s: Settings, procs: Processes, tmp: Path) -> Result:
     steps: list[tuple[str, Callable[[Target, Settings, Result], None]]] = [
         ("latency", measure_latency),
         ("wrk", measure_wrk),
-        ("download", measure_download),
-        ("upload", measure_upload),
         ("sweep", measure_sweep),
         ("fairness", fairness),
     ]
@@ -1096,6 +1134,25 @@ def render(
         "throughput rows, worse for latency rows.",
         "",
     ]
+    runs = [
+        f"{LABELS[path]} {kind} " + " / ".join(f"{rate:,.1f}" for rate in r.runs[kind])
+        for kind in ("download", "upload")
+        for path in PATHS
+        if (r := results.get(path)) is not None and r.runs.get(kind)
+    ]
+    if runs:
+        out += [
+            (
+                f"The transfer rows are the median of {s.transfer_rounds} runs per path, the"
+                " paths taking turns"
+                if s.transfer_rounds > 1
+                else "The transfer rows are one run per path"
+            )
+            + " (MiB/s, in order): "
+            + "; ".join(runs)
+            + ".",
+            "",
+        ]
     backhaul_result = results.get("backhaul")
     if backhaul_result is not None and backhaul_result.values:
         out += [
@@ -1203,7 +1260,8 @@ def render(
         "Settings: "
         f"wrk -t{s.wrk_threads} -c{s.wrk_connections} -d{s.wrk_seconds}s; "
         f"{s.latency_samples} latency samples after {s.latency_warmup} warm-up requests; "
-        f"{size} transfers (curl, one each way); concurrency sweep at"
+        f"{size} transfers (curl, {s.transfer_rounds} each way per path, the paths taking turns);"
+        " concurrency sweep at"
         f" {', '.join(map(str, s.sweep_levels))} clients, {s.sweep_seconds} s each;"
         f" fairness: {s.fairness_samples} small requests, idle and during a {big} download."
         f" Total wall time {wall:.0f} s.",
@@ -1413,6 +1471,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         procs.adopt("sample API", backend.process)
         log(f"sample API backend at {backend.url} (pid {backend.pid})")
+        targets: dict[str, Target] = {}
         for path in PATHS:
             if path not in only:
                 continue
@@ -1421,11 +1480,15 @@ def main(argv: list[str] | None = None) -> int:
                 target = SETUP[path](backend_port=backend.port, procs=procs, tmp=tmp)
                 target.cpu_pids["backend"] = backend.pid
                 results[path] = measure(target, settings, procs, tmp)
+                targets[path] = target
             except Exception as exc:
                 failed = True
                 log(f"{LABELS[path]} failed:\n{traceback.format_exc()}")
                 results[path] = Result(error=" ".join(str(exc).split())[:500] or repr(exc))
-            outcome = results[path]
+        log("=== transfers, the paths taking turns ===")
+        measured = {path: r for path, r in results.items() if r is not None and not r.error}
+        measure_transfers(targets, measured, settings)
+        for path, outcome in results.items():
             if outcome is not None and outcome.notes:
                 failed = True
                 for note in outcome.notes:
