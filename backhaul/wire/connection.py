@@ -93,10 +93,9 @@ class Connection:
         self._sent_at_start = -YIELD_SPAN
         #: The credit a peer-granted stream window is cut by while it yields; 0: never.
         self._yield_cut = 0
-        #: The peer returns the credit of DATA flagged PROMPT_CREDIT at once; frames are at
-        #: most this big while a stream yields.
+        #: The peer returns the credit of DATA flagged PROMPT_CREDIT at once: a yielding
+        #: stream sends frames of at most PROMPT_FRAME, flagged.
         self._prompt = False
-        self._yield_frame = f.MAX_WINDOW
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
         self._handlers: dict[f.FrameType, Callable[[f.Frame], list[Event]]] = {
@@ -146,12 +145,15 @@ class Connection:
         if self._yields(stream):
             # A newer stream shares the tunnel: keep little in flight, not the window.
             room = available - self._yield_cut
-            if room < PROMPT_FRAME and self._prompt and stream.send.credited >= stream.prompt_end:
-                # Everything in flight left before the yield began, so nothing in flight asks
-                # for prompt credit, and the peer may hold up to ``window_update`` consumed
-                # bytes without returning them: one flagged frame goes, to fetch them.
-                room = PROMPT_FRAME
-            available = min(available, room, self._yield_frame)
+            if self._prompt:
+                if room < PROMPT_FRAME and stream.send.credited >= stream.prompt_end:
+                    # Everything in flight left before the yield began, so nothing in flight
+                    # asks for prompt credit, and the peer may hold up to ``window_update``
+                    # consumed bytes without returning them: one flagged frame goes, to
+                    # fetch them.
+                    room = PROMPT_FRAME
+                room = min(room, PROMPT_FRAME)
+            available = min(available, room)
         return max(0, min(available, self._send_window.available, self.peer.max_data))
 
     def _yields(self, stream: Stream) -> bool:
@@ -183,11 +185,11 @@ class Connection:
         # ``window_update`` bytes, so twice that stays in flight.
         self._prompt = bool(settings.prompt_credit)
         if self._prompt:
-            keep, self._yield_frame = PROMPT_IN_FLIGHT, PROMPT_FRAME
+            keep = PROMPT_IN_FLIGHT
         elif settings.window_update:
-            keep, self._yield_frame = max(YIELD_IN_FLIGHT, 2 * settings.window_update), f.MAX_WINDOW
+            keep = max(YIELD_IN_FLIGHT, 2 * settings.window_update)
         else:
-            keep, self._yield_frame = settings.stream_window, f.MAX_WINDOW
+            keep = settings.stream_window
         self._yield_cut = max(0, settings.stream_window - keep)
 
     def data_to_send(self) -> list[bytes]:

@@ -13,7 +13,8 @@ from backhaul.wire.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD, MAX_WINDOW
 #: transfer: the bytes in flight sit in the socket buffers in front of the slower side, first
 #: in, first out. On loopback 2 MiB keeps a 256 MiB transfer at the rate 4 MiB gave and halves
 #: that wait (bench/PROFILE.md, "Fairness"); 1 MiB cost throughput alone. While newer streams
-#: share the tunnel, a transfer holds only 512 KiB in flight (backhaul.wire.flow).
+#: share the tunnel, a transfer holds only 128 KiB in flight toward a peer that takes prompt
+#: credit, 512 KiB toward one that does not (backhaul.wire.flow).
 DEFAULT_STREAM_WINDOW = 2 * 1024 * 1024
 DEFAULT_TUNNEL_WINDOW = 32 * 1024 * 1024
 DEFAULT_MAX_DATA = 256 * 1024
