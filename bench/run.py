@@ -704,6 +704,7 @@ def measure_transfers(targets: dict[str, Target], results: dict[str, Result], s:
         result = results[path]
         for kind, runs in result.runs.items():
             result.values[kind] = statistics.median(runs)
+        # The transfers are the last measurement: the memory the run leaves is read now.
         for name, pid in target.memory_pids.items():
             st = tree_status(pid)
             result.values[f"{name}_rss_end"] = st["VmRSS"] / 1024
@@ -731,10 +732,6 @@ def measure(target: Target, s: Settings, procs: Processes, tmp: Path) -> Result:
         except Exception as exc:
             log(f"{target.name}: {name} failed: {exc}")
             result.notes.append(f"{name}: {exc}")
-    for name, pid in target.memory_pids.items():
-        st = tree_status(pid)
-        result.values[f"{name}_rss_end"] = st["VmRSS"] / 1024
-        result.values[f"{name}_hwm"] = st["VmHWM"] / 1024
     return result
 
 
