@@ -77,6 +77,11 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _EMPTY_BODY_DEFAULTS = frozenset({"POST", "PUT", "PATCH"})
 #: A chunk this small is copied behind its chunk-size line; a larger one is written as is.
 _COPY_LIMIT = 16 * 1024
+#: Body bytes still to come, with a Content-Length, above which the rest of the body is taken
+#: from the socket as it is read instead of through the parser (which copies every piece).
+RAW_BODY_MIN = 64 * 1024
+#: Buffered body chunks this large are handed on as they are; smaller ones are joined.
+_PIECE_MIN = 64 * 1024
 
 
 def reason(exc: BaseException) -> str:
@@ -114,8 +119,11 @@ class _Connection(asyncio.Protocol):
         "_loop",
         "_origin",
         "_parser",
+        "_raw_checked",
+        "_raw_left",
         "_read_paused",
         "_received",
+        "_seen",
         "_status",
         "_transport",
         "_waiter",
@@ -149,6 +157,9 @@ class _Connection(asyncio.Protocol):
         self._counted = False  # in the origin's total: set once the client adopts it
         self._read_paused = False
         self._write_paused = False
+        self._seen = 0  # body bytes of the current response so far
+        self._raw_checked = False
+        self._raw_left = 0  # > 0: the rest of the body comes straight from the socket
         self.idle_since = 0.0
         self.requests = 0
 
@@ -159,6 +170,9 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._raw_left:
+            self._raw_body(data)
+            return
         if not self._busy or self._error is not None or self._parser is None:
             # Bytes nobody asked for (a 408 before an idle close, a body after a HEAD
             # answer): the framing of this connection can no longer be trusted.
@@ -175,6 +189,42 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_RESPONSE_HEAD:
                 self._fail(self._broke(f"response head larger than {MAX_RESPONSE_HEAD} bytes"))
+        elif not self._complete and not self._raw_checked:
+            self._arm_raw()
+
+    def _arm_raw(self) -> None:
+        """A body longer than one read: with a Content-Length, take the rest unparsed.
+
+        llhttp hands every body piece to :meth:`on_body` as a new bytes object, a copy of
+        what the socket gave; for a large body that copy is most of the parser's cost. Once
+        the head is parsed and the length is known, the bytes still due are the body and
+        nothing else, so they are counted off the reads as they come. The parser is then
+        behind the stream and is replaced before the connection's next exchange."""
+        self._raw_checked = True
+        length = _content_length(self._headers)
+        if length is not None and length - self._seen >= RAW_BODY_MIN:
+            self._raw_left = length - self._seen
+
+    def _raw_body(self, data: bytes) -> None:
+        if not self._busy or self._error is not None:
+            self._raw_left = 0
+            self._fail(None)
+            return
+        self._received = True
+        left = self._raw_left
+        if len(data) < left:
+            self._raw_left = left - len(data)
+            self.on_body(data)
+            return
+        if len(data) > left:
+            # Bytes past the declared body: a second answer nobody asked for.
+            self._keep_alive = False
+            data = data[:left]
+        self._raw_left = 0
+        self._parser = None  # behind the stream: begin() makes a new one
+        self.on_body(data)
+        self._complete = True
+        self._wake()
 
     def eof_received(self) -> bool | None:
         if self._head_done and not self._complete and _delimited_by_close(self._headers):
@@ -244,6 +294,7 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = False
             return
         self._body.append(body)
+        self._seen += len(body)
         self._buffered += len(body)
         if self._buffered > READ_HIGH_WATER and not self._read_paused:
             self._read_paused = True
@@ -290,6 +341,8 @@ class _Connection(asyncio.Protocol):
         self._head_only = head_only
         self._busy = True
         self.requests += 1
+        self._seen = 0
+        self._raw_checked = False
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
 
@@ -377,9 +430,16 @@ class _Connection(asyncio.Protocol):
     def _timeout(self, phase: str) -> UpstreamTimeout:
         return UpstreamTimeout(f"{self._where} did not answer in time ({phase})")
 
-    def take(self) -> bytes:
+    def take(self) -> list[bytes]:
+        """The buffered body: chunks of :data:`_PIECE_MIN` bytes or more as they came (no
+        copy), each run of smaller ones joined into one piece."""
         chunks = self._body
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(chunks) == 1:
+            pieces = [chunks[0]]
+        elif self._buffered < _PIECE_MIN:
+            pieces = [b"".join(chunks)]
+        else:
+            pieces = _pieces(chunks)
         chunks.clear()
         self._buffered = 0
         if self._read_paused:
@@ -387,7 +447,7 @@ class _Connection(asyncio.Protocol):
             if not self._closed:
                 assert self._transport is not None
                 self._transport.resume_reading()
-        return data
+        return pieces
 
     def release(self) -> None:
         """Back to the pool when the exchange ended cleanly, else closed."""
@@ -425,6 +485,37 @@ class _Connection(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._origin.forget(self)
+
+
+def _pieces(chunks: list[bytes]) -> list[bytes]:
+    pieces: list[bytes] = []
+    run: list[bytes] = []
+    for chunk in chunks:
+        if len(chunk) >= _PIECE_MIN:
+            if run:
+                pieces.append(b"".join(run))
+                run = []
+            pieces.append(chunk)
+        else:
+            run.append(chunk)
+    if run:
+        pieces.append(b"".join(run))
+    return pieces
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    """The body's length when a valid Content-Length alone frames it (llhttp has checked
+    the value and refused conflicting ones); None when chunked or not given."""
+    length: int | None = None
+    for name, value in headers:
+        if name == "transfer-encoding":
+            return None
+        if name == "content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+    return length
 
 
 def _delimited_by_close(headers: list[tuple[str, str]]) -> bool:
@@ -575,9 +666,9 @@ class Response:
         try:
             while self._conn is conn:  # aclose() may have given the connection back
                 if conn._body:
-                    data = conn.take()
-                    self.bytes_received += len(data)
-                    yield data
+                    for data in conn.take():
+                        self.bytes_received += len(data)
+                        yield data
                 elif conn._complete:
                     break
                 elif conn._error is not None:

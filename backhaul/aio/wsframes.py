@@ -5,8 +5,9 @@ where it is instead of copied behind its header.
 
 from __future__ import annotations
 
-import secrets
+import os
 import struct
+from collections import deque
 
 try:
     from websockets.speedups import apply_mask
@@ -20,12 +21,30 @@ _FIN_BINARY = 0x82
 _MASKED = 0x80
 #: Payloads below this leave in one buffer with their header: one TLS record, not two.
 JOIN_BELOW = 16 * 1024
+#: Mask keys drawn from the system's CSPRNG at a time: one system call per this many frames.
+KEYS_PER_DRAW = 1024
+_keys: deque[bytes] = deque()
+
+
+def mask_key() -> bytes:
+    """A fresh, unpredictable 4-byte masking key (§5.3, §10.3) from the system's CSPRNG.
+
+    Keys are drawn ahead in blocks, so a frame does not cost a ``getrandom`` system call
+    (and ``secrets``' Python layers) of its own; each key is used once. ``deque.popleft``
+    is atomic, so threads sharing the pool never get the same key.
+    """
+    try:
+        return _keys.popleft()
+    except IndexError:
+        block = os.urandom(4 * KEYS_PER_DRAW)
+        _keys.extend([block[i : i + 4] for i in range(0, len(block), 4)])
+        return _keys.popleft()
 
 
 def binary_frame(data: bytes, masked: bool) -> tuple[bytes, ...]:
     """One final binary frame carrying ``data``, as one or two buffers to write in order.
 
-    ``masked`` for a client's frame, with a fresh key from the system's CSPRNG (§5.3).
+    ``masked`` for a client's frame, with a fresh key from :func:`mask_key` (§5.3).
     """
     size = len(data)
     bit = _MASKED if masked else 0
@@ -36,7 +55,7 @@ def binary_frame(data: bytes, masked: bool) -> tuple[bytes, ...]:
     else:
         head = _LONG.pack(_FIN_BINARY, bit | 127, size)
     if masked:
-        key = secrets.token_bytes(4)
+        key = mask_key()
         head += key
         data = apply_mask(data, key)
     if size < JOIN_BELOW:

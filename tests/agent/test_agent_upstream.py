@@ -16,7 +16,7 @@ from agent.config import AgentConfig
 from agent.errors import BadRequestHead, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agent.executor import Executor, RequestHead
 from agent.policy import NormalizedURL, normalize_url
-from agent.upstream import READ_HIGH_WATER, Client, Response
+from agent.upstream import _PIECE_MIN, RAW_BODY_MIN, READ_HIGH_WATER, Client, Response, _pieces
 from backhaul import sampleapi
 from relay.tls import generate_dev_certificate
 
@@ -256,6 +256,106 @@ async def test_big_body_streams_with_bounded_buffering(api: int) -> None:
     assert digest.hexdigest() == sampleapi.pattern_sha256(size)
     assert biggest <= READ_HIGH_WATER + 512 * 1024  # the high-water mark plus one read
     await client.aclose()
+
+
+@pytest.mark.parametrize("size", [RAW_BODY_MIN - 1, RAW_BODY_MIN, 3 * MiB + 7])
+async def test_a_long_body_taken_unparsed_keeps_the_connection(api: int, size: int) -> None:
+    # Above RAW_BODY_MIN the rest of a Content-Length body skips the parser; the next
+    # exchange on the same connection must still be parsed from its first byte.
+    client = Client()
+    for _ in range(2):
+        response = await client.request("GET", url(api, f"/bytes/{size}"), [], timeout=10)
+        body = await read_all(response)
+        assert len(body) == size
+        assert hashlib.sha256(body).hexdigest() == sampleapi.pattern_sha256(size)
+        response = await client.request("GET", url(api, "/small"), [], timeout=5)
+        assert await read_all(response) == sampleapi.pattern_bytes(1024)
+    assert client.opened == 1
+    await client.aclose()
+
+
+async def test_a_long_body_in_odd_pieces_arrives_whole(
+    scripted: Callable[..., Awaitable[int]],
+) -> None:
+    body = bytes(range(256)) * 1000  # 256,000 bytes
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            writer.write(body[:10])  # the head and a sliver: the rest comes unparsed
+            await writer.drain()
+            at = 10
+            for step in (1, 70_000, 3, 100_000, 17):
+                await asyncio.sleep(0.01)
+                writer.write(body[at : at + step])
+                await writer.drain()
+                at += step
+            writer.write(body[at:])
+            await writer.drain()
+
+    client = Client()
+    port = await scripted(handler)
+    for _ in range(2):
+        response = await client.request("GET", url(port, "/x"), [], timeout=5)
+        assert await read_all(response) == body
+        assert response.bytes_received == len(body)
+    assert client.opened == 1
+    await client.aclose()
+
+
+async def test_bytes_past_a_long_body_are_dropped_with_the_connection(
+    scripted: Callable[..., Awaitable[int]],
+) -> None:
+    body = b"b" * (RAW_BODY_MIN + 100)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nb" % len(body))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.write(body[1:] + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
+            await writer.drain()
+
+    client = Client()
+    port = await scripted(handler)
+    response = await client.request("GET", url(port, "/x"), [], timeout=5)
+    assert await read_all(response) == body
+    response = await client.request("GET", url(port, "/x"), [], timeout=5)
+    assert await read_all(response) == body
+    assert client.opened == 2  # the first connection could not be trusted again
+    await client.aclose()
+
+
+async def test_a_long_body_cut_short_is_an_upstream_error(
+    scripted: Callable[..., Awaitable[int]],
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nx" % (4 * MiB))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"x" * MiB)
+        await writer.drain()
+        writer.close()
+
+    client = Client()
+    response = await client.request("GET", url(await scripted(handler), "/x"), [], timeout=5)
+    received = 0
+    with pytest.raises(UpstreamError, match="before the body was complete"):
+        async for chunk in response.aiter_bytes():
+            received += len(chunk)
+    assert received == MiB + 1
+    await response.aclose()
+    await client.aclose()
+
+
+def test_buffered_chunks_are_joined_only_when_small() -> None:
+    big, other = b"B" * _PIECE_MIN, b"C" * (_PIECE_MIN + 1)
+    pieces = _pieces([b"a", b"b", big, b"c", other, b"d", b"e"])
+    assert pieces == [b"ab", big, b"c", other, b"de"]
+    assert pieces[1] is big and pieces[3] is other  # handed on, not copied
 
 
 async def test_head_has_no_body_and_keeps_the_connection(api: int) -> None:

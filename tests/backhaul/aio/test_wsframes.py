@@ -11,7 +11,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from backhaul.aio.wsframes import JOIN_BELOW, binary_frame
+from backhaul.aio import wsframes
+from backhaul.aio.wsframes import JOIN_BELOW, KEYS_PER_DRAW, binary_frame, mask_key
 
 
 def _opened(protocol: ServerProtocol | ClientProtocol) -> ServerProtocol | ClientProtocol:
@@ -46,3 +47,20 @@ def test_each_masked_frame_has_its_own_key_and_leaves_the_payload_alone() -> Non
 
 def test_a_server_frame_is_not_masked() -> None:
     assert binary_frame(b"abc", False) == (b"\x82\x03abc",)
+
+
+def test_mask_keys_are_drawn_ahead_and_never_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws: list[int] = []
+    real = os.urandom
+
+    def urandom(n: int) -> bytes:
+        draws.append(n)
+        return real(n)
+
+    monkeypatch.setattr(wsframes.os, "urandom", urandom)
+    wsframes._keys.clear()
+    keys = [mask_key() for _ in range(3 * KEYS_PER_DRAW + 1)]
+    assert draws == [4 * KEYS_PER_DRAW] * 4  # one system call per KEYS_PER_DRAW frames
+    assert all(len(key) == 4 for key in keys)
+    # 3,073 keys of 32 random bits: a repeat has odds of about one in a million.
+    assert len(set(keys)) == len(keys)
