@@ -23,6 +23,7 @@ online connectors, requests forwarded to another instance) go out through uvicor
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import structlog
 from starlette.requests import Request
@@ -46,6 +47,9 @@ log = structlog.get_logger("backhaul.relay.invoke")
 #: Chunked body chunks below this size are framed in one buffer; larger ones are written
 #: with their framing around them, not copied into it.
 _JOIN_BELOW = 16 * 1024
+#: Unread request body bytes above which the caller's socket is no longer read (uvicorn's
+#: own limit is 64 KiB, below a single 256 KiB read, so it paused after every read).
+BODY_HIGH_WATER = 256 * 1024
 
 
 def eligible(scope: Scope, max_url: int, max_body: int) -> bool:
@@ -70,17 +74,67 @@ def eligible(scope: Scope, max_url: int, max_body: int) -> bool:
     return not max_body or int(length) <= max_body
 
 
-async def answer(cycle: RequestResponseCycle, app: RelayApp) -> None:
+class DirectBody:
+    """The request body of a direct invoke request, kept as the parser handed it over.
+
+    uvicorn appends every body piece to a ``bytearray`` and copies it out again as ``bytes``
+    for each ``receive``: two copies of every uploaded byte on top of the parser's own, and
+    a pause and resume of reading per 256 KiB read. Here the pieces are kept as they came
+    and a ``receive`` hands them on (joined only when several wait), reading pausing above
+    :data:`BODY_HIGH_WATER`. Everything else is uvicorn's cycle state, as its ``receive``
+    uses it: ``Expect: 100-continue``, ``more_body``, the message event, the disconnect."""
+
+    __slots__ = ("chunks", "cycle", "size")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+        # A pipelined request's body may have arrived before its turn, in uvicorn's buffer.
+        self.chunks: list[bytes] = [bytes(cycle.body)] if cycle.body else []
+        self.size = len(cycle.body)
+        cycle.body = bytearray()
+
+    def feed(self, body: bytes) -> None:
+        cycle = self.cycle
+        self.chunks.append(body)
+        self.size += len(body)
+        if self.size > BODY_HIGH_WATER:
+            cycle.flow.pause_reading()
+        cycle.message_event.set()
+
+    async def receive(self) -> dict[str, Any]:
+        cycle = self.cycle
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        if not cycle.disconnected and not cycle.response_complete:
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected or cycle.response_complete:
+            return {"type": "http.disconnect"}
+        chunks = self.chunks
+        if not chunks:
+            body = b""
+        elif len(chunks) == 1:
+            body = chunks[0]
+        else:
+            body = b"".join(chunks)
+        chunks.clear()
+        self.size = 0
+        return {"type": "http.request", "body": body, "more_body": cycle.more_body}
+
+
+async def answer(cycle: RequestResponseCycle, app: RelayApp, body: DirectBody) -> None:
     """Authenticate, invoke, answer and record one invoke request; ``cycle`` is uvicorn's
-    state for the request (its body, its flow control, its keep-alive)."""
+    state for the request (its flow control, its keep-alive), ``body`` its body."""
     scope = cycle.scope
+    receive = body.receive
     scope["app"] = app  # type: ignore[typeddict-unknown-key]
     path = scope["path"]
     match = INVOKE_PATH.match(path)
     assert match is not None
     connection_id = match.group(1)
     started = time.perf_counter()
-    receive = cycle.receive
     reply = DirectReply(cycle)
     outcome: Outcome = reply
     try:
@@ -88,7 +142,7 @@ async def answer(cycle: RequestResponseCycle, app: RelayApp) -> None:
         inner = getattr(response, "inner", None)
         if type(response) is AuditedResponse and type(inner) is invoke.TunnelResponse:
             try:
-                await inner.deliver(reply, receive)  # type: ignore[arg-type]
+                await inner.deliver(reply, receive)
             finally:
                 response.record(
                     reply.status, reply.sent, reply.declared, reply.started, reply.finished
@@ -102,7 +156,7 @@ async def answer(cycle: RequestResponseCycle, app: RelayApp) -> None:
             outcome = Outcome(cycle.send)  # type: ignore[arg-type]
             await problem(500, "Internal Server Error", "the relay failed; see its log")(
                 scope,  # type: ignore[arg-type]
-                receive,  # type: ignore[arg-type]
+                receive,
                 outcome.send,
             )
     finally:
@@ -110,6 +164,7 @@ async def answer(cycle: RequestResponseCycle, app: RelayApp) -> None:
         # connection (the caller cannot tell where it stopped), and the cycle is done.
         if not cycle.response_complete and not cycle.disconnected:
             cycle.transport.close()
+        body.chunks.clear()  # a body the answer did not read is not kept until the next one
         cycle.on_response = _nothing
         finish(scope, connection_id, outcome, started)  # type: ignore[arg-type]
 
@@ -233,13 +288,26 @@ def with_direct_invoke(base: type, app: RelayApp, max_url: int, max_body: int) -
     :func:`eligible` invoke requests through :func:`answer` instead of the ASGI app."""
 
     class DirectInvokeProtocol(base):  # type: ignore[misc]
+        #: The body of the direct request being answered, if any.
+        direct_body: DirectBody | None = None
+
         def _start_asgi_task(self, cycle: RequestResponseCycle, asgi: object) -> None:
             # ``asgi`` is uvicorn's 503 answer past limit_concurrency: that one stands.
             if asgi is self.app and eligible(cycle.scope, max_url, max_body):  # type: ignore[arg-type]
-                task = self.loop.create_task(answer(cycle, app))
+                body = self.direct_body = DirectBody(cycle)
+                task = self.loop.create_task(answer(cycle, app, body))
                 task.add_done_callback(self.tasks.discard)
                 self.tasks.add(task)
                 return
             super()._start_asgi_task(cycle, asgi)
+
+        def on_body(self, body: bytes) -> None:
+            direct = self.direct_body
+            if direct is None or direct.cycle is not self.cycle:
+                super().on_body(body)  # an ASGI request, or a pipelined one not started yet
+            elif not self.cycle.response_complete and not (
+                self.parser.should_upgrade() and self._should_upgrade()
+            ):  # the checks of uvicorn's on_body: a body after the answer, an upgrade's
+                direct.feed(body)
 
     return DirectInvokeProtocol

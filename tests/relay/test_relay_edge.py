@@ -17,7 +17,7 @@ import pytest
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from relay.edge import DirectReply, eligible
+from relay.edge import BODY_HIGH_WATER, DirectBody, DirectReply, eligible
 from relay.limits import http_protocol
 from tests.relay.relay_helpers import make_config
 
@@ -71,6 +71,13 @@ class Recorder:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.closed = False
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         self.chunks.append(bytes(data))
@@ -292,3 +299,61 @@ async def test_asgi_path_bodiless_answer_completes_under_uvicorns_send(status: i
     assert c.cycle.response_complete and not c.transport.closed
     assert b"content-length" not in c.transport.data
     assert b'etag: "v1"' in c.transport.data
+
+
+# --- the request body (DirectBody) -------------------------------------------------------------
+
+
+async def test_body_pieces_are_handed_on_as_they_came() -> None:
+    cycle = Cycle("POST").cycle
+    body = DirectBody(cycle)
+    piece = b"x" * 200_000
+    body.feed(piece)
+    message = await body.receive()
+    assert message == {"type": "http.request", "body": piece, "more_body": True}
+    assert message["body"] is piece  # not copied
+    body.feed(b"ab")
+    body.feed(b"cd")
+    cycle.more_body = False
+    assert await body.receive() == {"type": "http.request", "body": b"abcd", "more_body": False}
+
+
+async def test_reading_pauses_above_the_high_water_mark_and_resumes_on_receive() -> None:
+    wrapper = Cycle("POST")
+    body = DirectBody(wrapper.cycle)
+    body.feed(b"x" * BODY_HIGH_WATER)
+    assert wrapper.transport.reading  # one full read is not a backlog
+    body.feed(b"y")
+    assert not wrapper.transport.reading
+    message = await body.receive()
+    assert len(message["body"]) == BODY_HIGH_WATER + 1
+    assert wrapper.transport.reading
+
+
+async def test_a_pipelined_body_buffered_before_its_turn_comes_first() -> None:
+    cycle = Cycle("POST").cycle
+    cycle.body += b"early "
+    body = DirectBody(cycle)
+    assert cycle.body == b""
+    body.feed(b"late")
+    cycle.more_body = False
+    assert (await body.receive())["body"] == b"early late"
+
+
+async def test_expect_100_continue_is_answered_on_the_first_receive() -> None:
+    wrapper = Cycle("PUT")
+    cycle = wrapper.cycle
+    cycle.waiting_for_100_continue = True
+    body = DirectBody(cycle)
+    body.feed(b"data")
+    cycle.more_body = False
+    assert (await body.receive())["body"] == b"data"
+    assert wrapper.transport.data == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert not cycle.waiting_for_100_continue
+
+
+async def test_a_gone_caller_is_a_disconnect_and_nothing_waits() -> None:
+    cycle = Cycle("POST").cycle
+    body = DirectBody(cycle)
+    cycle.disconnected = True
+    assert await asyncio.wait_for(body.receive(), 1) == {"type": "http.disconnect"}
