@@ -127,7 +127,7 @@ class Dispatcher:
         return credentials
 
     @staticmethod
-    async def _body(stream: TunnelStream) -> AsyncIterator[bytes]:
+    async def _body(stream: TunnelStream) -> AsyncIterator[bytes | memoryview]:
         if not stream.has_body:
             return
         while chunk := await stream.read():

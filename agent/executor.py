@@ -213,19 +213,31 @@ class _CountingBody:
     writes them to the tunnel.
     """
 
-    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+    def __init__(self, first: bytes | memoryview, rest: AsyncIterator[bytes | memoryview]) -> None:
         self._first = first
         self._rest = rest
         self.sent = 0
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        chunk: bytes | None = self._first
+    async def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
+        chunk: bytes | memoryview | None = self._first
         while chunk is not None:
             if chunk:
                 self.sent += len(chunk)
                 _BYTES_UP.inc(len(chunk))
                 yield chunk
             chunk = await anext(self._rest, None)
+
+
+class _AsBytes:
+    """A :class:`_CountingBody` as httpx takes it: ``bytes`` chunks (a bulk chunk from the
+    tunnel is a view of its message, which the lean client writes as it is)."""
+
+    def __init__(self, body: _CountingBody) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._body:
+            yield chunk if isinstance(chunk, bytes) else bytes(chunk)
 
 
 def _ssl_context(cfg: AgentConfig) -> ssl.SSLContext | bool:
@@ -351,7 +363,7 @@ class Executor:
         self,
         head: RequestHead,
         credentials: Mapping[str, Any],
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | memoryview],
     ) -> UpstreamResponse:
         """Send the request and return once the response headers are in.
 
@@ -404,13 +416,17 @@ class Executor:
                         head.method,
                         url,
                         raw_headers,
-                        content,
+                        _AsBytes(content) if content is not None else None,
                         timeout,
                     )
                 else:
                     client = next(self._turn)
                     request = client.build_request(
-                        head.method, url, headers=raw_headers, content=content, timeout=timeout
+                        head.method,
+                        url,
+                        headers=raw_headers,
+                        content=_AsBytes(content) if content is not None else None,
+                        timeout=timeout,
                     )
                     response = await client.send(
                         request, stream=True, auth=applied.auth, follow_redirects=False

@@ -18,7 +18,9 @@ What the client guarantees:
 - The response: 1xx interim responses are skipped (RFC 9110 §15.2); HEAD answers and 204/304
   have no body (RFC 9112 §6.3); chunked is de-chunked but content codings pass through; a body
   with neither length nor chunked ends at EOF. Reading pauses when more than
-  :data:`READ_HIGH_WATER` bytes are buffered and unread.
+  :data:`READ_HIGH_WATER` bytes are buffered and unread. The rest of a Content-Length body
+  longer than :data:`RAW_BODY_MIN` is counted off the socket's reads instead of parsed (no
+  copy per piece), and buffered pieces of 64 KiB or more are handed on without joining.
 - Persistence (RFC 9112 §9.3): a connection goes back to its origin's pool (LIFO, so the
   warmest one is reused and the others age out after :data:`KEEPALIVE_EXPIRY` seconds, as in
   httpcore) only when the whole response came off the wire, neither side asked to close, and
@@ -60,6 +62,7 @@ from backhaul.logging import redact_text
 __all__ = [
     "KEEPALIVE_EXPIRY",
     "MAX_RESPONSE_HEAD",
+    "RAW_BODY_MIN",
     "READ_HIGH_WATER",
     "Client",
     "Response",
@@ -354,8 +357,8 @@ class _Connection(asyncio.Protocol):
     async def send_body(
         self,
         head: bytes,
-        first: bytes | None,
-        body: AsyncIterator[bytes],
+        first: bytes | memoryview | None,
+        body: AsyncIterator[bytes | memoryview],
         length: int | None,
         deadline: float,
     ) -> None:
@@ -729,7 +732,7 @@ class Client:
         method: str,
         url: NormalizedURL,
         headers: Sequence[tuple[str, str]],
-        body: AsyncIterator[bytes] | None = None,
+        body: AsyncIterator[bytes | memoryview] | None = None,
         *,
         timeout: float,  # noqa: ASYNC109 - it outlives this call: the body's silence limit
         query: str | None = None,
@@ -756,7 +759,7 @@ class Client:
         query = url.query if query is None else query
         target = f"{url.path}?{query}" if query else url.path
         where = url.display()
-        first: bytes | None = None
+        first: bytes | memoryview | None = None
         if body is not None:
             first = await anext(body, None)
         head, length = _encode_head(method, target, origin.host_line, headers, body is not None)

@@ -102,7 +102,7 @@ class Outcome:
             self.keep(message.get("body", b""))
         await self._send(message)
 
-    def keep(self, body: bytes) -> None:
+    def keep(self, body: bytes | memoryview) -> None:
         """Keep the start of a problem body (up to 4 KiB in all) for :meth:`summary`."""
         room = _PROBLEM_BYTES - len(self._problem)
         if room > 0:

@@ -50,6 +50,9 @@ _JOIN_BELOW = 16 * 1024
 #: Unread request body bytes above which the caller's socket is no longer read (uvicorn's
 #: own limit is 64 KiB, below a single 256 KiB read, so it paused after every read).
 BODY_HIGH_WATER = 256 * 1024
+#: Body pieces this large are handed on one per ``receive``, as they came; smaller ones are
+#: joined.
+_PIECE_MIN = 64 * 1024
 
 
 def eligible(scope: Scope, max_url: int, max_body: int) -> bool:
@@ -80,9 +83,10 @@ class DirectBody:
     uvicorn appends every body piece to a ``bytearray`` and copies it out again as ``bytes``
     for each ``receive``: two copies of every uploaded byte on top of the parser's own, and
     a pause and resume of reading per 256 KiB read. Here the pieces are kept as they came
-    and a ``receive`` hands them on (joined only when several wait), reading pausing above
-    :data:`BODY_HIGH_WATER`. Everything else is uvicorn's cycle state, as its ``receive``
-    uses it: ``Expect: 100-continue``, ``more_body``, the message event, the disconnect."""
+    and a ``receive`` hands them on: a bulk piece alone and uncopied, small ones joined;
+    reading pauses above :data:`BODY_HIGH_WATER`. Everything else is uvicorn's cycle state,
+    as its ``receive`` uses it: ``Expect: 100-continue``, ``more_body``, the message event,
+    the disconnect."""
 
     __slots__ = ("chunks", "cycle", "size")
 
@@ -106,22 +110,31 @@ class DirectBody:
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
+        chunks = self.chunks
         if not cycle.disconnected and not cycle.response_complete:
-            cycle.flow.resume_reading()
+            if not chunks:
+                cycle.flow.resume_reading()
             await cycle.message_event.wait()
             cycle.message_event.clear()
         if cycle.disconnected or cycle.response_complete:
             return {"type": "http.disconnect"}
-        chunks = self.chunks
         if not chunks:
             body = b""
-        elif len(chunks) == 1:
-            body = chunks[0]
-        else:
-            body = b"".join(chunks)
-        chunks.clear()
-        self.size = 0
-        return {"type": "http.request", "body": body, "more_body": cycle.more_body}
+        elif len(chunks[0]) >= _PIECE_MIN:
+            body = chunks.pop(0)  # a bulk piece alone, as it came
+        else:  # the small pieces up to the next bulk one, joined
+            n = 1
+            while n < len(chunks) and len(chunks[n]) < _PIECE_MIN:
+                n += 1
+            body = chunks[0] if n == 1 else b"".join(chunks[:n])
+            del chunks[:n]
+        self.size -= len(body)
+        if chunks:
+            cycle.message_event.set()  # the rest is here already: the next receive returns
+        if self.size <= BODY_HIGH_WATER:
+            cycle.flow.resume_reading()
+        more = cycle.more_body or bool(chunks)
+        return {"type": "http.request", "body": body, "more_body": more}
 
 
 async def answer(cycle: RequestResponseCycle, app: RelayApp, body: DirectBody) -> None:
@@ -243,7 +256,7 @@ class DirectReply(Outcome):
         cycle.waiting_for_100_continue = False
         cycle.transport.write(b"".join(content))
 
-    async def body(self, data: bytes, more: bool) -> None:
+    async def body(self, data: bytes | memoryview, more: bool) -> None:
         cycle = self.cycle
         if cycle.flow.write_paused and not cycle.disconnected:
             await cycle.flow.drain()
@@ -259,7 +272,7 @@ class DirectReply(Outcome):
             if size >= _JOIN_BELOW:  # a bulk chunk is not copied to frame it
                 cycle.transport.writelines((b"%x\r\n" % size, data, tail))
             elif size:
-                cycle.transport.write(b"%x\r\n%b%b" % (size, data, tail))
+                cycle.transport.write(b"".join((b"%x\r\n" % size, data, tail)))
             elif not more:
                 cycle.transport.write(b"0\r\n\r\n")
         else:

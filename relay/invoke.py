@@ -377,7 +377,7 @@ class BodySink(Protocol):
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
 
-    async def body(self, data: bytes, more: bool) -> None: ...
+    async def body(self, data: bytes | memoryview, more: bool) -> None: ...
 
 
 class AsgiSink:
@@ -391,8 +391,9 @@ class AsgiSink:
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
-    async def body(self, data: bytes, more: bool) -> None:
-        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+    async def body(self, data: bytes | memoryview, more: bool) -> None:
+        # ASGI bodies are bytes: a view of a tunnel message is copied here, on this path only.
+        await self.send({"type": "http.response.body", "body": bytes(data), "more_body": more})
 
 
 class TunnelResponse(Response):

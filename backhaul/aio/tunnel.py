@@ -154,8 +154,10 @@ class TunnelStream:
         finally:
             timer.cancel()
 
-    async def read(self) -> bytes:
-        """Next body chunk; b"" at the end. Raises StreamError if the stream was reset."""
+    async def read(self) -> bytes | memoryview:
+        """Next body chunk; b"" at the end. Raises StreamError if the stream was reset.
+
+        A bulk chunk is a read-only view of the tunnel message it came in (no copy)."""
         item = await self._chunks.get()
         if item is _END:
             self._chunks.put_nowait(_END)
@@ -163,7 +165,7 @@ class TunnelStream:
         if isinstance(item, StreamError):
             self._chunks.put_nowait(item)
             raise item
-        data: bytes = item
+        data: bytes | memoryview = item
         # The chunk is handed to the application: its credit goes back to the peer.
         self.tunnel.conn.acknowledge(self.id, len(data))
         await self.tunnel.flush()
@@ -247,7 +249,7 @@ class TunnelStream:
         kept: list[Any] = []
         while not self._chunks.empty():
             item = self._chunks.get_nowait()
-            if isinstance(item, bytes):
+            if isinstance(item, bytes | memoryview):
                 unread += len(item)
             else:
                 kept.append(item)

@@ -44,10 +44,12 @@ class ResponseReceived(Event):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
-    """Body bytes. Call ``Connection.acknowledge(stream_id, len(data))`` once consumed."""
+    """Body bytes. Call ``Connection.acknowledge(stream_id, len(data))`` once consumed.
+
+    A bulk payload is a read-only view of the message it came in, not a copy."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
     end_stream: bool
 
 

@@ -97,7 +97,8 @@ class Frame:
     type: int
     flags: int
     stream_id: int
-    payload: bytes
+    #: A bulk DATA frame's payload is a view of its message (:data:`VIEW_DATA_FROM`).
+    payload: bytes | memoryview
 
     @property
     def end_stream(self) -> bool:
@@ -170,7 +171,7 @@ def decode_batch(frame: Frame, max_frames: int) -> list[bytes]:
             raise RemoteProtocolError(
                 ErrorCode.PROTOCOL_ERROR, f"BATCH carries more than {max_frames} frames"
             )
-        entries.append(payload[offset : offset + size])
+        entries.append(bytes(payload[offset : offset + size]))
         offset += size
     if not entries:
         raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "empty BATCH")
@@ -179,6 +180,11 @@ def decode_batch(frame: Frame, max_frames: int) -> list[bytes]:
 
 def _reason_bytes(reason: str) -> bytes:
     return reason.encode("utf-8", "replace")[:MAX_REASON]
+
+
+#: DATA messages this large hand their payload on as a view instead of a copy.
+VIEW_DATA_FROM = 16 * 1024
+_DATA = FrameType.DATA.value
 
 
 def decode(message: bytes, max_message: int) -> Frame:
@@ -192,6 +198,8 @@ def decode(message: bytes, max_message: int) -> Frame:
     ftype, flags, stream_id = HEADER.unpack_from(message)
     if stream_id > MAX_STREAM_ID:
         raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "stream id out of range")
+    if ftype == _DATA and len(message) >= VIEW_DATA_FROM:
+        return Frame(ftype, flags, stream_id, memoryview(message)[HEADER_SIZE:])
     return Frame(ftype, flags, stream_id, message[HEADER_SIZE:])
 
 
@@ -201,7 +209,7 @@ def decode_json(frame: Frame) -> dict[str, Any]:
             ErrorCode.HEADERS_TOO_LARGE, "control payload too large", frame.stream_id
         )
     try:
-        obj = json.loads(frame.payload)
+        obj = json.loads(bytes(frame.payload))  # bytes already: no copy
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(
             ErrorCode.PROTOCOL_ERROR, f"{_name(frame.type)} payload is not JSON", frame.stream_id
@@ -236,7 +244,7 @@ def decode_reset(frame: Frame) -> tuple[ErrorCode, str]:
     if len(frame.payload) < _RESET.size or len(frame.payload) > _RESET.size + MAX_REASON:
         raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "malformed RESET payload")
     (code,) = _RESET.unpack_from(frame.payload)
-    return ErrorCode.parse(code), frame.payload[_RESET.size :].decode("utf-8", "replace")
+    return ErrorCode.parse(code), bytes(frame.payload[_RESET.size :]).decode("utf-8", "replace")
 
 
 def decode_goaway(frame: Frame) -> tuple[int, ErrorCode, str]:
@@ -248,7 +256,7 @@ def decode_goaway(frame: Frame) -> tuple[int, ErrorCode, str]:
     return (
         int(last),
         ErrorCode.parse(code),
-        frame.payload[_GOAWAY.size :].decode("utf-8", "replace"),
+        bytes(frame.payload[_GOAWAY.size :]).decode("utf-8", "replace"),
     )
 
 

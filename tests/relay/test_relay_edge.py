@@ -318,6 +318,19 @@ async def test_body_pieces_are_handed_on_as_they_came() -> None:
     assert await body.receive() == {"type": "http.request", "body": b"abcd", "more_body": False}
 
 
+async def test_waiting_bulk_pieces_go_one_per_receive_and_small_runs_joined() -> None:
+    cycle = Cycle("POST").cycle
+    body = DirectBody(cycle)
+    big, other = b"B" * 100_000, b"C" * 70_000
+    for piece in (b"a", b"b", big, other, b"c"):
+        body.feed(piece)
+    cycle.more_body = False  # all of it has arrived: the pieces still come one by one
+    messages = [await asyncio.wait_for(body.receive(), 1) for _ in range(4)]
+    assert [m["body"] for m in messages] == [b"ab", big, other, b"c"]
+    assert messages[1]["body"] is big and messages[2]["body"] is other  # not copied
+    assert [m["more_body"] for m in messages] == [True, True, True, False]
+
+
 async def test_reading_pauses_above_the_high_water_mark_and_resumes_on_receive() -> None:
     wrapper = Cycle("POST")
     body = DirectBody(wrapper.cycle)
@@ -325,8 +338,10 @@ async def test_reading_pauses_above_the_high_water_mark_and_resumes_on_receive()
     assert wrapper.transport.reading  # one full read is not a backlog
     body.feed(b"y")
     assert not wrapper.transport.reading
-    message = await body.receive()
-    assert len(message["body"]) == BODY_HIGH_WATER + 1
+    body.feed(b"x" * BODY_HIGH_WATER)
+    assert len((await body.receive())["body"]) == BODY_HIGH_WATER
+    assert not wrapper.transport.reading  # still above the mark
+    assert (await body.receive())["body"] == b"y"
     assert wrapper.transport.reading
 
 

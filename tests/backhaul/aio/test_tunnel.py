@@ -350,7 +350,7 @@ async def test_slow_reader_does_not_block_another_stream() -> None:
             assert await read_all(small) == b"small answer"
             # The big writer is held back by the stream window, not buffered without bound.
             assert not big_done.is_set()
-            buffered = sum(len(c) for c in big._chunks._queue if isinstance(c, bytes))  # type: ignore[attr-defined]
+            buffered = sum(len(c) for c in big._chunks._queue if isinstance(c, bytes | memoryview))  # type: ignore[attr-defined]
             assert 0 < buffered <= SMALL.stream_window
             assert await read_all(big) == pattern(2 * MiB)
             await asyncio.wait_for(big_done.wait(), 5)

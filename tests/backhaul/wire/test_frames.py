@@ -261,3 +261,23 @@ def test_json_payload_at_the_limit_is_accepted() -> None:
 def test_error_reason_names_unknown_types() -> None:
     error = _raises(ErrorCode.PROTOCOL_ERROR, f.decode_json, f.Frame(0x42, 0, 0, b"x"))
     assert "0x42" in error.reason
+
+
+def test_a_bulk_data_payload_is_a_view_of_its_message_not_a_copy() -> None:
+    payload = bytes(range(256)) * 256  # 64 KiB
+    message = f.encode(f.FrameType.DATA, 7, payload, f.END_STREAM_BIT)
+    frame = f.decode(message, 1 << 20)
+    assert isinstance(frame.payload, memoryview)
+    assert frame.payload.readonly
+    assert frame.payload.obj is message  # the message's own bytes, no copy
+    assert frame.payload == payload
+    assert (frame.stream_id, frame.end_stream) == (7, True)
+
+
+@pytest.mark.parametrize("size", [0, 1, f.VIEW_DATA_FROM - f.HEADER_SIZE - 1])
+def test_a_small_data_payload_and_every_control_payload_are_bytes(size: int) -> None:
+    small = f.decode(f.encode(f.FrameType.DATA, 1, b"x" * size), 1 << 20)
+    assert type(small.payload) is bytes and small.payload == b"x" * size
+    big_json = f.encode(f.FrameType.NOTICE, 0, b'{"pad":"' + b"p" * 40_000 + b'"}')
+    control = f.decode(big_json, 1 << 20)
+    assert type(control.payload) is bytes
