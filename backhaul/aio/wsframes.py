@@ -24,6 +24,8 @@ JOIN_BELOW = 16 * 1024
 #: Mask keys drawn from the system's CSPRNG at a time: one system call per this many frames.
 KEYS_PER_DRAW = 1024
 _keys: deque[bytes] = deque()
+# A forked child must not send the keys its parent will send too.
+os.register_at_fork(after_in_child=_keys.clear)
 
 
 def mask_key() -> bytes:

@@ -64,3 +64,18 @@ def test_mask_keys_are_drawn_ahead_and_never_repeat(monkeypatch: pytest.MonkeyPa
     assert all(len(key) == 4 for key in keys)
     # 3,073 keys of 32 random bits: a repeat has odds of about one in a million.
     assert len(set(keys)) == len(keys)
+
+
+def test_a_forked_child_draws_keys_of_its_own() -> None:
+    mask_key()  # the pool is filled
+    assert wsframes._keys
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: an empty pool, then keys from its own draw
+        os.write(write, b"%d" % len(wsframes._keys))
+        os._exit(0)
+    os.close(write)
+    left_in_child = os.read(read, 16)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert left_in_child == b"0"
