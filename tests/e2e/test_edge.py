@@ -8,6 +8,7 @@ import hashlib
 import json
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -120,3 +121,31 @@ def test_a_refused_request_keeps_the_connection_usable(world: World) -> None:
         )
         status, _, body = _read_response(sock, buffer)
         assert status == 200 and len(body) == 1024
+
+
+def test_a_caller_gone_mid_upload_frees_its_stream_and_the_rest_goes_on(world: World) -> None:
+    """The direct path's body reader sees the hang-up: the stream is reset, the agent gives up
+    the API call, and the relay goes on serving."""
+    head = (
+        f"POST /v1/connections/{world.none_id}/invoke/upload HTTP/1.1\r\n"
+        f"Host: relay\r\nAuthorization: Bearer {world.stack.admin_token}\r\n"
+        f"Content-Length: {64 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+    with _connect(world) as sock:
+        sock.sendall(head)
+        sock.sendall(b"u" * (1024 * 1024))  # a sixty-fourth of it, then gone
+        time.sleep(0.3)
+    deadline = time.monotonic() + 15
+    while "invoke.upload_aborted" not in world.stack.log_text("relay"):
+        assert time.monotonic() < deadline, "the relay never saw the caller go"
+        time.sleep(0.2)
+    while world.stack.agent_status(world.agent_dir).get("inflight") != 0:
+        assert time.monotonic() < deadline, "the agent kept the abandoned stream"
+        time.sleep(0.2)
+    with _connect(world) as sock:
+        sock.sendall(
+            f"GET /v1/connections/{world.none_id}/invoke/small HTTP/1.1\r\n"
+            f"Host: relay\r\nAuthorization: Bearer {world.stack.admin_token}\r\n\r\n".encode()
+        )
+        status, _, body = _read_response(sock, bytearray())
+    assert status == 200 and len(body) == 1024
