@@ -3,10 +3,14 @@ back-pressures instead of buffering."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import threading
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from backhaul.devstack import rss_kib
@@ -116,3 +120,56 @@ def test_download_yields_to_small_requests_and_both_arrive_whole(world: World) -
     assert received == size
     assert digest.hexdigest() == pattern_sha256(size)
     assert len(answers) >= 20 and set(answers) == {200}
+
+
+class CuttingAPI:
+    """An API that declares a 4 MiB body, sends 1 MiB of it and closes: more than one read,
+    so the agent takes the rest of the body off the socket unparsed (agent/upstream.py)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                with conn:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 << 20))
+                    for _ in range(16):
+                        conn.sendall(b"c" * (64 << 10))
+                        time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_an_api_cutting_a_long_body_short_cuts_the_callers_and_nothing_else(
+    world: World,
+) -> None:
+    api = CuttingAPI()
+    try:
+        gateway_id, agent_dir = world.stack.enroll(name="agent-cut", allow=[api.url])
+        world.stack.start_agent(agent_dir)
+        cut_id = world.stack.connection(gateway_id, api.url)
+        received = 0
+        with world.stack.client(timeout=30) as client:
+            with pytest.raises(httpx.HTTPError):  # the body ends before its length
+                with client.stream("GET", f"/v1/connections/{cut_id}/invoke/x") as response:
+                    assert response.status_code == 200
+                    assert response.headers["content-length"] == str(4 << 20)
+                    for chunk in response.iter_raw():
+                        received += len(chunk)
+            assert received < 4 << 20
+            # The tunnel and every other connection are unharmed.
+            small = client.get(f"/v1/connections/{world.none_id}/invoke/small")
+            assert small.status_code == 200 and len(small.content) == 1024
+        assert "broke HTTP while sending the response body" in world.stack.log_text("agent-cut")
+    finally:
+        world.stack.stop_process("agent-cut")
+        api.close()
