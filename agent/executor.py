@@ -237,7 +237,7 @@ class _AsBytes:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._body:
-            yield chunk if isinstance(chunk, bytes) else bytes(chunk)
+            yield bytes(chunk)  # a bytes chunk is returned as it is, not copied
 
 
 def _ssl_context(cfg: AgentConfig) -> ssl.SSLContext | bool:

@@ -57,6 +57,7 @@ import httptools
 
 from agent.errors import BadRequestHead, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agent.policy import DEFAULT_PORTS, NormalizedURL
+from backhaul.chunks import join_small
 from backhaul.logging import redact_text
 
 __all__ = [
@@ -83,8 +84,6 @@ _COPY_LIMIT = 16 * 1024
 #: Body bytes still to come, with a Content-Length, above which the rest of the body is taken
 #: from the socket as it is read instead of through the parser (which copies every piece).
 RAW_BODY_MIN = 64 * 1024
-#: Buffered body chunks this large are handed on as they are; smaller ones are joined.
-_PIECE_MIN = 64 * 1024
 
 
 def reason(exc: BaseException) -> str:
@@ -434,15 +433,9 @@ class _Connection(asyncio.Protocol):
         return UpstreamTimeout(f"{self._where} did not answer in time ({phase})")
 
     def take(self) -> list[bytes]:
-        """The buffered body: chunks of :data:`_PIECE_MIN` bytes or more as they came (no
-        copy), each run of smaller ones joined into one piece."""
+        """The buffered body, bulk pieces as they came (:func:`backhaul.chunks.join_small`)."""
         chunks = self._body
-        if len(chunks) == 1:
-            pieces = [chunks[0]]
-        elif self._buffered < _PIECE_MIN:
-            pieces = [b"".join(chunks)]
-        else:
-            pieces = _pieces(chunks)
+        pieces = [chunks[0]] if len(chunks) == 1 else join_small(chunks)
         chunks.clear()
         self._buffered = 0
         if self._read_paused:
@@ -488,22 +481,6 @@ class _Connection(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._origin.forget(self)
-
-
-def _pieces(chunks: list[bytes]) -> list[bytes]:
-    pieces: list[bytes] = []
-    run: list[bytes] = []
-    for chunk in chunks:
-        if len(chunk) >= _PIECE_MIN:
-            if run:
-                pieces.append(b"".join(run))
-                run = []
-            pieces.append(chunk)
-        else:
-            run.append(chunk)
-    if run:
-        pieces.append(b"".join(run))
-    return pieces
 
 
 def _content_length(headers: list[tuple[str, str]]) -> int | None:

@@ -35,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from backhaul.chunks import join_small
 from relay import invoke
 from relay.activity import INVOKE_PATH, Outcome
 from relay.audit import AuditedResponse
@@ -50,9 +51,6 @@ _JOIN_BELOW = 16 * 1024
 #: Unread request body bytes above which the caller's socket is no longer read (uvicorn's
 #: own limit is 64 KiB, below a single 256 KiB read, so it paused after every read).
 BODY_HIGH_WATER = 256 * 1024
-#: Body pieces this large are handed on one per ``receive``, as they came; smaller ones are
-#: joined.
-_PIECE_MIN = 64 * 1024
 
 
 def eligible(scope: Scope, max_url: int, max_body: int) -> bool:
@@ -120,14 +118,10 @@ class DirectBody:
             return {"type": "http.disconnect"}
         if not chunks:
             body = b""
-        elif len(chunks[0]) >= _PIECE_MIN:
-            body = chunks.pop(0)  # a bulk piece alone, as it came
-        else:  # the small pieces up to the next bulk one, joined
-            n = 1
-            while n < len(chunks) and len(chunks[n]) < _PIECE_MIN:
-                n += 1
-            body = chunks[0] if n == 1 else b"".join(chunks[:n])
-            del chunks[:n]
+        else:  # one piece per receive: a bulk one as it came, or a run of small ones joined
+            if len(chunks) > 1:
+                chunks[:] = join_small(chunks)
+            body = chunks.pop(0)
         self.size -= len(body)
         if chunks:
             cycle.message_event.set()  # the rest is here already: the next receive returns

@@ -16,7 +16,7 @@ from agent.config import AgentConfig
 from agent.errors import BadRequestHead, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agent.executor import Executor, RequestHead
 from agent.policy import NormalizedURL, normalize_url
-from agent.upstream import _PIECE_MIN, RAW_BODY_MIN, READ_HIGH_WATER, Client, Response, _pieces
+from agent.upstream import RAW_BODY_MIN, READ_HIGH_WATER, Client, Response
 from backhaul import sampleapi
 from relay.tls import generate_dev_certificate
 
@@ -349,13 +349,6 @@ async def test_a_long_body_cut_short_is_an_upstream_error(
     assert received == MiB + 1
     await response.aclose()
     await client.aclose()
-
-
-def test_buffered_chunks_are_joined_only_when_small() -> None:
-    big, other = b"B" * _PIECE_MIN, b"C" * (_PIECE_MIN + 1)
-    pieces = _pieces([b"a", b"b", big, b"c", other, b"d", b"e"])
-    assert pieces == [b"ab", big, b"c", other, b"de"]
-    assert pieces[1] is big and pieces[3] is other  # handed on, not copied
 
 
 async def test_head_has_no_body_and_keeps_the_connection(api: int) -> None:
