@@ -497,15 +497,34 @@ def curl_rate(out: str, n: int, what: str) -> float:
     return n / MiB / (float(total) - float(before))
 
 
-def measure_download(target: Target, s: Settings, result: Result) -> None:
-    n = s.transfer_bytes
-    log(f"{target.name}: download {n // MiB} MiB with curl")
-    argv = [
+def download_argv(target: Target, n: int) -> list[str]:
+    """curl downloading ``n`` bytes; it prints what :func:`curl_rate` reads."""
+    return [
         *curl_argv(target),
         *("--output", "/dev/null"),
         *("--write-out", "%{size_download} %{time_pretransfer} %{time_total}"),
         f"{target.base}/bytes/{n}",
     ]
+
+
+def upload_argv(target: Target, body: Path, answer: str) -> list[str]:
+    """curl uploading the file ``body``, the API's answer written to ``answer``; it prints
+    what :func:`curl_rate` reads."""
+    return [
+        *curl_argv(target),
+        *("-X", "POST", "--upload-file", str(body)),
+        *("-H", "Content-Type: application/octet-stream"),
+        *("-H", "Expect:"),  # no 100-continue round trip: every path sends the body at once
+        *("--output", answer),
+        *("--write-out", "%{size_upload} %{time_pretransfer} %{time_total}"),
+        f"{target.base}/upload",
+    ]
+
+
+def measure_download(target: Target, s: Settings, result: Result) -> None:
+    n = s.transfer_bytes
+    log(f"{target.name}: download {n // MiB} MiB with curl")
+    argv = download_argv(target, n)
     sampler = MemorySampler(target.memory_pids)
     with sampler:
         out = run_cmd(argv, TRANSFER_LIMIT_S, "download")
@@ -533,15 +552,7 @@ def measure_upload(target: Target, s: Settings, result: Result) -> None:
     log(f"{target.name}: upload {n // MiB} MiB with curl")
     body = upload_file(n)
     answer = body.with_suffix(f".{target.name}.json")
-    argv = [
-        *curl_argv(target),
-        *("-X", "POST", "--upload-file", str(body)),
-        *("-H", "Content-Type: application/octet-stream"),
-        *("-H", "Expect:"),  # no 100-continue round trip: every path sends the body at once
-        *("--output", str(answer)),
-        *("--write-out", "%{size_upload} %{time_pretransfer} %{time_total}"),
-        f"{target.base}/upload",
-    ]
+    argv = upload_argv(target, body, str(answer))
     sampler = MemorySampler(target.memory_pids)
     try:
         with sampler:

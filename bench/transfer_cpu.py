@@ -44,40 +44,23 @@ MiB = bench.MiB
 def transfer(target: bench.Target, kind: str, n: int, body: Path) -> float:
     """One curl transfer of ``n`` bytes; its rate in MiB/s."""
     if kind == "down":
-        argv = [
-            *bench.curl_argv(target),
-            *("--output", "/dev/null"),
-            *("--write-out", "%{size_download} %{time_pretransfer} %{time_total}"),
-            f"{target.base}/bytes/{n}",
-        ]
+        argv = bench.download_argv(target, n)
     else:
-        argv = [
-            *bench.curl_argv(target),
-            *("-X", "POST", "--upload-file", str(body)),
-            *("-H", "Content-Type: application/octet-stream", "-H", "Expect:"),
-            *("--output", "/dev/null"),
-            *("--write-out", "%{size_upload} %{time_pretransfer} %{time_total}"),
-            f"{target.base}/upload",
-        ]
+        argv = bench.upload_argv(target, body, "/dev/null")
     return bench.curl_rate(bench.run_cmd(argv, bench.TRANSFER_LIMIT_S, kind), n, kind)
-
-
-def children_cpu() -> float:
-    times = os.times()
-    return times.children_user + times.children_system
 
 
 def measure(target: bench.Target, kind: str, n: int, body: Path) -> dict[str, float]:
     """The rate and every process's CPU milliseconds per MiB for one transfer."""
     pids = {**target.memory_pids, **target.cpu_pids}
     before = {name: bench.tree_cpu(pid) for name, pid in pids.items()}
-    curl_before = children_cpu()
+    curl_before = bench.children_cpu()
     rate = transfer(target, kind, n, body)
     per_mib = 1000 / (n / MiB)
     figures = {"MiB/s": rate}
     for name, pid in pids.items():
         figures[name] = (bench.tree_cpu(pid) - before[name]) * per_mib
-    figures["curl"] = (children_cpu() - curl_before) * per_mib
+    figures["curl"] = (bench.children_cpu() - curl_before) * per_mib
     return figures
 
 
