@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         procs.stop_all()
+        for leftover in Path(tempfile.gettempdir()).glob(f"backhaul-bench-upload-{os.getpid()}-*"):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     print("\nmeans:")
     for (label, kind), runs in results.items():
         means = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
