@@ -17,7 +17,7 @@ from agent.keyring import Keyring
 from agent.link import Link, LinkRefused
 from agent.state import AgentState
 from agent.status import StatusServer
-from backhaul import gc_tuning
+from backhaul import gc_tuning, malloc_tuning
 from backhaul.keys import load_signing_key
 from backhaul.seal import GatewayKeyPair
 
@@ -45,6 +45,7 @@ async def run(cfg: AgentConfig, stop: asyncio.Event | None = None) -> None:
         dispatcher = Dispatcher(executor, keyring, state)
         status = await StatusServer.for_config(cfg, state.snapshot)
         gc_tuning.settle()
+        malloc_tuning.tune()
         log.info(
             "agent.started",
             relay=cfg.relay_url,

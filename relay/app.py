@@ -15,7 +15,7 @@ import structlog
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backhaul import gc_tuning
+from backhaul import gc_tuning, malloc_tuning
 from backhaul.version import __version__
 from relay import admin, allocator, audit, cache, egress, invoke, limits, problems, rotation, tunnel
 from relay.api import ROUTERS
@@ -96,6 +96,7 @@ def create_app(config: RelayConfig) -> FastAPI:
             app.state.peers = peer_client(_peer_ca(config), config.invoke_timeout_max_seconds)
             await app.state.registry.start()
             gc_tuning.settle()
+            malloc_tuning.tune()
             yield {}
             await rotation.shutdown(app.state)
             await app.state.registry.stop()
