@@ -22,11 +22,30 @@ from backhaul.aio.wsreader import install
 #: The scope extension under which a tunnel connection offers :meth:`send_message`.
 SEND_MESSAGE = "backhaul.send_message"
 
+#: Received messages waiting for the tunnel before reading pauses (uvicorn pauses after one).
+QUEUE_HIGH = 8
+
 
 class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install(self.conn)
+
+    def send_receive_event_to_app(self) -> None:
+        """Queue a received message as uvicorn does, but pause reading only once
+        :data:`QUEUE_HIGH` of them wait: uvicorn pauses after every message and resumes when
+        the app has taken them all, a pause and a resume (and a loop turn before the next
+        TLS read) per message or batch of a busy tunnel. Resuming stays uvicorn's: when the
+        queue is empty."""
+        paused = self.read_paused
+        self.read_paused = True  # uvicorn's method pauses unless reading already is
+        try:
+            super().send_receive_event_to_app()
+        finally:
+            self.read_paused = paused
+        if not paused and self.queue.qsize() >= QUEUE_HIGH:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

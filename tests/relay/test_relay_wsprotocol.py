@@ -17,7 +17,7 @@ from backhaul.aio.wsreader import ChunkReader
 from relay.config import RelayConfig
 from relay.tls import TLSFiles
 from relay.workers import server_config
-from relay.wsprotocol import SEND_MESSAGE, TunnelWebSocketProtocol
+from relay.wsprotocol import QUEUE_HIGH, SEND_MESSAGE, TunnelWebSocketProtocol
 
 READERS: list[Any] = []
 
@@ -41,11 +41,11 @@ class Recording(TunnelWebSocketProtocol):
 
 
 @contextlib.asynccontextmanager
-async def serving(ws: type) -> AsyncIterator[int]:
+async def serving(ws: type, app: Any = echo) -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(echo, ws=ws, log_config=None, lifespan="off", ws_max_size=2**24)
+    config = uvicorn.Config(app, ws=ws, log_config=None, lifespan="off", ws_max_size=2**24)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -110,3 +110,44 @@ async def test_after_the_handshake_messages_take_the_direct_send() -> None:
         server.should_exit = True
         await task
     assert len(sent) == 1
+
+
+async def test_reading_pauses_only_once_messages_pile_up() -> None:
+    """uvicorn pauses reading after every message; the tunnel's protocol lets QUEUE_HIGH
+    wait first, then pauses, and loses nothing: all arrive, in order, once the app reads."""
+    protocols: list[TunnelWebSocketProtocol] = []
+    release = asyncio.Event()
+
+    class Watched(TunnelWebSocketProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            protocols.append(self)
+
+    async def held_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await release.wait()
+        while (message := await receive())["type"] != "websocket.disconnect":
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+    # 64 KiB each: a read holds a few, so reading pauses well before all have arrived.
+    messages = [os.urandom(65_536) for _ in range(4 * QUEUE_HIGH)]
+    async with serving(Watched, held_echo) as port:
+        async with connect(f"ws://127.0.0.1:{port}/", max_size=2**20, compression=None) as ws:
+            (protocol,) = protocols
+            ws.transport.set_write_buffer_limits(high=2**24)  # send() never waits for a drain
+            try:
+                await ws.send(messages[0])
+                await asyncio.sleep(0.2)
+                assert protocol.queue.qsize() == 1
+                assert not protocol.read_paused  # uvicorn's own would have paused here
+                for message in messages[1:]:
+                    await ws.send(message)
+                await asyncio.sleep(0.2)
+                assert protocol.read_paused
+                assert QUEUE_HIGH <= protocol.queue.qsize() < len(messages)
+            finally:
+                release.set()
+            for message in messages:
+                assert await ws.recv() == message
+            assert not protocol.read_paused
