@@ -1,5 +1,6 @@
 """1 GiB down and 1 GiB up through the tunnel with flat memory on both sides: flow control
-back-pressures instead of buffering."""
+back-pressures instead of buffering, and the processes reuse their buffers instead of
+faulting in fresh pages for every TLS read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +25,12 @@ GIB = 1024**3
 LIMIT_KIB = 100 * 1024
 
 
+def minor_faults(pid: int) -> int:
+    """Page faults a process has taken without I/O (``minflt``, /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[7])
+
+
 class Peak:
     """Samples the resident memory of the relay and the agent while a transfer runs."""
 
@@ -30,6 +38,7 @@ class Peak:
         self.pids = {n: world.stack.procs[n].pid for n in ("relay", "agent1")}
         self.base = {n: rss_kib(p) for n, p in self.pids.items()}
         self.peak = dict(self.base)
+        self.faults = {n: minor_faults(p) for n, p in self.pids.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -45,11 +54,20 @@ class Peak:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        for name, pid in self.pids.items():
+            self.faults[name] = minor_faults(pid) - self.faults[name]
 
     def assert_flat(self) -> None:
         for name in self.pids:
             growth = self.peak[name] - self.base[name]
             assert growth < LIMIT_KIB, f"{name} grew by {growth // 1024} MiB"
+
+    def assert_few_page_faults(self, size: int) -> None:
+        """Buffers reused, not mapped afresh per TLS read (backhaul/malloc_tuning.py): with
+        glibc's adaptive thresholds the agent took ~200 faults per MiB uploaded, tuned 1."""
+        for name, faults in self.faults.items():
+            per_mib = faults / (size / 2**20)
+            assert per_mib < 16, f"{name}: {faults} page faults, {per_mib:.0f} per MiB"
 
 
 def test_one_gib_download_with_flat_memory(world: World) -> None:
@@ -66,6 +84,7 @@ def test_one_gib_download_with_flat_memory(world: World) -> None:
     assert size == GIB
     assert digest.hexdigest() == pattern_sha256(GIB)
     peak.assert_flat()
+    peak.assert_few_page_faults(GIB)
 
 
 def test_one_gib_upload_with_flat_memory(world: World) -> None:
@@ -87,6 +106,7 @@ def test_one_gib_upload_with_flat_memory(world: World) -> None:
     assert response.status_code == 200, response.text
     assert response.json() == {"bytes": GIB, "sha256": expected.hexdigest()}
     peak.assert_flat()
+    peak.assert_few_page_faults(GIB)
 
 
 def test_download_yields_to_small_requests_and_both_arrive_whole(world: World) -> None:
