@@ -13,7 +13,8 @@ because the chunk freed is the small shrunk one, not the large one that was mapp
 Fixing both thresholds (a mapped chunk only above :data:`MMAP_THRESHOLD`, the heap trimmed
 only when :data:`TRIM_THRESHOLD` is free at its top) keeps those buffers in the heap. In
 ``bench/transfer_cpu.py`` runs on a two-core machine it took a quarter of the agent's CPU
-per MiB uploaded and a sixth per MiB downloaded (bench/PROFILE.md, "malloc's thresholds").
+per MiB uploaded, and a fifth per MiB downloaded when the agent had fallen into the pattern
+(bench/PROFILE.md, "malloc's thresholds").
 Setting only one of the two made transfers slower than the defaults, since setting either
 turns glibc's dynamic adjustment off for both.
 
