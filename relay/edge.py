@@ -210,8 +210,7 @@ class DirectReply(Outcome):
         if status < 200 or status in (204, 304):
             self.bodiless = True
         content = [STATUS_LINE[status]]
-        for name, value in cycle.default_headers:
-            content += (name, b": ", value, b"\r\n")
+        dated = False
         names: list[bytes] = []
         values: list[bytes] = []
         chunked: bool | None = None
@@ -233,7 +232,16 @@ class DirectReply(Outcome):
                     closes = True
             elif name == b"content-type" and b"problem+json" in value:
                 self.is_problem = True
+            elif name == b"date":
+                dated = True
             content += (name, b": ", value, b"\r\n")
+        # The server's own fields go first; its Date only when the API's answer has none:
+        # Date is a singleton, and a proxy forwards the origin's (RFC 9110 §6.6.1).
+        defaults: list[bytes] = []
+        for name, value in cycle.default_headers:
+            if not (dated and name == b"date"):
+                defaults += (name, b": ", value, b"\r\n")
+        content[1:1] = defaults
         # What uvicorn checks field by field, in one search over all the names and one over
         # all the values: nothing the agent sends can end a field or the head early.
         if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"\t".join(values)):

@@ -389,6 +389,9 @@ class AsgiSink:
         self.send = send
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        # The ASGI server writes a Date of its own in front of these; Date is a singleton
+        # (RFC 9110 §6.6.1), so on this path the server's stands for the API's.
+        headers = [(name, value) for name, value in headers if name != b"date"]
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes | memoryview, more: bool) -> None:

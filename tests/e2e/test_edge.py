@@ -58,6 +58,23 @@ def test_pipelined_requests_are_answered_in_order(world: World) -> None:
             assert json.loads(body)["path"] == f"/echo/{i}"
 
 
+def test_an_answer_through_the_tunnel_has_one_date_field(world: World) -> None:
+    """The sample API dates its answers and the relay's server would date them too: the
+    caller gets exactly one Date (a singleton field, RFC 9110 §6.6.1)."""
+    base = f"/v1/connections/{world.none_id}/invoke"
+    auth = f"Authorization: Bearer {world.stack.admin_token}\r\n"
+    with _connect(world) as sock:
+        sock.sendall(f"GET {base}/small HTTP/1.1\r\nHost: relay\r\n{auth}\r\n".encode())
+        buffer = bytearray()
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            assert chunk
+            buffer += chunk
+    head = bytes(buffer).partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200")
+    assert head.count(b"\r\ndate:") == 1
+
+
 def test_pipelined_uploads_each_reach_the_api_whole(world: World) -> None:
     # The later requests' bodies arrive while the first is answered: they wait in uvicorn's
     # buffer until their turn, then the direct path takes them over.

@@ -134,6 +134,18 @@ async def test_content_length_answer_is_head_and_body() -> None:
     assert (c.reply.status, c.reply.sent, c.reply.declared, c.reply.finished) == (200, 5, 5, True)
 
 
+async def test_the_apis_date_stands_and_the_relays_is_not_added() -> None:
+    """Date is a singleton field: the API's answer keeps its own, and the relay adds one only
+    to an answer without it (RFC 9110 §6.6.1)."""
+    c = Cycle()
+    api_date = b"Thu, 03 Dec 2026 09:59:59 GMT"
+    await c.reply.start(200, [(b"date", api_date), (b"content-length", b"0")])
+    await c.reply.body(b"", False)
+    head = c.transport.data.lower()
+    assert head.count(b"\r\ndate:") == 1 and b"date: " + api_date.lower() in head
+    assert head.startswith(b"http/1.1 200 ok\r\ndate: ")
+
+
 async def test_no_length_is_chunked_small_and_bulk_chunks_alike() -> None:
     c = Cycle()
     bulk = b"x" * 20000

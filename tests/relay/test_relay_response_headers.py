@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from relay.headers import raw_response_headers, response_headers
+from relay.invoke import AsgiSink
 
 PAIRS = [
     ("Content-Type", "application/json"),
@@ -27,3 +30,18 @@ def test_raw_headers_match_the_mutable_headers_form() -> None:
     assert raw_response_headers(PAIRS) == response_headers(PAIRS).raw
     drop = frozenset({"x-note"})
     assert raw_response_headers(PAIRS, drop) == response_headers(PAIRS, drop).raw
+
+
+async def test_the_asgi_path_leaves_date_to_the_server() -> None:
+    """uvicorn writes its own Date in front of an ASGI answer's headers: the API's is left
+    out there, so the caller gets one Date field, not two."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [(b"date", b"Thu, 03 Dec 2026 09:59:59 GMT"), (b"content-length", b"2")]
+    await AsgiSink(send).start(200, headers)
+    assert sent == [
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    ]
