@@ -439,6 +439,11 @@ def measure_sweep(target: Target, s: Settings, result: Result) -> None:
         try:
             out = run_wrk(target, n, min(n, 2), s.sweep_seconds)
             result.values[f"sweep_{n}"], _ = wrk_rate(out)
+            if n == 1:  # one client again, timed by a client in C (bench/README.md)
+                for pct in ("50", "99"):
+                    pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
+                    if pm:
+                        result.values[f"wrk1_p{pct}"] = _ms(pm.group(1))
         except Exception as exc:
             result.notes.append(f"sweep -c{n}: {exc}")
             continue
@@ -967,6 +972,8 @@ ROWS = [
     ("wrk_p99", "  latency p99 under that load (ms)", "{:.2f}", "lower"),
     ("p50", "Latency p50, 1 client (ms)", "{:.3f}", "lower"),
     ("p99", "Latency p99, 1 client (ms)", "{:.3f}", "lower"),
+    ("wrk1_p50", "Latency p50, 1 client, wrk -c1 (ms)", "{:.3f}", "lower"),
+    ("wrk1_p99", "Latency p99, 1 client, wrk -c1 (ms)", "{:.3f}", "lower"),
     ("download", "Download {size} (MiB/s)", "{:,.1f}", "higher"),
     ("upload", "Upload {size} (MiB/s)", "{:,.1f}", "higher"),
 ]
