@@ -14,6 +14,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import unquote
 
@@ -35,6 +36,7 @@ from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
 from relay.headers import raw_response_headers
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
+from relay.locations import invoke_prefix, public_location
 from relay.problems import ProblemError
 from relay.registry import Registry
 from relay.store import queries
@@ -194,11 +196,22 @@ async def _invoke(
         }
     )
     head = (dynamic[:-1] + "," + _connection_fields(target, plan)).encode()
-    return await _through_gateway(request, target, head, deadline, started)
+    prefix = invoke_prefix(request.scope.get("root_path", ""), target.connection_id)
+    url, base_url = parts.url, plan.base_url
+
+    def relocate(value: str) -> str:
+        return public_location(value, url, base_url, prefix)
+
+    return await _through_gateway(request, target, head, deadline, started, relocate)
 
 
 async def _through_gateway(
-    request: Request, target: InvokeTarget, head: bytes, deadline: float, started: float
+    request: Request,
+    target: InvokeTarget,
+    head: bytes,
+    deadline: float,
+    started: float,
+    relocate: Callable[[str], str],
 ) -> Response:
     """Pick a member by the gateway's policy and exchange the request with it; refused
     requests move to another member, a lost member's GET/HEAD is retried once, and with no
@@ -230,7 +243,9 @@ async def _through_gateway(
             raise ProblemError(503, "Gateway offline", detail, {"Retry-After": "5"})
         tried.add(live.member_id)
         try:
-            return await _exchange(live, head, request, has_body, buffered, deadline, started)
+            return await _exchange(
+                live, head, request, has_body, buffered, deadline, started, relocate
+            )
         except StreamError as exc:
             if exc.code is ErrorCode.REFUSED_STREAM and replayable:
                 continue  # never processed: safe to try another member
@@ -279,6 +294,7 @@ async def _exchange(
     buffered: bytes | None,
     deadline: float,
     started: float,
+    relocate: Callable[[str], str],
 ) -> Response:
     stream = await live.tunnel.open_stream(head, end_stream=not has_body)
     live.total += 1
@@ -302,7 +318,9 @@ async def _exchange(
         await stream.reset(ErrorCode.CANCEL, "request abandoned")
         raise
     status = int(response_head.get("status", 502))
-    headers = raw_response_headers((str(k), str(v)) for k, v in response_head.get("headers", []))
+    headers = raw_response_headers(
+        ((str(k), str(v)) for k, v in response_head.get("headers", [])), relocate=relocate
+    )
     return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
 
 

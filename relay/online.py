@@ -30,6 +30,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from relay import audit, credentials, egress, metrics
 from relay.headers import response_headers
+from relay.locations import invoke_prefix, public_location
 from relay.oauth.client import ConsentRequired, OAuthError
 from relay.oauth.tokens import Tokens
 from relay.plan import Plan
@@ -147,6 +148,11 @@ async def invoke(
     )
     query = request.scope.get("query_string", b"").decode("latin-1")
     parts = plan.rewrite(request.method, sub_path, query, headers, stored.get("secrets"))
+    prefix = invoke_prefix(request.scope.get("root_path", ""), target.connection_id)
+
+    def relocate(value: str) -> str:
+        return public_location(value, parts.url, plan.base_url, prefix)
+
     try:
         await egress.check(parts.url, config)
     except egress.EgressDenied as exc:
@@ -182,7 +188,7 @@ async def invoke(
     return StreamingResponse(
         _relay_body(upstream, request.method == "HEAD"),
         status_code=upstream.status_code,
-        headers=response_headers(upstream.headers.multi_items()),
+        headers=response_headers(upstream.headers.multi_items(), relocate=relocate),
     )
 
 

@@ -221,3 +221,14 @@ def test_uploads_with_and_without_a_length_pass_through(world: World) -> None:
             doc = client.post(path, content=content).json()
             assert doc["body_bytes"] == len(body)
             assert doc["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_redirect_to_the_apis_own_path_points_into_the_relay(world: World) -> None:
+    """The sample API redirects to ``/hello``: on the relay that is the connection's invoke
+    path, and following it reaches the API again."""
+    r = invoke(world, world.none_id, "status/302")
+    assert r.status_code == 302
+    location = r.headers["location"]
+    assert location == f"/v1/connections/{world.none_id}/invoke/hello"
+    followed = invoke(world, world.none_id, location.rsplit("/invoke/", 1)[1])
+    assert followed.status_code == 200 and followed.json()["message"]

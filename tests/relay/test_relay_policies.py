@@ -170,6 +170,19 @@ async def test_online_invoke_applies_every_template(relay: Relay, api: Any) -> N
     assert routed.json()["path"] == "/echo/v2/us/things/42"
 
 
+async def test_online_redirect_to_the_apis_own_path_points_into_the_relay(
+    relay: Relay, api: Any
+) -> None:
+    """An online connection's API redirecting under its base URL: the caller is sent to the
+    same place through the relay, not to the API's own host (relay.locations)."""
+    _, cxn = await policies_connection(relay, api)
+    r = await relay.client.get(
+        f"/v1/connections/{cxn['id']}/invoke/status/302", headers=relay.auth(relay.admin_token)
+    )
+    assert r.status_code == 302
+    assert r.headers["location"] == f"/v1/connections/{cxn['id']}/invoke/hello"
+
+
 async def test_allowed_values_and_required_parameters_are_checked(relay: Relay, api: Any) -> None:
     ctr = (
         await relay.call(
