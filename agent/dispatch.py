@@ -70,7 +70,9 @@ class Dispatcher:
         try:
             head = RequestHead.parse(stream.head or {})
             credentials = self._open(head)
-            upstream = await self.executor.start(head, credentials, self._body(stream))
+            upstream = await self.executor.start(
+                head, credentials, self._body(stream), has_body=stream.has_body
+            )
             # When the body (or its first part) is already here, the RESPONSE waits for it
             # and both leave in one flush; otherwise the caller gets the head at once.
             await stream.send_response(

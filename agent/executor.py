@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import http.cookiejar
 import itertools
 import ssl
@@ -81,6 +82,8 @@ def strip_hop_by_hop(
 
 
 _HOST = frozenset({"host"})
+#: ``async with`` for a request that needs no timeout scope of its own (``Executor.start``).
+_UNSCOPED = contextlib.nullcontext()
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:
@@ -364,20 +367,32 @@ class Executor:
         head: RequestHead,
         credentials: Mapping[str, Any],
         body: AsyncIterator[bytes | memoryview],
+        *,
+        has_body: bool = True,
     ) -> UpstreamResponse:
         """Send the request and return once the response headers are in.
 
         ``head.timeout_ms`` bounds everything up to the response headers (DNS check, upload,
         connect, waiting); while the body streams it is the longest silence allowed between
-        two reads.
+        two reads. ``has_body`` False says ``body`` ends at once.
         """
         deadline = head.timeout_seconds
         up = self.config.upstream
         target: NormalizedURL | None = None
         release: Callable[[], Awaitable[None]] | None = None
         lean = self._lean
+        # The lean client holds every wait of its own to the deadline. What comes before it
+        # is bounded here: a DNS check of the target and the request body's first chunk. A
+        # request with neither skips the scope, whose timer costs more than the rest of this
+        # method's own work.
+        bounded = (
+            lean is not None
+            and not has_body
+            and head.auth.type != "windows"
+            and self.policy.allows_without_dns(head.url)
+        )
         try:
-            async with asyncio.timeout(deadline):
+            async with _UNSCOPED if bounded else asyncio.timeout(deadline):
                 target = await self.check_target(head)
                 headers = strip_hop_by_hop(list(head.headers), _CALLER_SECRETS)
                 applied = apply_credentials(

@@ -92,6 +92,10 @@ def reason(exc: BaseException) -> str:
     return redact_text(text.splitlines()[0])[:300]
 
 
+#: A timer may fire this much before its time (the loop's clock resolution): it counts as due.
+_CLOCK_SLACK = 0.001
+
+
 def _time_up(waiter: asyncio.Future[object]) -> None:
     if not waiter.done():
         waiter.set_result(False)
@@ -111,6 +115,7 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_complete",
         "_counted",
+        "_deadline",
         "_error",
         "_head_bytes",
         "_head_done",
@@ -127,6 +132,8 @@ class _Connection(asyncio.Protocol):
         "_received",
         "_seen",
         "_status",
+        "_timer",
+        "_timer_at",
         "_transport",
         "_waiter",
         "_where",
@@ -141,6 +148,9 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[object] | None = None
+        self._deadline = 0.0  # of the current wait
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._body: list[bytes] = []
         self._buffered = 0
         self._headers: list[tuple[str, str]] = []
@@ -328,15 +338,36 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(True)
 
     async def wait(self, deadline: float) -> bool:
-        """Until the next event (True) or the deadline (False)."""
+        """Until the next event (True) or the deadline (False).
+
+        One timer per connection rather than one per wait, which would cost more than the
+        rest of a small exchange's waiting: it stays armed from one wait to the next, and
+        when it fires for a deadline that has since moved later it re-arms for the new one.
+        """
         waiter = self._loop.create_future()
         self._waiter = waiter
-        timer = self._loop.call_at(deadline, _time_up, waiter)
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
         try:
             return bool(await waiter)
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no wait in progress: the next one arms a timer again
+        if self._loop.time() + _CLOCK_SLACK >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            self._timer_at = self._deadline
 
     def begin(self, where: str, head_only: bool) -> None:
         self._where = where
@@ -478,6 +509,9 @@ class _Connection(asyncio.Protocol):
         self._drop()
 
     def _drop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._counted:
             self._counted = False
             self._origin.forget(self)

@@ -565,6 +565,59 @@ async def test_silent_server_times_out(scripted: Callable[..., Awaitable[int]]) 
     await client.aclose()
 
 
+async def test_one_timer_serves_a_connection_from_wait_to_wait(api: int) -> None:
+    """Waits share their connection's timer instead of arming one each: sequential
+    requests with the same timeout leave the first request's timer armed."""
+    client = Client()
+    response = await client.request("GET", url(api, "/small"), [], timeout=30)
+    conn = response._conn
+    assert conn is not None
+    await read_all(response)
+    timer = conn._timer
+    assert timer is not None
+    for _ in range(3):
+        response = await client.request("GET", url(api, "/small"), [], timeout=30)
+        assert response._conn is conn
+        await read_all(response)
+        assert conn._timer is timer
+    # A shorter deadline than the armed one re-arms, and still ends the wait on time.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout, match="response head"):
+        await client.request("GET", url(api, "/slow/2"), [], timeout=0.3)
+    assert 0.25 < loop.time() - started < 1.5
+    await client.aclose()
+
+
+async def test_a_timer_that_fires_for_an_earlier_deadline_rearms_for_the_current_one(
+    scripted: Callable[..., Awaitable[int]],
+) -> None:
+    """The connection's timer was armed for a short wait; the next wait has a later
+    deadline. When the old timer fires, the wait goes on to its own deadline."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await read_head(reader)
+        await asyncio.sleep(0.6)  # past the first deadline, within the second
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    port = await scripted(handler)
+    client = Client()
+    response = await client.request("GET", url(port, "/x"), [], timeout=0.3)
+    conn = response._conn
+    assert conn is not None
+    assert await read_all(response) == b"ok"
+    assert conn._timer is not None and conn._timer_at < asyncio.get_running_loop().time() + 0.3
+    response = await client.request("GET", url(port, "/x"), [], timeout=2)
+    assert response._conn is conn
+    assert await read_all(response) == b"ok"
+    await client.aclose()
+    assert conn._timer is None  # a closed connection keeps no timer
+
+
 async def test_body_silence_times_out(api: int) -> None:
     client = Client()
     response = await client.request("GET", url(api, "/drip/3/1000"), [], timeout=0.3)
@@ -720,6 +773,45 @@ async def test_executor_uses_the_lean_client_unless_auth_needs_httpx(
         assert record["headers"]["authorization"] == "Basic dTpw"  # base64("u:p")
         assert lean.opened == 1  # one kept-alive connection served every request
         assert lean.idle(normalize_url(base)) == 1
+
+
+async def test_executor_bounds_every_path_to_the_deadline(
+    make_config: Callable[..., AgentConfig], scripted: Callable[..., Awaitable[int]]
+) -> None:
+    """A bodiless request to a target the allow-list matches without DNS runs without the
+    executor's own timeout scope: the lean client's deadline cuts a silent API just the
+    same. With a body, or a name to resolve, the scope stays."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    port = await scripted(handler)
+    target = f"http://127.0.0.1:{port}/api/x"
+    async with Executor(make_config(allow=[{"cidr": "127.0.0.0/8", "ports": [port]}])) as ex:
+        assert ex.policy.allows_without_dns(target)
+        loop = asyncio.get_running_loop()
+        for has_body in (False, True):
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout):
+                await ex.start(head(target, timeout_ms=300), {}, no_body(), has_body=has_body)
+            assert 0.25 < loop.time() - started < 1.5
+
+        async def silent_body() -> AsyncIterator[bytes]:
+            await asyncio.sleep(30)
+            yield b"never"
+
+        post = head(target, method="POST", timeout_ms=300)
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout, match="300 ms deadline"):
+            await ex.start(post, {}, silent_body(), has_body=True)
+        assert 0.25 < loop.time() - started < 1.5
+    named = make_config(allow=[{"host": "localhost", "ports": [port]}])
+    async with Executor(named) as ex:
+        assert ex.policy.allows_without_dns(f"http://localhost:{port}/api/x")
+    by_cidr = make_config(allow=[{"cidr": "127.0.0.0/8", "ports": [port]}])
+    async with Executor(by_cidr) as ex:
+        assert not ex.policy.allows_without_dns(f"http://localhost:{port}/api/x")
+        assert not ex.policy.allows_without_dns("not a url")
 
 
 async def test_executor_tls_verify_off_uses_the_lean_client(
