@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -114,6 +115,10 @@ class _Inbox:
         return not self._queue
 
 
+#: A timer may fire this much before its time (the loop's clock resolution): it counts as due.
+_CLOCK_SLACK = 0.001
+
+
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -141,18 +146,20 @@ class TunnelStream:
     async def response(self, within: float | None = None) -> dict[str, Any]:
         """Relay side: the agent's RESPONSE head; TimeoutError once ``within`` seconds pass.
 
-        The wait is bounded by one timer handle on the head's future rather than
-        ``asyncio.timeout``, whose scope object and task cancellation cost more than the rest
-        of this wait on every request.
+        The wait is bounded by the tunnel's one timer for every stream waiting for its head
+        (:meth:`Tunnel._watch_head`), not by ``asyncio.timeout`` or a timer of its own,
+        whose making and cancelling cost more than the rest of this wait on every request.
         """
         waiter = self._response
         if within is None or waiter.done():
             return await waiter
-        timer = waiter.get_loop().call_later(within, _expire, waiter)
+        loop = waiter.get_loop()
+        tunnel = self.tunnel
+        tunnel._watch_head(self, loop.time() + within, loop)
         try:
             return await waiter
         finally:
-            timer.cancel()
+            tunnel._head_waits.pop(self, None)
 
     async def read(self) -> bytes | memoryview:
         """Next body chunk; b"" at the end. Raises StreamError if the stream was reset.
@@ -298,6 +305,11 @@ class Tunnel:
         self.log = logger or structlog.get_logger("backhaul.tunnel")
         self.rtt_ms: float | None = None
         self.closed = False
+        #: Streams waiting for their RESPONSE head, and the deadline of each: one timer for
+        #: all of them, armed at the nearest deadline it knows (TunnelStream.response).
+        self._head_waits: dict[TunnelStream, float] = {}
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer_at = 0.0
         self.close_reason = ""
         self.last_received = time.monotonic()
         self._streams: dict[int, TunnelStream] = {}
@@ -508,7 +520,37 @@ class Tunnel:
                 waiting._wake_writer()
                 self._blocked.discard(waiting)
 
+    def _watch_head(
+        self, stream: TunnelStream, deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Expire ``stream``'s head wait at ``deadline`` (loop time). The timer stays armed
+        while requests come and go; it is moved only for a deadline nearer than its own."""
+        self._head_waits[stream] = deadline
+        timer = self._head_timer
+        if timer is None or self._head_timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._head_timer = loop.call_at(deadline, self._heads_due, loop)
+            self._head_timer_at = deadline
+
+    def _heads_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._head_timer = None
+        now = loop.time() + _CLOCK_SLACK
+        nearest = math.inf
+        for stream, deadline in list(self._head_waits.items()):
+            if deadline <= now:
+                del self._head_waits[stream]
+                _expire(stream._response)
+            elif deadline < nearest:
+                nearest = deadline
+        if nearest < math.inf:
+            self._head_timer = loop.call_at(nearest, self._heads_due, loop)
+            self._head_timer_at = nearest
+
     def _close_streams(self, code: ErrorCode, reason: str) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self.closed = True
         if not self.close_reason:
             self.close_reason = reason
