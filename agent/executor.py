@@ -78,10 +78,14 @@ def strip_hop_by_hop(
     headers: list[tuple[str, str]], extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields (and Host, which httpx sets from the URL) plus ``extra``."""
-    return _strip(headers, extra | _HOST)
+    dropped = _WITH_HOST.get(extra)
+    if dropped is None:  # ``extra`` is one of a few constants: each union is made once
+        dropped = _WITH_HOST[extra] = extra | _HOST
+    return _strip(headers, dropped)
 
 
 _HOST = frozenset({"host"})
+_WITH_HOST: dict[frozenset[str], frozenset[str]] = {}
 #: ``async with`` for a request that needs no timeout scope of its own (``Executor.start``).
 _UNSCOPED = contextlib.nullcontext()
 

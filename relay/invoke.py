@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from backhaul import compact_json
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.headers import strip_hop_by_hop
 from backhaul.keys import b64e
@@ -187,7 +187,7 @@ async def _invoke(
     parts = plan.rewrite(request.method, sub_path, query, _forward_headers(request))
     # The request's own fields, then the connection's, which are the same on every invoke
     # and encoded once (the sealed blob alone is a few KiB of base64).
-    dynamic = _JSON.encode(
+    dynamic = compact_json.dumps(
         {
             "method": parts.method,
             "url": parts.url,
@@ -324,7 +324,6 @@ async def _exchange(
     return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
 
 
-_JSON = json.JSONEncoder(separators=(",", ":"))
 #: (target, plan) → the OPEN head's connection fields as JSON, closing brace included. The
 #: entry keeps both objects: an id is only reused once its object is gone, and then the
 #: identity check fails.
@@ -344,7 +343,7 @@ def _connection_fields(target: InvokeTarget, plan: invoke_plan.Plan) -> str:
         "sealed": b64e(target.sealed_credentials),
         "key_version": target.key_version,
     }
-    text = _JSON.encode(fields)[1:]
+    text = compact_json.dumps(fields)[1:]
     if len(_FIELDS) >= 4096:
         _FIELDS.clear()
     _FIELDS[key] = (target, plan, text)

@@ -18,12 +18,12 @@ beyond the input's own size, which the caller bounds with ``max_message``.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any
 
+from backhaul import compact_json
 from backhaul.wire.errors import ErrorCode, RemoteProtocolError
 
 HEADER = struct.Struct("!BBI")
@@ -111,12 +111,8 @@ def encode(
     return HEADER.pack(ftype, flags, stream_id) + payload
 
 
-#: One encoder for every control payload (``json.dumps`` with options builds one per call).
-_JSON = json.JSONEncoder(separators=(",", ":"))
-
-
 def encode_json(ftype: FrameType, stream_id: int, obj: dict[str, Any], flags: int = 0) -> bytes:
-    return encode(ftype, stream_id, _JSON.encode(obj).encode(), flags)
+    return encode(ftype, stream_id, compact_json.dumps(obj).encode(), flags)
 
 
 def encode_window(stream_id: int, increment: int) -> bytes:
@@ -209,7 +205,7 @@ def decode_json(frame: Frame) -> dict[str, Any]:
             ErrorCode.HEADERS_TOO_LARGE, "control payload too large", frame.stream_id
         )
     try:
-        obj = json.loads(bytes(frame.payload))  # bytes already: no copy
+        obj = compact_json.loads(frame.payload)  # bytes already: no copy
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(
             ErrorCode.PROTOCOL_ERROR, f"{_name(frame.type)} payload is not JSON", frame.stream_id
