@@ -45,15 +45,15 @@ from agent.errors import BadRequestHead
 __all__ = ["MAX_HEADER_BYTES", "SPN_RE", "AuthSpec", "RequestHead", "is_token", "valid_field_value"]
 
 #: RFC 9110 §5.6.2 ``token``.
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 #: RFC 9110 §5.5 field-value: VCHAR, obs-text, SP and HTAB; no CR, LF, NUL or other controls.
-_FIELD_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+_FIELD_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
 MAX_HEADERS = 256
 MAX_HEADER_BYTES = 64 * 1024
 MAX_URL = 16 * 1024
 MAX_TIMEOUT_MS = 3_600_000
 #: A Kerberos service principal for HTTP: ``SERVICE/host`` (the realm comes from krb5.conf).
-SPN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}/[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$")
+SPN_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}/[A-Za-z0-9][A-Za-z0-9.\-]{0,252}\Z")
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 

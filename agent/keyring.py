@@ -65,7 +65,7 @@ class Keyring:
     @classmethod
     def load(cls, path: Path) -> Keyring:
         """Read ``gateway.key`` and every ``gateway.<version>.key`` beside it."""
-        pattern = re.compile(rf"^{re.escape(path.stem)}\.(\d{{1,9}}){re.escape(path.suffix)}$")
+        pattern = re.compile(rf"{re.escape(path.stem)}\.(\d{{1,9}}){re.escape(path.suffix)}\Z")
         keys: dict[int, GatewayKeyPair] = {}
         if path.parent.is_dir():
             for candidate in sorted(path.parent.iterdir()):

@@ -64,9 +64,9 @@ _BAD_PCT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$"
 )
-_NUMERICISH_RE = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_NUMERICISH_RE = re.compile(r"(0x[0-9a-f]*|[0-9]+)\Z")
 #: Printable ASCII except space; RFC 3986 URIs are ASCII and never contain controls.
-_URL_CHARS_RE = re.compile(r"^[\x21-\x7e]+$")
+_URL_CHARS_RE = re.compile(r"[\x21-\x7e]+\Z")
 
 
 class _Denied(Exception):

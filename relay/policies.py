@@ -38,7 +38,7 @@ _EXPRESSION = re.compile(
     r"@(?P<name>[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)*)(?P<call>\((?P<args>[^()]*)\))?"
 )
 _ARG = re.compile(r"'((?:[^']|'')*)'")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FORBIDDEN_PATH = re.compile(r"%(2f|5c|00)|\\", re.IGNORECASE)
 SUPPORTED_EXPRESSIONS = frozenset(
     {"connectionparameters", "headers", "queryparameters", "request.originalhttpmethod"}

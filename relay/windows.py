@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_SCHEME", "SPN_RE", "WindowsScheme", "check_credentials", "ch
 WindowsScheme = Literal["negotiate", "ntlm", "kerberos"]
 DEFAULT_SCHEME: WindowsScheme = "negotiate"
 #: Same rule as the agent's (agent.head.SPN_RE): ``SERVICE/host``.
-SPN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}/[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$")
+SPN_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}/[A-Za-z0-9][A-Za-z0-9.\-]{0,252}\Z")
 MAX_FIELD_BYTES = 8 * 1024
 
 

@@ -45,6 +45,12 @@ def test_parse_dict_and_json() -> None:
         ({"headers": [["bad name", "x"]]}, "headers"),
         ({"headers": [["x-a", "v\r\nInjected: 1"]]}, "headers"),
         ({"headers": [["x-a", "v\nx"]]}, "headers"),
+        # A trailing newline is where ``$`` would match too: each must still be refused.
+        ({"method": "GET\n"}, "method"),
+        ({"headers": [["x-a\n", "v"]]}, "headers"),
+        ({"headers": [["x-a", "v\n"]]}, "headers"),
+        ({"auth": {"type": "api_key", "api_key_name": "k\n", "api_key_in": "header"}}, "auth"),
+        ({"auth": {"type": "windows", "spn": "HTTP/api.corp.example\n"}}, "auth"),
         ({"headers": [["x-a", "v\x00"]]}, "headers"),
         ({"headers": [["x-a", "v\x7f"]]}, "headers"),
         ({"headers": [["x-a"]]}, "headers"),

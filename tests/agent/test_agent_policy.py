@@ -61,6 +61,7 @@ def test_prefix_allows(url: str) -> None:
         ("https://api.internal:8443/v1/x#frag", "fragment"),
         ("https://api.internal:8443/v1/a b", "printable ASCII"),
         ("https://api.internal:8443/v1/\r\nx", "printable ASCII"),
+        ("https://api.internal:8443/v1/x\n", "printable ASCII"),
         ("ftp://api.internal:8443/v1/", "scheme"),
         ("file:///etc/passwd", "scheme"),
         ("https:api.internal:8443/v1/", "absolute"),

@@ -63,6 +63,16 @@ def test_values_with_line_breaks_are_refused() -> None:
         run(rule, v="a\r\nInjected: yes")
 
 
+def test_a_routed_method_with_a_trailing_newline_is_refused() -> None:
+    rule = Policy(
+        template="routerequesttoendpoint",
+        new_path="/items",
+        http_method="@connectionParameters('m')",
+    )
+    with pytest.raises(PolicyError, match="not an HTTP method"):
+        run(rule, m="POST\n")
+
+
 def test_setqueryparameter_and_defaults_and_other_expressions() -> None:
     rule = Policy(
         template="setqueryparameter",

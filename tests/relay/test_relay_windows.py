@@ -47,6 +47,7 @@ async def test_a_windows_connector_defaults_to_negotiate(relay: Relay) -> None:
         ({"windows_scheme": "digest"}, "windows_scheme"),
         ({"spn": "web01.corp.local"}, "spn"),
         ({"spn": "HTTP/web 01"}, "spn"),
+        ({"spn": "HTTP/web01.corp.local\n"}, "spn"),
         ({"gateway_id": None}, "gateway"),
         ({"auth_type": "basic", "windows_scheme": "ntlm"}, "windows_scheme"),
         ({"auth_type": "none", "spn": "HTTP/x"}, "spn"),
