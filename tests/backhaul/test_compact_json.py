@@ -12,13 +12,7 @@ from hypothesis import strategies as st
 from backhaul.compact_json import dumps, loads
 from tests.fuzzing import budget
 
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False)
-    | st.text()
-)
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 _documents = st.recursive(
     _scalars,
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
