@@ -18,6 +18,7 @@ consent round-trip (:mod:`relay.oauth`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,11 @@ class Prepared:
     base_url: str | None
 
 
+#: ASCII digits only: ``str.isdigit`` also takes "²" (which ``int`` refuses) and "٣" (which
+#: ``int`` reads as 3).
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def _invalid(detail: str) -> ProblemError:
     return ProblemError(422, "Invalid parameters", detail)
 
@@ -61,7 +67,7 @@ def _coerce(param: Parameter, value: Any) -> Any:
             raise _invalid(f"{where}: must be an integer")
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
             return int(value)
         raise _invalid(f"{where}: must be an integer")
     if isinstance(value, bool):

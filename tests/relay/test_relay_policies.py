@@ -325,6 +325,9 @@ async def test_int_and_bool_parameters_are_typed_and_usable(relay: Relay, api: A
         )
 
     assert "integer" in assert_problem(await create({"pageSize": "many"}), 422)["detail"]
+    # Digits outside ASCII: "\u00b2" made int() raise (a 500), "\u0663" read as 3.
+    for odd in ("\u00b2", "\u0663", "1_000"):
+        assert "integer" in assert_problem(await create({"pageSize": odd}), 422)["detail"]
     assert (
         "true or false"
         in assert_problem(await create({"pageSize": 5, "verbose": "yes"}), 422)["detail"]
