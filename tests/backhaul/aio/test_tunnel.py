@@ -308,11 +308,9 @@ async def test_response_wait_is_bounded_and_a_late_head_is_dropped() -> None:
             await slow.reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
 
 
-async def test_head_waits_share_one_timer_and_each_keeps_its_own_deadline() -> None:
-    """Every stream waiting for its head is watched by the tunnel's one timer: answered
-    waits leave nothing behind, the timer is not remade per request, and a shorter wait
-    among longer ones still ends on time."""
-    release = asyncio.Event()
+def _answer_unless_held(release: asyncio.Event) -> Callable[[TunnelStream], Awaitable[None]]:
+    """An agent that answers 200 at once, or once ``release`` is set for a head with
+    ``hold``."""
 
     async def handler(stream: TunnelStream) -> None:
         if (stream.head or {}).get("hold"):
@@ -320,7 +318,15 @@ async def test_head_waits_share_one_timer_and_each_keeps_its_own_deadline() -> N
         with contextlib.suppress(StreamError):
             await stream.send_response({"status": 200}, end_stream=True)
 
-    async with tunnel_pair(handler) as pair:
+    return handler
+
+
+async def test_head_waits_share_one_timer_and_each_keeps_its_own_deadline() -> None:
+    """Every stream waiting for its head is watched by the tunnel's one timer: answered
+    waits leave nothing behind, the timer is not remade per request, and a shorter wait
+    among longer ones still ends on time."""
+    release = asyncio.Event()
+    async with tunnel_pair(_answer_unless_held(release)) as pair:
         async with asyncio.timeout(5):
             tunnel = pair.relay
             first = await tunnel.open_stream({"method": "GET"}, end_stream=True)
@@ -353,14 +359,7 @@ async def test_a_head_timer_armed_for_an_answered_wait_moves_to_the_next_deadlin
     """The timer fires at the deadline of a wait that was answered long ago: a wait still in
     progress, with a later deadline, goes on until its own."""
     release = asyncio.Event()
-
-    async def handler(stream: TunnelStream) -> None:
-        if (stream.head or {}).get("hold"):
-            await release.wait()
-        with contextlib.suppress(StreamError):
-            await stream.send_response({"status": 200}, end_stream=True)
-
-    async with tunnel_pair(handler) as pair:
+    async with tunnel_pair(_answer_unless_held(release)) as pair:
         async with asyncio.timeout(5):
             tunnel = pair.relay
             quick = await tunnel.open_stream({"method": "GET"}, end_stream=True)
