@@ -389,14 +389,14 @@ class Executor:
         # is bounded here: a DNS check of the target and the request body's first chunk. A
         # request with neither skips the scope, whose timer costs more than the rest of this
         # method's own work.
-        bounded = (
+        self_bounded = (
             lean is not None
             and not has_body
             and head.auth.type != "windows"
             and self.policy.allows_without_dns(head.url)
         )
         try:
-            async with _UNSCOPED if bounded else asyncio.timeout(deadline):
+            async with _UNSCOPED if self_bounded else asyncio.timeout(deadline):
                 target = await self.check_target(head)
                 headers = strip_hop_by_hop(list(head.headers), _CALLER_SECRETS)
                 applied = apply_credentials(
