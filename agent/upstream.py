@@ -57,6 +57,7 @@ import httptools
 
 from agent.errors import BadRequestHead, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agent.policy import DEFAULT_PORTS, NormalizedURL
+from backhaul.aio.deadlines import SharedTimer
 from backhaul.chunks import join_small
 from backhaul.logging import redact_text
 
@@ -90,10 +91,6 @@ def reason(exc: BaseException) -> str:
     """The first line of an exception's text, redacted and bounded: safe for a message."""
     text = str(exc) or type(exc).__name__
     return redact_text(text.splitlines()[0])[:300]
-
-
-#: A timer may fire this much before its time (the loop's clock resolution): it counts as due.
-_CLOCK_SLACK = 0.001
 
 
 def _time_up(waiter: asyncio.Future[object]) -> None:
@@ -133,7 +130,6 @@ class _Connection(asyncio.Protocol):
         "_seen",
         "_status",
         "_timer",
-        "_timer_at",
         "_transport",
         "_waiter",
         "_where",
@@ -149,8 +145,7 @@ class _Connection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[object] | None = None
         self._deadline = 0.0  # of the current wait
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = SharedTimer(self._loop, self._on_timer)
         self._body: list[bytes] = []
         self._buffered = 0
         self._headers: list[tuple[str, str]] = []
@@ -347,27 +342,20 @@ class _Connection(asyncio.Protocol):
         waiter = self._loop.create_future()
         self._waiter = waiter
         self._deadline = deadline
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
+        self._timer.ensure(deadline)
         try:
             return bool(await waiter)
         finally:
             self._waiter = None
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_timer(self, now: float) -> float | None:
         waiter = self._waiter
         if waiter is None or waiter.done():
-            return  # no wait in progress: the next one arms a timer again
-        if self._loop.time() + _CLOCK_SLACK >= self._deadline:
+            return None  # no wait in progress: the next one arms the timer again
+        if now >= self._deadline:
             waiter.set_result(False)
-        else:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-            self._timer_at = self._deadline
+            return None
+        return self._deadline
 
     def begin(self, where: str, head_only: bool) -> None:
         self._where = where
@@ -509,9 +497,7 @@ class _Connection(asyncio.Protocol):
         self._drop()
 
     def _drop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self._counted:
             self._counted = False
             self._origin.forget(self)

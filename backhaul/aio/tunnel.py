@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
 
+from backhaul.aio.deadlines import SharedTimer
 from backhaul.wire import (
     CLOSE_CODE_BASE,
     Connection,
@@ -115,10 +115,6 @@ class _Inbox:
         return not self._queue
 
 
-#: A timer may fire this much before its time (the loop's clock resolution): it counts as due.
-_CLOCK_SLACK = 0.001
-
-
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -153,9 +149,8 @@ class TunnelStream:
         waiter = self._response
         if within is None or waiter.done():
             return await waiter
-        loop = waiter.get_loop()
         tunnel = self.tunnel
-        tunnel._watch_head(self, loop.time() + within, loop)
+        tunnel._watch_head(self, waiter.get_loop(), within)
         try:
             return await waiter
         finally:
@@ -306,10 +301,9 @@ class Tunnel:
         self.rtt_ms: float | None = None
         self.closed = False
         #: Streams waiting for their RESPONSE head, and the deadline of each: one timer for
-        #: all of them, armed at the nearest deadline it knows (TunnelStream.response).
+        #: all of them (TunnelStream.response), made on the first wait.
         self._head_waits: dict[TunnelStream, float] = {}
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timer_at = 0.0
+        self._head_timer: SharedTimer | None = None
         self.close_reason = ""
         self.last_received = time.monotonic()
         self._streams: dict[int, TunnelStream] = {}
@@ -521,36 +515,29 @@ class Tunnel:
                 self._blocked.discard(waiting)
 
     def _watch_head(
-        self, stream: TunnelStream, deadline: float, loop: asyncio.AbstractEventLoop
+        self, stream: TunnelStream, loop: asyncio.AbstractEventLoop, within: float
     ) -> None:
-        """Expire ``stream``'s head wait at ``deadline`` (loop time). The timer stays armed
-        while requests come and go; it is moved only for a deadline nearer than its own."""
+        """Expire ``stream``'s head wait ``within`` seconds from now."""
+        deadline = loop.time() + within
         self._head_waits[stream] = deadline
         timer = self._head_timer
-        if timer is None or self._head_timer_at > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._head_timer = loop.call_at(deadline, self._heads_due, loop)
-            self._head_timer_at = deadline
+        if timer is None:
+            timer = self._head_timer = SharedTimer(loop, self._heads_due)
+        timer.ensure(deadline)
 
-    def _heads_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._head_timer = None
-        now = loop.time() + _CLOCK_SLACK
-        nearest = math.inf
+    def _heads_due(self, now: float) -> float | None:
+        nearest: float | None = None
         for stream, deadline in list(self._head_waits.items()):
             if deadline <= now:
                 del self._head_waits[stream]
                 _expire(stream._response)
-            elif deadline < nearest:
+            elif nearest is None or deadline < nearest:
                 nearest = deadline
-        if nearest < math.inf:
-            self._head_timer = loop.call_at(nearest, self._heads_due, loop)
-            self._head_timer_at = nearest
+        return nearest
 
     def _close_streams(self, code: ErrorCode, reason: str) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
-            self._head_timer = None
         self.closed = True
         if not self.close_reason:
             self.close_reason = reason

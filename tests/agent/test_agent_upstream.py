@@ -574,12 +574,13 @@ async def test_one_timer_serves_a_connection_from_wait_to_wait(api: int) -> None
     assert conn is not None
     await read_all(response)
     timer = conn._timer
-    assert timer is not None
+    assert timer.armed
+    first_at = timer.at
     for _ in range(3):
         response = await client.request("GET", url(api, "/small"), [], timeout=30)
         assert response._conn is conn
         await read_all(response)
-        assert conn._timer is timer
+        assert timer.armed and timer.at == first_at  # not remade for the later deadlines
     # A shorter deadline than the armed one re-arms, and still ends the wait on time.
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -610,12 +611,12 @@ async def test_a_timer_that_fires_for_an_earlier_deadline_rearms_for_the_current
     conn = response._conn
     assert conn is not None
     assert await read_all(response) == b"ok"
-    assert conn._timer is not None and conn._timer_at < asyncio.get_running_loop().time() + 0.3
+    assert conn._timer.armed and conn._timer.at < asyncio.get_running_loop().time() + 0.3
     response = await client.request("GET", url(port, "/x"), [], timeout=2)
     assert response._conn is conn
     assert await read_all(response) == b"ok"
     await client.aclose()
-    assert conn._timer is None  # a closed connection keeps no timer
+    assert not conn._timer.armed  # a closed connection keeps no timer
 
 
 async def test_body_silence_times_out(api: int) -> None:

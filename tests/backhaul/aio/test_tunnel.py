@@ -332,11 +332,13 @@ async def test_head_waits_share_one_timer_and_each_keeps_its_own_deadline() -> N
             first = await tunnel.open_stream({"method": "GET"}, end_stream=True)
             assert await first.response(within=30) == {"status": 200}
             timer = tunnel._head_timer
-            assert timer is not None and not tunnel._head_waits
+            assert timer is not None and timer.armed and not tunnel._head_waits
+            first_at = timer.at
             for _ in range(5):
                 stream = await tunnel.open_stream({"method": "GET"}, end_stream=True)
                 assert await stream.response(within=30) == {"status": 200}
-            assert tunnel._head_timer is timer and not tunnel._head_waits
+            assert tunnel._head_timer is timer and timer.armed and timer.at == first_at
+            assert not tunnel._head_waits
 
             held = [
                 await tunnel.open_stream({"method": "GET", "hold": True}, end_stream=True)
