@@ -395,6 +395,16 @@ def wrk_rate(out: str) -> tuple[float, int]:
     return float(m.group(1)), int(total.group(1))
 
 
+def wrk_percentiles(out: str) -> dict[str, float]:
+    """p50 and p99 from wrk's ``--latency`` distribution, in ms (those it printed)."""
+    found = {}
+    for pct in ("50", "99"):
+        pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
+        if pm:
+            found[pct] = _ms(pm.group(1))
+    return found
+
+
 def wrk_problems(out: str) -> list[str]:
     notes = []
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -426,10 +436,8 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
             used = tree_cpu(pid) - cpu_before[name]
             result.values[f"{name}_cpu_per_request"] = used / requests * 1000
         result.values["wrk_cpu_per_request"] = wrk_used / requests * 1000
-    for pct, key in (("50", "wrk_p50"), ("99", "wrk_p99")):
-        pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
-        if pm:
-            result.values[key] = _ms(pm.group(1))
+    for pct, ms in wrk_percentiles(out).items():
+        result.values[f"wrk_p{pct}"] = ms
     result.notes += [f"wrk: {problem}" for problem in wrk_problems(out)]
 
 
@@ -440,10 +448,8 @@ def measure_sweep(target: Target, s: Settings, result: Result) -> None:
             out = run_wrk(target, n, min(n, 2), s.sweep_seconds)
             result.values[f"sweep_{n}"], _ = wrk_rate(out)
             if n == 1:  # one client again, timed by a client in C (bench/README.md)
-                for pct in ("50", "99"):
-                    pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.MULTILINE)
-                    if pm:
-                        result.values[f"wrk1_p{pct}"] = _ms(pm.group(1))
+                for pct, ms in wrk_percentiles(out).items():
+                    result.values[f"wrk1_p{pct}"] = ms
         except Exception as exc:
             result.notes.append(f"sweep -c{n}: {exc}")
             continue
