@@ -79,7 +79,7 @@ def _problem_for(exc: StreamError) -> ProblemError:
 def _sub_path(request: Request, connection_id: str) -> str:
     """The raw path under the connector's base URL, refused if it could climb out."""
     raw: bytes = request.scope.get("raw_path") or request.url.path.encode()
-    prefix = f"/v1/connections/{connection_id}/invoke".encode()
+    prefix = invoke_prefix("", connection_id).encode()
     if not raw.startswith(prefix):
         raise ProblemError(400, "Bad request", "the invoke path could not be parsed")
     tail = raw[len(prefix) :].lstrip(b"/")
