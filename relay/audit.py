@@ -16,7 +16,6 @@ Event ids are time-ordered (``aud_`` + nanoseconds + random), so ``before=<id>``
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import time
@@ -31,6 +30,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from starlette.types import Message, Receive, Scope, Send
 
+from backhaul import compact_json
 from relay.identity import Principal
 from relay.store.models import AuditEvent, utcnow
 
@@ -131,7 +131,6 @@ _SQLITE_BATCH = (
     + ", ".join(f"json_extract(value, '$[{index}]')" for index in range(len(_COLUMNS)))
     + " FROM json_each(?)"
 )
-_JSON = json.JSONEncoder(separators=(",", ":"))
 #: False once this SQLite turned out to have no JSON functions (built without them).
 _sqlite_json = True
 
@@ -147,7 +146,7 @@ async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         (column.name, column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect))
         for column in AuditEvent.__table__.columns
     ]
-    payload = _JSON.encode(
+    payload = compact_json.dumps(
         [[_bound(row.get(name), bind) for name, bind in columns] for row in rows]
     )
     try:
