@@ -78,14 +78,13 @@ def strip_hop_by_hop(
     headers: list[tuple[str, str]], extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields (and Host, which httpx sets from the URL) plus ``extra``."""
-    dropped = _WITH_HOST.get(extra)
-    if dropped is None:  # ``extra`` is one of a few constants: each union is made once
-        dropped = _WITH_HOST[extra] = extra | _HOST
-    return _strip(headers, dropped)
+    return _strip(headers, extra | _HOST if extra else _HOST)
 
 
 _HOST = frozenset({"host"})
-_WITH_HOST: dict[frozenset[str], frozenset[str]] = {}
+#: Dropped from the caller's request beside the hop-by-hop fields: a constant, so that
+#: :func:`backhaul.headers.strip_hop_by_hop` makes its union with them once.
+_REQUEST_DROP = _CALLER_SECRETS | _HOST
 #: ``async with`` for a request that needs no timeout scope of its own (``Executor.start``).
 _UNSCOPED = contextlib.nullcontext()
 
@@ -398,7 +397,7 @@ class Executor:
         try:
             async with _UNSCOPED if self_bounded else asyncio.timeout(deadline):
                 target = await self.check_target(head)
-                headers = strip_hop_by_hop(list(head.headers), _CALLER_SECRETS)
+                headers = _strip(list(head.headers), _REQUEST_DROP)
                 applied = apply_credentials(
                     head.auth, credentials, target.query, headers, head.connection_id
                 )
