@@ -349,9 +349,12 @@ class Executor:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def check_target(self, head: RequestHead) -> NormalizedURL:
-        """Allow-list and base-URL checks; return the normalized target."""
-        target = await self.policy.check_async(head.url)
+    async def check_target(
+        self, head: RequestHead, allowed: NormalizedURL | None = None
+    ) -> NormalizedURL:
+        """Allow-list and base-URL checks; return the normalized target. ``allowed``: the
+        target as :meth:`Policy.allowed_without_dns` already found it allowed."""
+        target = allowed if allowed is not None else await self.policy.check_async(head.url)
         try:
             base = normalize_url(head.base_url)
         except TargetDenied:
@@ -388,15 +391,14 @@ class Executor:
         # is bounded here: a DNS check of the target and the request body's first chunk. A
         # request with neither skips the scope, whose timer costs more than the rest of this
         # method's own work.
-        self_bounded = (
-            lean is not None
-            and not has_body
-            and head.auth.type != "windows"
-            and self.policy.allows_without_dns(head.url)
+        allowed = (
+            self.policy.allowed_without_dns(head.url)
+            if lean is not None and not has_body and head.auth.type != "windows"
+            else None
         )
         try:
-            async with _UNSCOPED if self_bounded else asyncio.timeout(deadline):
-                target = await self.check_target(head)
+            async with _UNSCOPED if allowed is not None else asyncio.timeout(deadline):
+                target = await self.check_target(head, allowed)
                 headers = _strip(list(head.headers), _REQUEST_DROP)
                 applied = apply_credentials(
                     head.auth, credentials, target.query, headers, head.connection_id

@@ -390,14 +390,15 @@ class Policy:
         if not self._match_static(target):
             self._check_dns(target, self._resolve(target, self._resolver))
 
-    def allows_without_dns(self, url: str) -> bool:
-        """Whether ``url`` is allowed by a rule that needs no name resolution (prefix, host,
-        or an IP literal in a CIDR); False for anything else, refusals included, which
+    def allowed_without_dns(self, url: str) -> NormalizedURL | None:
+        """``url`` normalized, when a rule that needs no name resolution allows it (prefix,
+        host, or an IP literal in a CIDR); None for anything else, refusals included, which
         :meth:`check_async` then names."""
         try:
-            return self._match_static(normalize_url(url))
+            target = normalize_url(url)
         except TargetDenied:
-            return False
+            return None
+        return target if self._match_static(target) else None
 
     async def check_async(self, url: str) -> NormalizedURL:
         """Like :meth:`check`, resolving in a worker thread; return the normalized URL."""

@@ -789,7 +789,7 @@ async def test_executor_bounds_every_path_to_the_deadline(
     port = await scripted(handler)
     target = f"http://127.0.0.1:{port}/api/x"
     async with Executor(make_config(allow=[{"cidr": "127.0.0.0/8", "ports": [port]}])) as ex:
-        assert ex.policy.allows_without_dns(target)
+        assert ex.policy.allowed_without_dns(target) is not None
         loop = asyncio.get_running_loop()
         for has_body in (False, True):
             started = loop.time()
@@ -808,11 +808,11 @@ async def test_executor_bounds_every_path_to_the_deadline(
         assert 0.25 < loop.time() - started < 1.5
     named = make_config(allow=[{"host": "localhost", "ports": [port]}])
     async with Executor(named) as ex:
-        assert ex.policy.allows_without_dns(f"http://localhost:{port}/api/x")
+        assert ex.policy.allowed_without_dns(f"http://localhost:{port}/api/x") is not None
     by_cidr = make_config(allow=[{"cidr": "127.0.0.0/8", "ports": [port]}])
     async with Executor(by_cidr) as ex:
-        assert not ex.policy.allows_without_dns(f"http://localhost:{port}/api/x")
-        assert not ex.policy.allows_without_dns("not a url")
+        assert ex.policy.allowed_without_dns(f"http://localhost:{port}/api/x") is None
+        assert ex.policy.allowed_without_dns("not a url") is None
 
 
 async def test_executor_tls_verify_off_uses_the_lean_client(
