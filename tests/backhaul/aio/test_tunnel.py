@@ -308,9 +308,11 @@ async def test_response_wait_is_bounded_and_a_late_head_is_dropped() -> None:
             await slow.reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
 
 
-def _answer_unless_held(release: asyncio.Event) -> Callable[[TunnelStream], Awaitable[None]]:
-    """An agent that answers 200 at once, or once ``release`` is set for a head with
-    ``hold``."""
+@contextlib.asynccontextmanager
+async def _relay_with_held_answers() -> AsyncIterator[tuple[Tunnel, asyncio.Event]]:
+    """The relay's end of a tunnel whose agent answers 200 at once, or, for a head with
+    ``hold``, once the event is set; five seconds for the whole test."""
+    release = asyncio.Event()
 
     async def handler(stream: TunnelStream) -> None:
         if (stream.head or {}).get("hold"):
@@ -318,60 +320,53 @@ def _answer_unless_held(release: asyncio.Event) -> Callable[[TunnelStream], Awai
         with contextlib.suppress(StreamError):
             await stream.send_response({"status": 200}, end_stream=True)
 
-    return handler
+    async with tunnel_pair(handler) as pair, asyncio.timeout(5):
+        yield pair.relay, release
+
+
+async def _get(tunnel: Tunnel, hold: bool = False) -> TunnelStream:
+    head: dict[str, Any] = {"method": "GET", "hold": True} if hold else {"method": "GET"}
+    return await tunnel.open_stream(head, end_stream=True)
 
 
 async def test_head_waits_share_one_timer_and_each_keeps_its_own_deadline() -> None:
     """Every stream waiting for its head is watched by the tunnel's one timer: answered
     waits leave nothing behind, the timer is not remade per request, and a shorter wait
     among longer ones still ends on time."""
-    release = asyncio.Event()
-    async with tunnel_pair(_answer_unless_held(release)) as pair:
-        async with asyncio.timeout(5):
-            tunnel = pair.relay
-            first = await tunnel.open_stream({"method": "GET"}, end_stream=True)
-            assert await first.response(within=30) == {"status": 200}
-            timer = tunnel._head_timer
-            assert timer is not None and timer.armed and not tunnel._head_waits
-            first_at = timer.at
-            for _ in range(5):
-                stream = await tunnel.open_stream({"method": "GET"}, end_stream=True)
-                assert await stream.response(within=30) == {"status": 200}
-            assert tunnel._head_timer is timer and timer.armed and timer.at == first_at
-            assert not tunnel._head_waits
+    async with _relay_with_held_answers() as (tunnel, release):
+        assert await (await _get(tunnel)).response(within=30) == {"status": 200}
+        timer = tunnel._head_timer
+        assert timer is not None and timer.armed and not tunnel._head_waits
+        first_at = timer.at
+        for _ in range(5):
+            assert await (await _get(tunnel)).response(within=30) == {"status": 200}
+        assert tunnel._head_timer is timer and timer.armed and timer.at == first_at
+        assert not tunnel._head_waits
 
-            held = [
-                await tunnel.open_stream({"method": "GET", "hold": True}, end_stream=True)
-                for _ in range(2)
-            ]
-            long_wait = asyncio.ensure_future(held[0].response(within=3))
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            with pytest.raises(TimeoutError):
-                await held[1].response(within=0.1)
-            assert 0.09 < loop.time() - started < 1
-            assert not long_wait.done()  # its own deadline is still ahead
-            release.set()
-            assert await long_wait == {"status": 200}
-            assert not tunnel._head_waits
-            await held[1].reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+        held = [await _get(tunnel, hold=True) for _ in range(2)]
+        long_wait = asyncio.ensure_future(held[0].response(within=3))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await held[1].response(within=0.1)
+        assert 0.09 < loop.time() - started < 1
+        assert not long_wait.done()  # its own deadline is still ahead
+        release.set()
+        assert await long_wait == {"status": 200}
+        assert not tunnel._head_waits
+        await held[1].reset(ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
 
 
 async def test_a_head_timer_armed_for_an_answered_wait_moves_to_the_next_deadline() -> None:
     """The timer fires at the deadline of a wait that was answered long ago: a wait still in
     progress, with a later deadline, goes on until its own."""
-    release = asyncio.Event()
-    async with tunnel_pair(_answer_unless_held(release)) as pair:
-        async with asyncio.timeout(5):
-            tunnel = pair.relay
-            quick = await tunnel.open_stream({"method": "GET"}, end_stream=True)
-            assert await quick.response(within=0.2) == {"status": 200}
-            held = await tunnel.open_stream({"method": "GET", "hold": True}, end_stream=True)
-            waiting = asyncio.ensure_future(held.response(within=3))
-            await asyncio.sleep(0.5)  # past the first wait's deadline
-            assert not waiting.done()
-            release.set()
-            assert await waiting == {"status": 200}
+    async with _relay_with_held_answers() as (tunnel, release):
+        assert await (await _get(tunnel)).response(within=0.2) == {"status": 200}
+        waiting = asyncio.ensure_future((await _get(tunnel, hold=True)).response(within=3))
+        await asyncio.sleep(0.5)  # past the first wait's deadline
+        assert not waiting.done()
+        release.set()
+        assert await waiting == {"status": 200}
 
 
 async def test_many_concurrent_streams() -> None:
