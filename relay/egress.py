@@ -4,8 +4,11 @@ Both destinations come from connector definitions that any user may import, so a
 cloud network could be pointed at its own metadata service or at addresses inside its
 network. Unless ``online_allow_private_networks`` is set, a destination whose name resolves to
 a loopback, private, link-local, multicast or reserved address is refused before anything is
-sent. (The check resolves the name itself; a name that changes its answer between the check
-and the connection is a residual risk that a network egress policy closes.)
+sent: :func:`check` says so before a request is built, and the client's connections go through
+:class:`VettedBackend`, which resolves the name once, vets every answer and connects to those
+answers. There is no second lookup for a name to answer differently (DNS rebinding: a public
+address to the check, the metadata service to the connection). TLS still verifies the
+certificate against the name.
 
 One pooled :class:`httpx.AsyncClient` serves every call. Like the agent's, it never follows
 redirects (the caller sees them), never keeps cookies (a shared jar would carry one
@@ -18,9 +21,11 @@ import asyncio
 import http.cookiejar
 import ipaddress
 import socket
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from relay import RelayError
@@ -46,19 +51,69 @@ async def check(url: str, config: RelayConfig) -> None:
         raise EgressDenied(f"{url!r} is not an absolute http(s) URL")
     if config.online_allow_private_networks:
         return
+    await public_addresses(host, parts.port or (443 if parts.scheme == "https" else 80))
+
+
+async def public_addresses(host: str, port: int) -> list[str]:
+    """``host``'s addresses, in the resolver's order; EgressDenied if any is not public."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
-        )
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise EgressDenied(f"cannot resolve {host}: {exc.strerror or exc}") from None
-    for info in infos:
-        address = str(info[4][0])
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
         if _blocked(address):
             raise EgressDenied(
                 f"{host} resolves to {address}, inside a private network; the relay calls "
                 "only public addresses (online_allow_private_networks)"
             )
+    if not addresses:
+        raise EgressDenied(f"cannot resolve {host}: no address")
+    return addresses
+
+
+class VettedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to addresses :func:`public_addresses`
+    vetted for this very connection: one lookup, every answer checked, then the first answer
+    that accepts the connection (httpcore still starts TLS with the name, so certificates are
+    verified against it)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        failed: Exception | None = None
+        for address in await public_addresses(host, port):
+            try:
+                return await self._inner.connect_tcp(
+                    address,
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failed = exc
+        assert failed is not None  # public_addresses returns at least one
+        raise failed
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise EgressDenied("the relay does not call Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:
@@ -69,7 +124,20 @@ def client(state: Any, config: RelayConfig) -> httpx.AsyncClient:
     """The app's pooled client, made on first use (``state`` is ``app.state``)."""
     existing: httpx.AsyncClient | None = getattr(state, "egress", None)
     if existing is None or existing.is_closed:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        transport = httpx.AsyncHTTPTransport(trust_env=False, limits=limits)
+        if not config.online_allow_private_networks:
+            # httpx takes no network backend, so its pool is swapped for one that has ours,
+            # with the same settings (tests/relay/test_relay_egress.py holds this to account).
+            transport._pool = httpcore.AsyncConnectionPool(
+                ssl_context=httpx.create_ssl_context(trust_env=False),
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                network_backend=VettedBackend(),
+            )
         existing = httpx.AsyncClient(
+            transport=transport,
             follow_redirects=False,
             trust_env=False,
             cookies=_no_cookies(),
@@ -79,7 +147,6 @@ def client(state: Any, config: RelayConfig) -> httpx.AsyncClient:
                 write=float(config.invoke_timeout_max_seconds),
                 pool=10.0,
             ),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )
         state.egress = existing
     return existing

@@ -121,6 +121,8 @@ async def _send(
         raise ProblemError(
             504, "Gateway timeout", f"no response from the API within {remaining:g}s"
         ) from None
+    except egress.EgressDenied as exc:  # the connection's own lookup (egress.VettedBackend)
+        raise ProblemError(502, "Target not allowed", str(exc)) from None
     except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
         raise ProblemError(
             502,

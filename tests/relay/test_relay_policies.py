@@ -136,13 +136,17 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
 
 
 async def policies_connection(
-    relay: Relay, api: sampleapi.RunningServer, region: str = "us", gateway_id: str | None = None
+    relay: Relay,
+    api: sampleapi.RunningServer,
+    region: str = "us",
+    gateway_id: str | None = None,
+    host: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     body = import_body("policies")
     if gateway_id is not None:
         body["gateway_id"] = gateway_id
     ctr = (await relay.call("POST", "/v1/connectors/import", relay.admin_token, body)).json()
-    params = {"host": f"{api.host}:{api.port}", "region": region}
+    params = {"host": host or f"{api.host}:{api.port}", "region": region}
     r = await relay.call(
         "POST",
         "/v1/connections",
