@@ -6,7 +6,6 @@ relay turns into a problem for the caller; nothing here can take the tunnel down
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import structlog
 
@@ -71,7 +70,7 @@ class Dispatcher:
             head = RequestHead.parse(stream.head or {})
             credentials = self._open(head)
             upstream = await self.executor.start(
-                head, credentials, self._body(stream), has_body=stream.has_body
+                head, credentials, stream.iter_body(), has_body=stream.has_body
             )
             # When the body (or its first part) is already here, the RESPONSE waits for it
             # and both leave in one flush; otherwise the caller gets the head at once.
@@ -88,17 +87,18 @@ class Dispatcher:
                     await stream.write(pending)
                 pending = chunk
             await stream.write(pending or b"", end=True)
-        except AgentError as exc:
-            outcome = exc
+        except AgentError as failed:
+            outcome = failed
             self.state.failed += 1
-            log.warning("stream.failed", stream_id=stream.id, code=exc.code, reason=exc.message)
-            await stream.reset(RESET_CODES.get(exc.code, ErrorCode.INTERNAL_ERROR), exc.message)
-        except (StreamError, TransportClosed) as exc:
-            outcome = exc
-            log.info("stream.cancelled", stream_id=stream.id, reason=str(exc))
+            code, reason = failed.code, failed.message
+            log.warning("stream.failed", stream_id=stream.id, code=code, reason=reason)
+            await stream.reset(RESET_CODES.get(code, ErrorCode.INTERNAL_ERROR), reason)
+        except (StreamError, TransportClosed) as cancelled:
+            outcome = cancelled
+            log.info("stream.cancelled", stream_id=stream.id, reason=str(cancelled))
             await stream.reset(ErrorCode.CANCEL, "cancelled")
-        except Exception as exc:
-            outcome = exc
+        except Exception as crashed:
+            outcome = crashed
             self.state.failed += 1
             log.exception("stream.crashed", stream_id=stream.id)
             await stream.reset(ErrorCode.INTERNAL_ERROR, "agent error; see the agent's log")
@@ -127,10 +127,3 @@ class Dispatcher:
             self._opened.pop(next(iter(self._opened)))
         self._opened[cache_key] = (time.monotonic() + OPENED_CACHE_SECONDS, credentials)
         return credentials
-
-    @staticmethod
-    async def _body(stream: TunnelStream) -> AsyncIterator[bytes | memoryview]:
-        if not stream.has_body:
-            return
-        while chunk := await stream.read():
-            yield chunk

@@ -160,17 +160,18 @@ class Link:
             self.state.relay = url
             try:
                 await self._connect_and_serve(url, stop)
-            except LinkRefused as exc:
-                self.state.last_error = str(exc)
-                log.error("link.refused", relay=url, reason=str(exc))
+            # One name per handler: mypyc gives a name one type for the whole function.
+            except LinkRefused as refused:
+                self.state.last_error = str(refused)
+                log.error("link.refused", relay=url, reason=str(refused))
                 raise
-            except TransportClosed as exc:
-                close_code = exc.code
-                self._failed(url, f"tunnel closed: {exc.reason or 'connection lost'}")
-            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as exc:
-                self._failed(url, _describe(exc))
-            except handshake.HandshakeRefused as exc:
-                self._failed(url, f"handshake failed: {exc.reason}")
+            except TransportClosed as closed:
+                close_code = closed.code
+                self._failed(url, f"tunnel closed: {closed.reason or 'connection lost'}")
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as broken:
+                self._failed(url, _describe(broken))
+            except handshake.HandshakeRefused as turned_down:
+                self._failed(url, f"handshake failed: {turned_down.reason}")
             if stop.is_set():
                 break
             if close_code is not None and not should_retry(close_code):

@@ -657,41 +657,72 @@ class Response:
         conn = self._conn
         return conn is None or bool(conn._body) or conn._complete
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    def aiter_bytes(self) -> _Body:
         """The body as it arrives, minus the transfer coding, content codings intact."""
-        conn = self._conn
-        if conn is None:
-            return
-        loop = conn._loop
-        try:
-            while self._conn is conn:  # aclose() may have given the connection back
-                if conn._body:
-                    for data in conn.take():
-                        self.bytes_received += len(data)
-                        yield data
-                elif conn._complete:
-                    break
-                elif conn._error is not None:
-                    raise conn._error
-                elif conn._closed:
-                    raise conn._broke("connection closed before the body was complete")
-                elif not await conn.wait(loop.time() + self._timeout):
-                    raise conn._timeout("sending the response body")
-        except BaseException:
-            # Cancelled, failed, or closed early by the consumer. A generator finalized late
-            # must not touch a connection that aclose() already handed to another request.
-            if self._conn is conn:
-                self._conn = None
-                conn.abort()
-            raise
-        if self._conn is conn:
-            self._conn = None
-            conn.release()
+        return _Body(self)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.release()
+
+
+class _Body:
+    """The body iterator of a :class:`Response`.
+
+    A class rather than an async generator, so that the module compiles with mypyc. Reading
+    to the end gives the connection back to the pool; a read that fails or is cancelled
+    closes it (a late reader must never touch a connection that :meth:`Response.aclose`
+    already handed to another request); stopping early leaves that to ``aclose()``.
+    """
+
+    __slots__ = ("_conn", "_next", "_pieces", "_response")
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+        self._conn = response._conn
+        self._pieces: list[bytes] = []
+        self._next = 0
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._next < len(self._pieces):
+            return self._piece()
+        response, conn = self._response, self._conn
+        if conn is None:
+            raise StopAsyncIteration
+        try:
+            while response._conn is conn:  # aclose() may have given the connection back
+                if conn._body:
+                    self._pieces, self._next = conn.take(), 0
+                    return self._piece()
+                if conn._complete:
+                    break
+                if conn._error is not None:
+                    raise conn._error
+                if conn._closed:
+                    raise conn._broke("connection closed before the body was complete")
+                if not await conn.wait(conn._loop.time() + response._timeout):
+                    raise conn._timeout("sending the response body")
+        except BaseException:
+            self._conn = None
+            if response._conn is conn:
+                response._conn = None
+                conn.abort()
+            raise
+        self._conn = None
+        if response._conn is conn:
+            response._conn = None
+            conn.release()
+        raise StopAsyncIteration
+
+    def _piece(self) -> bytes:
+        data = self._pieces[self._next]
+        self._next += 1
+        self._response.bytes_received += len(data)
+        return data
 
 
 class Client:

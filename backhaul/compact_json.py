@@ -29,8 +29,8 @@ _c_make_encoder: Callable[..., Callable[[Any, int], list[str]]] | None = getattr
     encoder, "c_make_encoder", None
 )
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
-if _c_make_encoder is not None:
-    _c_encode = _c_make_encoder(
+_c_encode = (
+    _c_make_encoder(
         None,  # no cycle markers
         _COMPACT.default,
         encoder.encode_basestring_ascii,
@@ -41,16 +41,16 @@ if _c_make_encoder is not None:
         False,  # skipkeys
         True,  # allow_nan
     )
+    if _c_make_encoder is not None
+    else None  # an interpreter without the _json accelerator
+)
 
-    def dumps(obj: Any) -> str:
-        """``json.dumps(obj, separators=(",", ":"))``."""
-        return "".join(_c_encode(obj, 0))
 
-else:  # an interpreter without the _json accelerator
-
-    def dumps(obj: Any) -> str:
-        """``json.dumps(obj, separators=(",", ":"))``."""
+def dumps(obj: Any) -> str:
+    """``json.dumps(obj, separators=(",", ":"))``."""
+    if _c_encode is None:
         return _COMPACT.encode(obj)
+    return "".join(_c_encode(obj, 0))
 
 
 def loads(data: str | bytes | bytearray | memoryview) -> Any:

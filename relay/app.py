@@ -17,8 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul import gc_tuning, malloc_tuning
 from backhaul.version import __version__
-from relay import admin, allocator, audit, cache, egress, invoke, limits, problems, rotation, tunnel
+from relay import admin, allocator, audit, cache, egress, limits, problems, rotation, tunnel
 from relay.api import ROUTERS
+from relay.api import invoke as invoke_routes
 from relay.config import RelayConfig, ensure_data_dir
 from relay.fastpath import RelayApp
 from relay.forward import peer_client
@@ -119,7 +120,7 @@ def create_app(config: RelayConfig) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(tunnel.router)
-    app.include_router(invoke.router)
+    app.include_router(invoke_routes.router)
     admin.install(app)  # the status page, and the invoke activity it shows (outside the fast path)
     limits.install(app)  # outside the fast path, inside the access log
     app.add_middleware(AccessLog)

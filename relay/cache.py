@@ -77,10 +77,10 @@ async def lookup(
         async with sessions() as session:
             try:
                 cached = await load(session)
-            except NotFound as exc:
-                cached = ProblemError(404, "Not found", str(exc))
-            except Forbidden as exc:
-                cached = ProblemError(403, "Forbidden", str(exc))
+            except NotFound as missing:
+                cached = ProblemError(404, "Not found", str(missing))
+            except Forbidden as refused:
+                cached = ProblemError(403, "Forbidden", str(refused))
         cache.put(key, cached)
     if isinstance(cached, ProblemError):
         raise ProblemError(cached.status, cached.title, cached.detail)

@@ -129,7 +129,7 @@ async def respond(request: Request, connection_id: str) -> Response:
     """The invoke's answer for the caller the bearer token names, a problem included."""
     try:
         user = await authenticate(request, bearer_token(request.scope["headers"]))
-        return await invoke.invoke(connection_id, "", request, user)
+        return await invoke.invoke(connection_id, request, user)
     except ProblemError as exc:
         return exc.response()
 

@@ -563,7 +563,7 @@ def http_protocol(config: RelayConfig, parser: str = "auto", app: Any = None) ->
             raise RuntimeError("httptools is not installed")
         base = _h11_guard()
     elif app is not None and not config.trusted_proxies:
-        from relay.edge import with_direct_invoke  # relay.edge builds on this module
+        from relay.edge_protocol import with_direct_invoke  # relay.edge builds on this module
 
         base = with_direct_invoke(base, app, config.max_url_bytes, config.max_body_bytes)
     attrs = {

@@ -179,9 +179,9 @@ class TunnelStream:
         queue = self._chunks._queue
         return len(queue) == 1 and queue[0] is _END
 
-    async def iter_body(self) -> Any:
-        while chunk := await self.read():
-            yield chunk
+    def iter_body(self) -> _Body:
+        """The request or response body, chunk by chunk; nothing when the stream has none."""
+        return _Body(self)
 
     # -- sending
 
@@ -584,3 +584,25 @@ class Tunnel:
         self._close_streams(ErrorCode.PROTOCOL_ERROR, reason)
         with contextlib.suppress(Exception):
             await self.transport.close(CLOSE_CODE_BASE + ErrorCode.PROTOCOL_ERROR, reason[:120])
+
+
+class _Body:
+    """:meth:`TunnelStream.iter_body`'s iterator: a class rather than an async generator, so
+    that the module compiles with mypyc."""
+
+    __slots__ = ("_done", "_stream")
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self._stream = stream
+        self._done = not stream.has_body
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes | memoryview:
+        if not self._done:
+            chunk = await self._stream.read()
+            if chunk:
+                return chunk
+            self._done = True
+        raise StopAsyncIteration
