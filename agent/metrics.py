@@ -18,6 +18,8 @@ backhaul_agent_reconnects_total        counter     tunnel reconnect attempts
 backhaul_agent_rtt_seconds             gauge       last PING/PONG round trip to the relay
 backhaul_agent_flow_stalls_total       counter     times a response body waited for the relay's
                                                    flow-control credit (a slow caller)
+backhaul_agent_build_info              info        ``version``, and ``build``: ``python``, or
+                                                   ``mypyc`` for the compiled build (setup.py)
 =====================================  ==========  ============================================
 
 :mod:`agent.winauth` adds ``backhaul_agent_windows_handshakes_total`` (security contexts
@@ -29,12 +31,21 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 from agent.errors import AgentError
 from backhaul.aio.tunnel import STALL_HOOKS
+from backhaul.version import __version__, build
 
 __all__ = [
+    "BUILD",
     "BYTES",
     "FLOW_STALLS",
     "RECONNECTS",
@@ -80,6 +91,8 @@ FLOW_STALLS = Counter(
     registry=REGISTRY,
 )
 STALL_HOOKS.append(FLOW_STALLS.inc)
+BUILD = Info("backhaul_agent_build", "Version and build of this agent.", registry=REGISTRY)
+BUILD.info({"version": __version__, "build": build()})
 
 _OUTCOMES = {
     "target_denied": "denied",

@@ -20,6 +20,7 @@ from agent.status import StatusServer
 from backhaul import gc_tuning, malloc_tuning
 from backhaul.keys import load_signing_key
 from backhaul.seal import GatewayKeyPair
+from backhaul.version import build
 
 log = structlog.get_logger("backhaul.agent")
 
@@ -51,6 +52,7 @@ async def run(cfg: AgentConfig, stop: asyncio.Event | None = None) -> None:
             relay=cfg.relay_url,
             member_id=cfg.member_id,
             status_socket=str(cfg.status.socket),
+            build=build(),
         )
         try:
             await Link(cfg, signing_key, state, dispatcher.handle).run(stop)

@@ -15,6 +15,7 @@ import structlog
 import typer
 
 from backhaul.errors import BackhaulError
+from backhaul.version import build
 from relay.config import RelayConfig, ensure_data_dir, load_config
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ def _announce(config: RelayConfig, files: TLSFiles, workers: int = 1) -> None:
         ca_file=str(files.ca_file) if files.ca_file else None,
         data_dir=str(config.data_dir),
         workers=workers,
+        build=build(),
     )
     typer.echo(
         f"backhaul-relay listening on {url}"

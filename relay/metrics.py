@@ -6,9 +6,14 @@ series; the default registry also carries the process collector (memory, fds, CP
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from backhaul.aio.tunnel import STALL_HOOKS
+from backhaul.version import __version__, build
+
+#: The version and the build (``python`` or ``mypyc``, see setup.py) of this relay.
+BUILD = Info("backhaul_relay_build", "Version and build of this relay")
+BUILD.info({"version": __version__, "build": build()})
 
 #: Invoke requests answered, by HTTP status code.
 REQUESTS = Counter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ FAST_ENV = {
     "BACKHAUL_RELAY_SECRET_KEY": "e2e-relay-secret-key-0123456789abcdefghij",
     "BACKHAUL_RELAY_ONLINE_ALLOW_PRIVATE_NETWORKS": "true",
 }
+
+#: ``BACKHAUL_TEST_BUILD=build/compiled`` (``make test`` sets it for a second pass) runs the
+#: relay and agent processes from that tree: the mypyc build of setup.py.
+BUILD_UNDER_TEST = os.environ.get("BACKHAUL_TEST_BUILD", "")
+if BUILD_UNDER_TEST:
+    FAST_ENV["PYTHONPATH"] = str(Path(BUILD_UNDER_TEST).resolve())
 
 
 @dataclass

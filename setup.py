@@ -1,0 +1,64 @@
+"""The optional compiled build: ``BACKHAUL_MYPYC=1`` compiles the data path with mypyc.
+
+Without it (the default, and every editable install) Backhaul installs as plain Python. With
+it, the modules in :data:`COMPILED` become C extensions built from the same typed source
+(``mypy --strict`` is what makes that possible); everything else stays Python. The container
+images build this way, and ``make compiled`` builds a copy of the tree for the benchmark and
+the end-to-end tests. bench/PROFILE.md ("Compiled with mypyc") has what it buys.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+#: The data path: what every tunnelled request runs through in the relay and the agent.
+#: Modules stay out when mypyc cannot compile them as they are: FastAPI reads the signatures
+#: of routes and dependencies, which compiled functions do not expose (relay/api/,
+#: relay/identity.py), classes made inside functions (relay/edge_protocol.py,
+#: relay/limits.py), async generators (agent/executor.py) and pydantic models (agent/head.py).
+COMPILED = [
+    "backhaul/wire/__init__.py",
+    "backhaul/wire/connection.py",
+    "backhaul/wire/errors.py",
+    "backhaul/wire/events.py",
+    "backhaul/wire/flow.py",
+    "backhaul/wire/frames.py",
+    "backhaul/wire/settings.py",
+    "backhaul/wire/streams.py",
+    "backhaul/aio/deadlines.py",
+    "backhaul/aio/tunnel.py",
+    "backhaul/aio/wsframes.py",
+    "backhaul/aio/wsreader.py",
+    "backhaul/chunks.py",
+    "backhaul/compact_json.py",
+    "backhaul/headers.py",
+    "relay/activity.py",
+    "relay/audit.py",
+    "relay/balancing.py",
+    "relay/cache.py",
+    "relay/coalesce.py",
+    "relay/edge.py",
+    "relay/fastpath.py",
+    "relay/headers.py",
+    "relay/hub.py",
+    "relay/invoke.py",
+    "relay/locations.py",
+    "relay/plan.py",
+    "relay/wsprotocol.py",
+    "agent/dispatch.py",
+    "agent/link.py",
+    "agent/upstream.py",
+]
+
+
+def _extensions() -> list[object]:
+    if os.environ.get("BACKHAUL_MYPYC") != "1":
+        return []
+    from mypyc.build import mypycify  # only the compiled build needs mypy installed
+
+    return list(mypycify(COMPILED, opt_level="3"))
+
+
+setup(ext_modules=_extensions())
