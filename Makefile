@@ -67,7 +67,7 @@ clean:
 COMPILED := build/compiled
 SOURCES := $(shell find backhaul agent relay -name '*.py' -not -path '*/__pycache__/*') setup.py
 $(COMPILED)/.built: $(SOURCES) | $(STAMP)
-	rm -rf $(COMPILED) build/wheel
+	rm -rf build  # a wheel built over an earlier build would carry its extensions too
 	BACKHAUL_MYPYC=1 $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w build/wheel .
 	$(BIN)/python -m zipfile -e build/wheel/backhaul-*.whl $(COMPILED)
 	touch $@

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -138,6 +139,39 @@ def test_agent_reconnects_after_relay_restart(stack: DevStack) -> None:
     assert stack.agent_status(agent_dir)["session_id"] != first
     with stack.client() as client:
         assert client.get(f"/v1/connections/{cid}/invoke/hello").status_code == 200
+
+
+def test_hundreds_of_streams_right_after_a_relay_restart_all_arrive(stack: DevStack) -> None:
+    """The agent of the compiled build once died here (setup.py, agent/link.py): some
+    hundred streams at once on a tunnel that was just re-established."""
+    api = stack.start_api()
+    gateway_id, agent_dir = stack.enroll(allow=[api])
+    stack.env["BACKHAUL_AGENT_TUNNEL__MAX_CONCURRENT_STREAMS"] = "1000"
+    stack.start_agent(agent_dir)
+    cid = stack.connection(gateway_id, api)
+    port = int(stack.relay_url.rsplit(":", 1)[1])
+    stack.stop_process("relay", signal.SIGKILL)
+    time.sleep(1)
+    stack.start_relay(port)
+    stack.wait_connected(agent_dir, "agent", timeout=15)
+
+    async def many() -> list[int]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+        async with httpx.AsyncClient(
+            base_url=stack.relay_url,
+            verify=stack.tls(),
+            headers={"Authorization": f"Bearer {stack.admin_token}"},
+            limits=limits,
+            timeout=60,
+        ) as client:
+            answers = await asyncio.gather(
+                *(client.get(f"/v1/connections/{cid}/invoke/slow/1") for _ in range(300))
+            )
+        return [r.status_code for r in answers]
+
+    assert asyncio.run(many()) == [200] * 300
+    assert stack.procs["agent"].poll() is None  # alive
+    assert stack.agent_status(agent_dir)["connected"] is True
 
 
 def test_agent_killed_mid_stream_fails_fast(stack: DevStack) -> None:
