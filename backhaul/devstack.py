@@ -6,6 +6,7 @@ commands and its HTTP API.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -170,6 +171,23 @@ class DevStack:
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=timeout,
         )
+
+    async def get_many(
+        self, path: str, count: int, request_timeout: float = 120
+    ) -> list[httpx.Response | BaseException]:
+        """``count`` concurrent GETs of ``path`` on the relay as the admin, each on a
+        connection of its own; a request that failed is its exception."""
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+        async with httpx.AsyncClient(
+            base_url=self.relay_url,
+            verify=self.tls(),
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            limits=limits,
+            timeout=request_timeout,
+        ) as client:
+            return await asyncio.gather(
+                *(client.get(path) for _ in range(count)), return_exceptions=True
+            )
 
     def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
         """One API call that must succeed; returns the JSON body."""

@@ -62,20 +62,9 @@ def enroll_many(stack: DevStack, count: int, out: Path) -> None:
 
 
 async def many_streams(stack: DevStack, cid: str, streams: int) -> tuple[int, float]:
-    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(
-        base_url=stack.relay_url,
-        verify=stack.tls(),
-        headers={"Authorization": f"Bearer {stack.admin_token}"},
-        limits=limits,
-        timeout=120,
-    ) as client:
-        started = time.monotonic()
-        results = await asyncio.gather(
-            *(client.get(f"/v1/connections/{cid}/invoke/slow/2") for _ in range(streams)),
-            return_exceptions=True,
-        )
-        took = time.monotonic() - started
+    started = time.monotonic()
+    results = await stack.get_many(f"/v1/connections/{cid}/invoke/slow/2", streams)
+    took = time.monotonic() - started
     ok = sum(1 for r in results if isinstance(r, httpx.Response) and r.status_code == 200)
     return ok, took
 

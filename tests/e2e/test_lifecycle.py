@@ -155,21 +155,9 @@ def test_hundreds_of_streams_right_after_a_relay_restart_all_arrive(stack: DevSt
     stack.start_relay(port)
     stack.wait_connected(agent_dir, "agent", timeout=15)
 
-    async def many() -> list[int]:
-        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
-        async with httpx.AsyncClient(
-            base_url=stack.relay_url,
-            verify=stack.tls(),
-            headers={"Authorization": f"Bearer {stack.admin_token}"},
-            limits=limits,
-            timeout=60,
-        ) as client:
-            answers = await asyncio.gather(
-                *(client.get(f"/v1/connections/{cid}/invoke/slow/1") for _ in range(300))
-            )
-        return [r.status_code for r in answers]
-
-    assert asyncio.run(many()) == [200] * 300
+    path = f"/v1/connections/{cid}/invoke/slow/1"
+    answers = asyncio.run(stack.get_many(path, 300, request_timeout=60))
+    assert [getattr(r, "status_code", repr(r)) for r in answers] == [200] * 300
     assert stack.procs["agent"].poll() is None  # alive
     assert stack.agent_status(agent_dir)["connected"] is True
 
