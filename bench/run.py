@@ -1085,30 +1085,26 @@ COMPILED_TREE = REPO / "build" / "compiled"
 def choose_build(choice: str) -> str:
     """Which build of Backhaul the run measures: ``compiled`` puts the mypyc build of
     ``make compiled`` first on every child process's PYTHONPATH; ``auto`` takes it when it is
-    there and current."""
+    there; either refuses a tree older than the source."""
+    if choice == "python":
+        return choice
     stamp = COMPILED_TREE / ".built"
-    built = stamp.exists()
-    if built:
-        newest = max(
-            p.stat().st_mtime
-            for top in ("backhaul", "agent", "relay")
-            for p in (REPO / top).rglob("*.py")
-        )
-        if newest > stamp.stat().st_mtime:
-            if choice != "python":
-                raise SystemExit(
-                    f"{COMPILED_TREE} is older than the source: run `make compiled`,"
-                    " or pass --build python"
-                )
-            built = False
-    if choice == "auto":
-        choice = "compiled" if built else "python"
-    if choice == "compiled":
-        if not built:
+    if not stamp.exists():
+        if choice == "compiled":
             raise SystemExit(f"no {COMPILED_TREE}: run `make compiled`, or pass --build python")
-        parts = [str(COMPILED_TREE), os.environ.get("PYTHONPATH", "")]
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
-    return choice
+        return "python"
+    newest = max(
+        p.stat().st_mtime
+        for top in ("backhaul", "agent", "relay")
+        for p in (REPO / top).rglob("*.py")
+    )
+    if newest > stamp.stat().st_mtime:
+        raise SystemExit(
+            f"{COMPILED_TREE} is older than the source: run `make compiled`, or pass --build python"
+        )
+    parts = [str(COMPILED_TREE), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in parts if p)
+    return "compiled"
 
 
 def machine_info(load_at_start: str, build: str = "python") -> dict[str, str]:
