@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.protocol import State
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
 
 from agent import metrics
 from agent.backoff import backoff, should_retry
@@ -51,6 +52,33 @@ class TunnelClientConnection(ClientConnection):
     def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
         install(protocol)
         super().__init__(protocol, **kwargs)
+        self._feed: Callable[[bytes], None] | None = None
+
+    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+        """Hand binary messages to ``feed`` as they are parsed, instead of to the queue that
+        ``recv`` reads (``backhaul.aio.tunnel.MessageTransport``), if none wait there."""
+        if self._queued():
+            return False
+        self._feed = feed
+        return True
+
+    def process_event(self, event: Event) -> None:
+        feed = self._feed
+        if (
+            feed is not None
+            and isinstance(event, Frame)
+            and event.opcode is Opcode.BINARY
+            and event.fin
+            and not self._queued()
+        ):
+            data = event.data
+            feed(data if type(data) is bytes else bytes(data))
+            return
+        super().process_event(event)
+
+    def _queued(self) -> bool:
+        """Frames wait in websockets' message queue (a message, or part of one)."""
+        return bool(getattr(self, "recv_messages", None) and self.recv_messages.frames.queue)
 
     async def send_message(self, data: bytes) -> None:
         """One binary message, framed and masked here and handed to the transport.
@@ -74,6 +102,10 @@ class WebSocketTransport:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self._send = ws.send_message if isinstance(ws, TunnelClientConnection) else ws.send
+
+    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+        """``backhaul.aio.tunnel.MessageTransport``'s push, when the connection offers it."""
+        return isinstance(self.ws, TunnelClientConnection) and self.ws.push_to(feed)
 
     async def recv(self) -> bytes:
         try:

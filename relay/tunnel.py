@@ -27,7 +27,7 @@ from relay import metrics, probe, rotation
 from relay.hub import Hub, LiveTunnel
 from relay.registry import Registry
 from relay.store import queries
-from relay.wsprotocol import SEND_MESSAGE
+from relay.wsprotocol import PUSH_TO, SEND_MESSAGE
 
 router = APIRouter()
 log = structlog.get_logger("backhaul.relay.tunnel")
@@ -41,11 +41,19 @@ class StarletteTransport:
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
         self._send_message: Callable[[bytes], Awaitable[None]] | None = None
+        self._push_to: Callable[[Callable[[bytes], None]], bool] | None = None
 
     def accelerate(self) -> None:
         """From now on (the handshake is over), binary messages go straight to the
-        WebSocket protocol when the server offers that (relay.wsprotocol)."""
-        self._send_message = self.ws.scope.get("extensions", {}).get(SEND_MESSAGE)
+        WebSocket protocol when the server offers that (relay.wsprotocol), and received
+        ones may come straight from it (:meth:`push_to`)."""
+        extensions = self.ws.scope.get("extensions", {})
+        self._send_message = extensions.get(SEND_MESSAGE)
+        self._push_to = extensions.get(PUSH_TO)
+
+    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+        """``backhaul.aio.tunnel.MessageTransport``'s push, when the protocol offers it."""
+        return self._push_to is not None and bool(self._push_to(feed))
 
     async def recv(self) -> bytes:
         try:

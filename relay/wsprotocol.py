@@ -4,11 +4,15 @@ Every agent tunnel is one of these connections. Its frames are parsed out of a c
 (:mod:`backhaul.aio.wsreader` says why), and once the tunnel's handshake is done its binary
 messages skip the ASGI ``send``: the connection's scope offers :meth:`send_message` under
 the ``backhaul.send_message`` extension, which frames a message and hands it to the
-transport with the same checks (open, not closing, not paused) that ``send`` makes.
+transport with the same checks (open, not closing, not paused) that ``send`` makes. Under
+``backhaul.push_to`` it offers :meth:`push_to`: received binary messages handed to the
+tunnel as they are parsed, instead of queued for the ASGI ``receive`` and the task behind
+it (``backhaul.aio.tunnel.MessageTransport``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -21,6 +25,8 @@ from backhaul.aio.wsreader import install
 
 #: The scope extension under which a tunnel connection offers :meth:`send_message`.
 SEND_MESSAGE = "backhaul.send_message"
+#: The scope extension under which a tunnel connection offers :meth:`push_to`.
+PUSH_TO = "backhaul.push_to"
 
 #: Received messages waiting for the tunnel before reading pauses (uvicorn pauses after one);
 #: with 256 KiB DATA messages, about 2 MiB per tunnel at most.
@@ -31,8 +37,33 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install(self.conn)
+        self._feed: Callable[[bytes], None] | None = None
+
+    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+        """Hand binary messages to ``feed`` from now on, if none wait in the queue."""
+        if not self.queue.empty():
+            return False
+        self._feed = feed
+        return True
 
     def send_receive_event_to_app(self) -> None:
+        """A binary message goes to the tunnel's ``feed`` when it pushes and nothing is
+        queued ahead of the message; anything else goes to the queue as below."""
+        feed = self._feed
+        if (
+            feed is not None
+            and self.curr_msg_data_type == "bytes"
+            and not self.close_sent
+            and self.queue.empty()
+        ):
+            frames = self.frames
+            self.frames = []
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            feed(data if type(data) is bytes else bytes(data))
+            return
+        self._queue_for_app()
+
+    def _queue_for_app(self) -> None:
         """Queue a received message as uvicorn does, but pause reading only once
         :data:`QUEUE_HIGH` of them wait: uvicorn pauses after every message and resumes when
         the app has taken them all, a pause and a resume (and a loop turn before the next
@@ -53,6 +84,7 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         scope: Any = getattr(self, "scope", None)
         if scope is not None:  # an upgrade that was accepted
             scope["extensions"][SEND_MESSAGE] = self.send_message
+            scope["extensions"][PUSH_TO] = self.push_to
 
     async def send_message(self, data: bytes) -> None:
         """One binary message straight to the transport; raises ClientDisconnected (an

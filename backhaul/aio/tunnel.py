@@ -17,7 +17,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import structlog
@@ -56,7 +56,13 @@ class TransportClosed(Exception):
 
 
 class MessageTransport(Protocol):
-    """One WebSocket connection, binary messages only."""
+    """One WebSocket connection, binary messages only.
+
+    A transport may also offer ``push_to(feed) -> bool``: from then on, hand each binary
+    message that nothing queued is ahead of to ``feed`` as it arrives instead of queueing it
+    for ``recv`` (which still reports the close), and say whether it started doing so (not
+    while messages wait in its queue). :meth:`Tunnel.run` asks until it does.
+    """
 
     async def recv(self) -> bytes: ...
 
@@ -313,6 +319,12 @@ class Tunnel:
         self._done = asyncio.Event()
         #: Set whenever a stream finishes, so drain() can wait without polling.
         self._changed = asyncio.Event()
+        #: A flush task for frames that pushed messages queued is on its way (see feed).
+        self._flush_pending = False
+        #: What went wrong handling a pushed message; run() raises it once the tunnel is down.
+        self._failure: BaseException | None = None
+        self._aborting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by run(), before anything is pushed
 
     # -- handshake helpers (before run())
 
@@ -374,10 +386,22 @@ class Tunnel:
         return stream
 
     async def run(self) -> None:
-        """Serve the tunnel until it closes; every stream still open then fails."""
+        """Serve the tunnel until it closes; every stream still open then fails.
+
+        A transport that can push (``push_to``, see :class:`MessageTransport`) hands each
+        message to :meth:`feed` from its own callback as soon as nothing is queued before
+        it; what it queues instead (before pushing started, or behind a queued message)
+        arrives through ``recv`` here, in order."""
+        self._loop = asyncio.get_running_loop()
         keepalive = asyncio.create_task(self._keepalive())
+        push_to: Callable[[Callable[[bytes], None]], bool] | None = getattr(
+            self.transport, "push_to", None
+        )
+        pushing = False
         try:
             while not self.closed:
+                if push_to is not None and not pushing:
+                    pushing = push_to(self.feed)
                 try:
                     message = await self.transport.recv()
                 except TransportClosed as exc:
@@ -395,6 +419,49 @@ class Tunnel:
             for task in list(self._tasks):
                 task.cancel()
             self._done.set()
+        if self._failure is not None:
+            raise self._failure
+
+    def feed(self, message: bytes) -> None:
+        """Take one message the transport pushed (see :class:`MessageTransport`): handled
+        from the loop's queue of callbacks, without a queue of the transport's, a reader
+        task to wake, or the layers above the transport's own callback in between.
+
+        Handling waits for that callback to return (``call_soon``) rather than running
+        inside it: measured at 64 concurrent clients, handling inside the relay's read
+        callback cost 5 % of its requests per second (the callers' requests waited behind
+        it), and the callback queue keeps the messages in order all the same."""
+        self._loop.call_soon(self._handle_message, message)
+
+    def _handle_message(self, message: bytes) -> None:
+        """A pushed message's events. Never raises: a failure ends the tunnel, and
+        :meth:`run` raises it. Frames it makes the tunnel send (WINDOW, PONG) leave from
+        one flush task."""
+        if self.closed:
+            return
+        self.last_received = time.monotonic()
+        try:
+            for event in self.conn.receive_message(message):
+                self._handle(event)
+        except Exception as exc:
+            self._failure = exc
+            reason = f"handling a message failed: {type(exc).__name__}"
+            # Not one of self._tasks, which run() cancels when the close it starts arrives.
+            self._aborting = self._loop.create_task(self._abort(reason))
+            return
+        if self.conn.has_data_to_send and not self._flush_pending:
+            self._flush_pending = True
+            self._spawn(self._flush_pushed())
+
+    async def _flush_pushed(self) -> None:
+        self._flush_pending = False  # frames queued from here on take a flush of their own
+        with contextlib.suppress(TransportClosed):  # run() sees the transport close
+            await self.flush()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait_closed(self) -> None:
         await self._done.wait()

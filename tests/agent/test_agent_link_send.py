@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -53,3 +54,40 @@ async def test_once_the_peer_closed_sending_raises_as_websockets_does() -> None:
                 await ws.send_message(b"after the close")
             with pytest.raises(TransportClosed):
                 await transport.send(b"after the close")
+
+
+async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_place() -> None:
+    """After push_to, whole binary messages go to the feed as they are parsed. A message
+    in fragments goes to websockets' queue, and so does every message behind it until
+    recv has taken it: the tunnel sees them all in the order they were sent."""
+    fed: list[bytes] = []
+    ready = asyncio.Event()
+
+    async def talk(ws: ServerConnection) -> None:
+        await ws.send(b"before")
+        await ready.wait()
+        await ws.send(b"one")
+        await ws.send([b"frag", b"mented"])  # a message in two frames
+        await ws.send(b"behind it")
+        await ws.recv()  # until the client closes
+
+    async with serve(talk, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(
+            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection
+        ) as ws:
+            transport = WebSocketTransport(ws)
+            while not ws._queued():
+                await asyncio.sleep(0.01)
+            assert not transport.push_to(fed.append)  # "before" waits in the queue
+            assert await transport.recv() == b"before"
+            assert transport.push_to(fed.append)
+            ready.set()
+            while len(ws.recv_messages.frames.queue) < 3:  # two fragments, then "behind it"
+                await asyncio.sleep(0.01)
+            assert fed == [b"one"]
+            assert await transport.recv() == b"fragmented"
+            assert await transport.recv() == b"behind it"
+            await ws.send(b"done")
+            await asyncio.sleep(0.05)
+            assert fed == [b"one"]

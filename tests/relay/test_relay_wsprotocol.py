@@ -17,7 +17,7 @@ from backhaul.aio.wsreader import ChunkReader
 from relay.config import RelayConfig
 from relay.tls import TLSFiles
 from relay.workers import server_config
-from relay.wsprotocol import QUEUE_HIGH, SEND_MESSAGE, TunnelWebSocketProtocol
+from relay.wsprotocol import PUSH_TO, QUEUE_HIGH, SEND_MESSAGE, TunnelWebSocketProtocol
 
 READERS: list[Any] = []
 
@@ -151,3 +151,41 @@ async def test_reading_pauses_only_once_messages_pile_up() -> None:
             for message in messages:
                 assert await ws.recv() == message
             assert not protocol.read_paused
+
+
+async def test_pushed_messages_reach_the_feed_in_order_and_the_close_still_reaches_receive() -> None:
+    """After push_to, binary messages go to the feed as they are parsed; messages that were
+    queued first make push_to refuse until the app has read them; the disconnect still
+    comes through receive."""
+    fed: list[bytes] = []
+    seen: list[Any] = []
+    protocols: list[TunnelWebSocketProtocol] = []
+
+    class Watched(TunnelWebSocketProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            protocols.append(self)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        push_to = scope["extensions"][PUSH_TO]
+        while protocols[0].queue.empty():  # until the first message waits there
+            await asyncio.sleep(0.01)
+        seen.append(push_to(fed.append))  # refused: a message waits
+        seen.append((await receive())["bytes"])
+        seen.append(push_to(fed.append))
+        await send({"type": "websocket.send", "bytes": b"pushing"})
+        seen.append((await receive())["type"])
+
+    messages = [os.urandom(n) for n in (1, 125, 70_000, 300_000)]
+    async with serving(Watched, app) as port:
+        async with connect(f"ws://127.0.0.1:{port}/", max_size=2**20) as ws:
+            await ws.send(b"queued")
+            assert await ws.recv() == b"pushing"
+            for message in messages:
+                await ws.send(message)
+            while len(fed) < len(messages):
+                await asyncio.sleep(0.01)
+    assert seen == [False, b"queued", True, "websocket.disconnect"]
+    assert fed == messages

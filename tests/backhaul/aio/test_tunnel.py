@@ -48,15 +48,17 @@ _CLOSED = object()
 
 
 class Link:
-    """Both directions of one in-memory connection, and how it was closed."""
+    """Both directions of one in-memory connection, and how it was closed; ``pushing``
+    ends hand messages to the tunnel's feed, as the relay's and the agent's do."""
 
-    def __init__(self) -> None:
+    def __init__(self, pushing: bool = False) -> None:
         self.queues: tuple[asyncio.Queue[Any], asyncio.Queue[Any]] = (
             asyncio.Queue(),
             asyncio.Queue(),
         )
         self.closed: tuple[int, str] | None = None
-        self.ends = (MemoryTransport(self, 0), MemoryTransport(self, 1))
+        end = PushingTransport if pushing else MemoryTransport
+        self.ends = (end(self, 0), end(self, 1))
 
     def shut(self, code: int, reason: str) -> None:
         """Close both directions at once, like a dropped TCP connection."""
@@ -71,6 +73,7 @@ class MemoryTransport:
 
     def __init__(self, link: Link, side: int) -> None:
         self.link = link
+        self.side = side
         self.inbox = link.queues[side]
         self.outbox = link.queues[1 - side]
         self.close_calls: list[tuple[int, str]] = []
@@ -98,6 +101,35 @@ class MemoryTransport:
     async def close(self, code: int, reason: str) -> None:
         self.close_calls.append((code, reason))
         self.link.shut(code, reason)
+
+
+class PushingTransport(MemoryTransport):
+    """A MemoryTransport that pushes (``MessageTransport.push_to``): a message goes to the
+    receiving tunnel's feed when none waits in that end's queue, and to the queue if one
+    does or the tunnel has not asked."""
+
+    def __init__(self, link: Link, side: int) -> None:
+        super().__init__(link, side)
+        self.feed: Callable[[bytes], None] | None = None
+        self.pushed = 0
+
+    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+        if not self.inbox.empty():
+            return False
+        self.feed = feed
+        return True
+
+    async def send(self, data: bytes) -> None:
+        if self.link.closed is not None:
+            raise self._closed_error()
+        await asyncio.sleep(0)
+        peer = self.link.ends[1 - self.side]
+        assert isinstance(peer, PushingTransport)
+        if peer.feed is not None and peer.inbox.empty():
+            peer.pushed += 1
+            peer.feed(bytes(data))
+        else:
+            self.outbox.put_nowait(bytes(data))
 
 
 # ---------------------------------------------------------------- handshake and pairs
@@ -160,8 +192,9 @@ async def tunnel_pair(
     relay_kw: dict[str, Any] | None = None,
     agent_kw: dict[str, Any] | None = None,
     run_agent: bool = True,
+    pushing: bool = False,
 ) -> AsyncIterator[Pair]:
-    link = Link()
+    link = Link(pushing)
     key = ed25519.Ed25519PrivateKey.generate()
     relay = Tunnel(Connection(Role.RELAY, relay_settings), link.ends[0], **(relay_kw or {}))
     agent = Tunnel(
@@ -249,10 +282,13 @@ async def test_refused_handshake_closes_with_the_code() -> None:
 # ---------------------------------------------------------------- request and response
 
 
+@pytest.mark.parametrize("pushing", [False, True], ids=["queued", "pushed"])
 @pytest.mark.parametrize("settings", [None, SMALL], ids=["default-windows", "small-windows"])
-async def test_multi_mib_bodies_both_ways(settings: Settings | None) -> None:
+async def test_multi_mib_bodies_both_ways(settings: Settings | None, pushing: bool) -> None:
     upload = pattern(3 * MiB + 123, seed=1)
-    async with tunnel_pair(echo_digest, relay_settings=settings, agent_settings=settings) as pair:
+    async with tunnel_pair(
+        echo_digest, relay_settings=settings, agent_settings=settings, pushing=pushing
+    ) as pair:
         async with asyncio.timeout(20):
             stream = await pair.relay.open_stream({"reply": 5 * MiB + 7})
             await stream.write(upload)
@@ -369,8 +405,11 @@ async def test_a_head_timer_armed_for_an_answered_wait_moves_to_the_next_deadlin
         assert await waiting == {"status": 200}
 
 
-async def test_many_concurrent_streams() -> None:
-    async with tunnel_pair(echo_digest, relay_settings=SMALL, agent_settings=SMALL) as pair:
+@pytest.mark.parametrize("pushing", [False, True], ids=["queued", "pushed"])
+async def test_many_concurrent_streams(pushing: bool) -> None:
+    async with tunnel_pair(
+        echo_digest, relay_settings=SMALL, agent_settings=SMALL, pushing=pushing
+    ) as pair:
 
         async def one(n: int) -> tuple[dict[str, Any], bytes]:
             stream = await pair.relay.open_stream({"reply": 10_000 * n})
@@ -568,8 +607,9 @@ async def test_transport_closed_mid_stream_fails_every_stream() -> None:
         await pair.relay.open_stream({})
 
 
-async def test_protocol_error_from_the_peer_closes_the_tunnel() -> None:
-    async with tunnel_pair(echo_digest) as pair:
+@pytest.mark.parametrize("pushing", [False, True], ids=["queued", "pushed"])
+async def test_protocol_error_from_the_peer_closes_the_tunnel(pushing: bool) -> None:
+    async with tunnel_pair(echo_digest, pushing=pushing) as pair:
         stream = await pair.relay.open_stream({"reply": 0})
         # DATA on a stream that was never opened: a tunnel-level violation.
         await pair.link.ends[0].send(f.encode(f.FrameType.DATA, 99, b"x"))
@@ -582,6 +622,48 @@ async def test_protocol_error_from_the_peer_closes_the_tunnel() -> None:
         (CLOSE_CODE_BASE + ErrorCode.PROTOCOL_ERROR, "frame for idle stream 99")
     ]
     assert pair.agent.close_reason == "frame for idle stream 99"
+
+
+async def test_pushed_messages_are_handled_and_the_ones_queued_first_keep_their_place() -> None:
+    """Messages that reached the agent's queue before it ran are handled first, through
+    recv; once the queue is empty the transport pushes, and the body arrives in order."""
+    async with tunnel_pair(echo_digest, pushing=True, run_agent=False) as pair:
+        upload = [pattern(1000, seed=n) for n in range(6)]
+        stream = await pair.relay.open_stream({"reply": 10})
+        for piece in upload[:3]:
+            await stream.write(piece)  # queued: the agent's tunnel has not asked to push
+        agent_end = pair.link.ends[1]
+        assert isinstance(agent_end, PushingTransport)
+        assert agent_end.inbox.qsize() == 4 and agent_end.pushed == 0
+        pair.start(relay=False)
+        async with asyncio.timeout(5):
+            while agent_end.feed is None:
+                await asyncio.sleep(0)
+            for piece in upload[3:]:
+                await stream.write(piece)
+            await stream.end()
+            head = await stream.response()
+            assert await read_all(stream) == pattern(10, seed=10)
+    assert head["sha256"] == hashlib.sha256(b"".join(upload)).hexdigest()
+    assert agent_end.pushed == 4  # three DATA and the end
+
+
+async def test_a_failure_handling_a_pushed_message_ends_the_tunnel_and_run_raises_it() -> None:
+    def broken(payload: dict[str, Any]) -> None:
+        raise RuntimeError("a bug in a notice handler")
+
+    async with tunnel_pair(echo_digest, pushing=True, relay_kw={"on_notice": broken}) as pair:
+        stream = await pair.relay.open_stream({"reply": 0})
+        await pair.agent.send_notice({"kind": "load"})
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError, match="a bug in a notice handler"):
+                await pair.tasks[0]  # the relay's run()
+            with pytest.raises(StreamError):
+                await stream.response()
+            await pair.agent.wait_closed()
+    assert pair.link.ends[0].close_calls == [
+        (CLOSE_CODE_BASE + ErrorCode.PROTOCOL_ERROR, "handling a message failed: RuntimeError")
+    ]
 
 
 async def test_unknown_frames_are_skipped() -> None:
