@@ -81,7 +81,7 @@ class Dispatcher:
             # One chunk of look-ahead: the last one goes out with END_STREAM, so a small
             # response is two frames (RESPONSE, DATA) instead of three.
             pending: bytes | None = None
-            async for chunk in upstream.aiter_bytes():
+            while (chunk := await upstream.next_chunk()) is not None:
                 _BYTES_DOWN.inc(len(chunk))
                 if pending is not None:
                     await stream.write(pending)

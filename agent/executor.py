@@ -127,6 +127,15 @@ class UpstreamResponse(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
+    async def next_chunk(self) -> bytes | None:
+        """The next body chunk, or None at the end (:meth:`aiter_bytes`, one at a time)."""
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = aiter(self.aiter_bytes())
+        return await anext(chunks, None)
+
+    _chunks: AsyncIterator[bytes] | None = None
+
     @property
     def body_ready(self) -> bool:
         """True when the first body chunk (or the body's end) can be read without waiting."""
@@ -153,6 +162,14 @@ class _LeanResponse(UpstreamResponse):
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         return self._response.aiter_bytes()
+
+    async def next_chunk(self) -> bytes | None:
+        body = self._body
+        if body is None:
+            body = self._body = self._response.aiter_bytes()
+        return await body.next_piece()
+
+    _body: upstream.ResponseBody | None = None
 
     @property
     def body_ready(self) -> bool:
@@ -403,7 +420,7 @@ class Executor:
                 applied = apply_credentials(
                     head.auth, credentials, target.query, headers, head.connection_id
                 )
-                first = await anext(body, None)
+                first = await anext(body, None) if has_body else None
                 content: _CountingBody | None = None
                 if first is not None:
                     content = _CountingBody(first, body)

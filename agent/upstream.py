@@ -657,9 +657,9 @@ class Response:
         conn = self._conn
         return conn is None or bool(conn._body) or conn._complete
 
-    def aiter_bytes(self) -> _Body:
+    def aiter_bytes(self) -> ResponseBody:
         """The body as it arrives, minus the transfer coding, content codings intact."""
-        return _Body(self)
+        return ResponseBody(self)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -667,7 +667,7 @@ class Response:
             conn.release()
 
 
-class _Body:
+class ResponseBody:
     """The body iterator of a :class:`Response`.
 
     A class rather than an async generator, so that the module compiles with mypyc. Reading
@@ -684,15 +684,23 @@ class _Body:
         self._pieces: list[bytes] = []
         self._next = 0
 
-    def __aiter__(self) -> _Body:
+    def __aiter__(self) -> ResponseBody:
         return self
 
     async def __anext__(self) -> bytes:
+        piece = await self.next_piece()
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
+
+    async def next_piece(self) -> bytes | None:
+        """The next piece of the body, or None at its end: the end without an exception,
+        which compiled code pays for with a traceback entry per frame it leaves."""
         if self._next < len(self._pieces):
             return self._piece()
         response, conn = self._response, self._conn
         if conn is None:
-            raise StopAsyncIteration
+            return None
         try:
             while response._conn is conn:  # aclose() may have given the connection back
                 if conn._body:
@@ -716,7 +724,7 @@ class _Body:
         if response._conn is conn:
             response._conn = None
             conn.release()
-        raise StopAsyncIteration
+        return None
 
     def _piece(self) -> bytes:
         data = self._pieces[self._next]

@@ -51,9 +51,11 @@ async def body_of(*chunks: bytes) -> AsyncIterator[bytes]:
 
 
 async def read_all(response: Any) -> bytes:
+    """The body as the dispatcher reads it (``next_chunk``, None at the end)."""
     out = b""
-    async for chunk in response.aiter_bytes():
+    while (chunk := await response.next_chunk()) is not None:
         out += chunk
+    assert await response.next_chunk() is None
     await response.aclose()
     return out
 

@@ -102,6 +102,23 @@ async def test_sequential_requests_reuse_one_connection(api: int) -> None:
     assert client.idle(url(api, "/small")) == 0
 
 
+async def test_next_piece_ends_with_none_and_gives_the_connection_back(api: int) -> None:
+    """The body read piece by piece: None at the end (no StopAsyncIteration to raise), the
+    connection back in the pool, and None again after that."""
+    client = Client(max_connections=4)
+    response = await client.request("GET", url(api, "/bytes/300000"), [], timeout=5)
+    body = response.aiter_bytes()
+    pieces = []
+    while (piece := await body.next_piece()) is not None:
+        pieces.append(piece)
+    assert b"".join(pieces) == sampleapi.pattern_bytes(300_000)
+    assert response.bytes_received == 300_000
+    assert client.idle(url(api, "/small")) == 1
+    assert await body.next_piece() is None
+    await response.aclose()
+    await client.aclose()
+
+
 async def test_concurrency_beyond_the_pool_waits(api: int) -> None:
     client = Client(max_connections=2)
     loop = asyncio.get_running_loop()

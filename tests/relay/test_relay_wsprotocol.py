@@ -153,7 +153,7 @@ async def test_reading_pauses_only_once_messages_pile_up() -> None:
             assert not protocol.read_paused
 
 
-async def test_pushed_messages_reach_the_feed_in_order_and_the_close_still_reaches_receive() -> None:
+async def test_pushed_messages_reach_the_feed_in_order_and_the_disconnect_reaches_receive() -> None:
     """After push_to, binary messages go to the feed as they are parsed; messages that were
     queued first make push_to refuse until the app has read them; the disconnect still
     comes through receive."""
