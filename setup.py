@@ -52,6 +52,7 @@ COMPILED = [
     "relay/plan.py",
     "relay/wsprotocol.py",
     "agent/dispatch.py",
+    "agent/head.py",
     "agent/upstream.py",
 ]
 
