@@ -16,6 +16,7 @@ Event ids are time-ordered (``aud_`` + nanoseconds + random), so ``before=<id>``
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import random
 import time
@@ -32,7 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from backhaul import compact_json
 from relay.identity import Principal
-from relay.store.models import AuditEvent, utcnow
+from relay.store.models import AuditEvent, UTCDateTime, utcnow
 
 log = structlog.get_logger("backhaul.relay.audit")
 
@@ -143,7 +144,12 @@ async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         return
     # The values the ORM would store, so that reads through it see the same rows.
     columns = [
-        (column.name, column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect))
+        (
+            column.name,
+            _sqlite_time
+            if isinstance(column.type, UTCDateTime)
+            else column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect),
+        )
         for column in AuditEvent.__table__.columns
     ]
     payload = compact_json.dumps(
@@ -157,6 +163,16 @@ async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         log.warning("audit.sqlite_without_json", error=str(exc.orig))
         _sqlite_json = False
         await conn.execute(insert(AuditEvent), rows)
+
+
+def _sqlite_time(value: Any) -> str:
+    """A time as SQLAlchemy stores UTCDateTime on SQLite (``2026-12-05 03:41:19.178743``),
+    from ``datetime.isoformat`` in C: SQLAlchemy's own processors take 1.4 us a row."""
+    assert isinstance(value, dt.datetime)
+    when: dt.datetime = value
+    if when.tzinfo is not dt.UTC and when.utcoffset() is not None:
+        when = when.astimezone(dt.UTC)
+    return when.isoformat(" ", "microseconds")[:26]
 
 
 def _bound(value: Any, bind: Callable[[Any], Any] | None) -> Any:

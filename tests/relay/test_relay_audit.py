@@ -180,3 +180,22 @@ async def test_postgresql_batch_is_the_orm_insert(postgres_url: str) -> None:
         await engine.dispose()
     assert count == 2
     assert at == dt.datetime(2026, 12, 4, 12, 0, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(2026, 12, 5, 3, 41, 35, 663610, tzinfo=dt.UTC),
+        dt.datetime(2026, 1, 1, tzinfo=dt.UTC),  # no microseconds: still six digits
+        dt.datetime(5, 1, 2, 3, 4, 5, 6),  # naive: taken as UTC, as UTCDateTime does
+        dt.datetime(2026, 6, 1, 12, 0, 0, 999999, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+    ],
+)
+def test_sqlite_batch_times_are_stored_as_sqlalchemy_stores_them(value: dt.datetime) -> None:
+    from sqlalchemy.dialects import sqlite
+
+    dialect = sqlite.dialect()
+    column = AuditEvent.__table__.c.at
+    sqlalchemy_bind = column.type.dialect_impl(dialect).bind_processor(dialect)
+    assert sqlalchemy_bind is not None
+    assert audit._sqlite_time(value) == sqlalchemy_bind(value)
