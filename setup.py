@@ -38,6 +38,7 @@ COMPILED = [
     "backhaul/chunks.py",
     "backhaul/compact_json.py",
     "backhaul/headers.py",
+    "backhaul/tallies.py",
     "relay/activity.py",
     "relay/audit.py",
     "relay/balancing.py",

@@ -19,13 +19,14 @@ from agent.state import AgentState
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.errors import SealError
 from backhaul.keys import b64d
-from backhaul.metric_labels import Children
 from backhaul.seal import GatewayKeyPair, open_sealed
+from backhaul.tallies import Tallies, Tally, Timing
 from backhaul.wire import ErrorCode
 
 log = structlog.get_logger("backhaul.agent.dispatch")
-_BYTES_DOWN = metrics.BYTES.labels("down")
-_REQUESTS = Children(metrics.REQUESTS)
+_BYTES_DOWN = Tally(metrics.BYTES.labels("down"))
+_REQUESTS = Tallies(metrics.REQUESTS)
+_SECONDS = Timing(metrics.REQUEST_SECONDS)
 
 
 #: AgentError.code → the RESET code the relay maps to an HTTP status.
@@ -106,7 +107,7 @@ class Dispatcher:
             if upstream is not None:
                 await upstream.aclose()
             _REQUESTS(metrics.outcome_of(outcome)).inc()
-            metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+            _SECONDS.observe(time.monotonic() - started)
 
     def _open(self, head: RequestHead) -> dict[str, object]:
         # The same blob, for the same connection and base URL, opens to the same credentials:

@@ -62,6 +62,7 @@ from agent.upstream import reason as _reason
 from agent.winpool import WindowsPool
 from backhaul.headers import HOP_BY_HOP as _HOP_BY_HOP
 from backhaul.headers import strip_hop_by_hop as _strip
+from backhaul.tallies import Tally
 from backhaul.version import __version__
 
 __all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_hop_by_hop"]
@@ -71,7 +72,7 @@ HOP_BY_HOP = _HOP_BY_HOP | {"host"}
 #: The caller's own credentials never reach the internal API.
 _CALLER_SECRETS = frozenset({"authorization", "cookie"})
 _USER_AGENT = f"backhaul-agent/{__version__}"
-_BYTES_UP = metrics.BYTES.labels("up")
+_BYTES_UP = Tally(metrics.BYTES.labels("up"))
 
 
 def strip_hop_by_hop(

@@ -41,6 +41,7 @@ from prometheus_client import (
 )
 
 from agent.errors import AgentError
+from backhaul import tallies
 from backhaul.aio.tunnel import STALL_HOOKS
 from backhaul.version import __version__, build
 
@@ -120,4 +121,5 @@ def outcome_of(exc: BaseException | None) -> str:
 
 def render() -> bytes:
     """The Prometheus text exposition of the agent's registry."""
+    tallies.flush()  # what the data path counted on its own (backhaul.tallies)
     return bytes(generate_latest(REGISTRY))

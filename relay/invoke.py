@@ -26,7 +26,7 @@ from backhaul import compact_json
 from backhaul.aio.tunnel import StreamError, TransportClosed, TunnelStream
 from backhaul.headers import strip_hop_by_hop
 from backhaul.keys import b64e
-from backhaul.metric_labels import Children
+from backhaul.tallies import Tallies, Tally, Timing
 from backhaul.wire import ErrorCode, StreamUnavailable
 from relay import audit, limits, metrics, online
 from relay import plan as invoke_plan
@@ -139,7 +139,8 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers
 
 
-_REQUESTS = Children(metrics.REQUESTS)
+_REQUESTS = Tallies(metrics.REQUESTS)
+_SECONDS = Timing(metrics.REQUEST_SECONDS)
 
 
 async def invoke(connection_id: str, request: Request, user: CurrentUser) -> Response:
@@ -156,7 +157,7 @@ async def invoke(connection_id: str, request: Request, user: CurrentUser) -> Res
         await audit.invoke_refused(request, user, connection_id, exc.status, exc.detail)
         raise exc  # named: see tests/test_compiled_rules.py
     _REQUESTS(str(response.status_code)).inc()
-    metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+    _SECONDS.observe(time.monotonic() - started)
     return audit.track_invoke(request, user, connection_id, response)
 
 
@@ -338,8 +339,8 @@ def _connection_fields(target: InvokeTarget, plan: invoke_plan.Plan) -> str:
     return text
 
 
-_BYTES_REQUEST = metrics.BYTES.labels(direction="request")
-_BYTES_RESPONSE = metrics.BYTES.labels(direction="response")
+_BYTES_REQUEST = Tally(metrics.BYTES.labels(direction="request"))
+_BYTES_RESPONSE = Tally(metrics.BYTES.labels(direction="response"))
 
 #: Bodies up to this size are buffered (and so replayable); larger ones stream.
 REPLAY_LIMIT = 64 * 1024

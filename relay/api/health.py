@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from backhaul import tallies
 from relay.problems import problem
 from relay.store.db import sessions
 
@@ -34,4 +35,5 @@ async def readyz(request: Request) -> dict[str, str] | Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics() -> Response:
+    tallies.flush()  # what the data path counted on its own (backhaul.tallies)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
