@@ -100,6 +100,18 @@ class _Problems:
         self.found.append(f"{where}: {message}")
 
 
+#: A required field that is not there (already reported as missing).
+_MISSING = object()
+
+
+def _field(doc: Mapping[str, Any], name: str, problems: _Problems) -> object:
+    """``doc[name]``, or :data:`_MISSING` with the problem noted."""
+    if name in doc:
+        return doc[name]
+    problems.add(name, "missing field")
+    return _MISSING
+
+
 def _one_of(options: tuple[str, ...]) -> str:
     quoted = [f"'{option}'" for option in options]
     return "Input should be " + ", ".join(quoted[:-1]) + " or " + quoted[-1]
@@ -109,6 +121,8 @@ def _string(
     value: object, where: str, problems: _Problems, min_length: int = 0, max_length: int = 0
 ) -> str | None:
     """``value`` if it is a string within the bounds (``max_length`` 0: none), else None."""
+    if value is _MISSING:
+        return None
     if type(value) is not str:
         problems.add(where, "Input should be a valid string")
         return None
@@ -218,6 +232,8 @@ class AuthSpec:
 
     @staticmethod
     def _parse(value: object, problems: _Problems) -> AuthSpec | None:
+        if value is _MISSING:
+            return None
         if not isinstance(value, Mapping):
             problems.add("auth", "Input should be a valid dictionary or instance of AuthSpec")
             return None
@@ -337,52 +353,23 @@ class RequestHead:
 
 
 def _parse_head(doc: Mapping[str, Any], problems: _Problems) -> RequestHead | None:
-    method = url = connection_id = base_url = suite = sealed = None
-    headers: tuple[tuple[str, str], ...] | None = None
-    auth: AuthSpec | None = None
-    timeout_ms: int | None = None
-    if "method" in doc:
-        method = _string(doc["method"], "method", problems, max_length=32)
-        if method is not None and not is_token(method):
-            problems.add("method", "method must be an HTTP token (RFC 9110 §9.1)")
-            method = None
-    else:
-        problems.add("method", "missing field")
-    if "url" in doc:
-        url = _string(doc["url"], "url", problems, 1, MAX_URL)
-    else:
-        problems.add("url", "missing field")
-    if "headers" in doc:
-        headers = _headers(doc["headers"], problems)
-    else:
-        problems.add("headers", "missing field")
-    if "connection_id" in doc:
-        connection_id = _string(doc["connection_id"], "connection_id", problems, 1, 200)
-        if connection_id is not None and not _ID_RE.match(connection_id):
-            problems.add("connection_id", f"String should match pattern '{_ID_PATTERN}'")
-            connection_id = None
-    else:
-        problems.add("connection_id", "missing field")
-    if "base_url" in doc:
-        base_url = _string(doc["base_url"], "base_url", problems, 1, MAX_URL)
-    else:
-        problems.add("base_url", "missing field")
-    if "auth" in doc:
-        auth = AuthSpec._parse(doc["auth"], problems)
-    else:
-        problems.add("auth", "missing field")
-    if "suite" in doc:
-        suite = _string(doc["suite"], "suite", problems, 1, 200)
-    else:
-        problems.add("suite", "missing field")
-    if "sealed" in doc:
-        sealed = _string(doc["sealed"], "sealed", problems, 0, MAX_SEALED)
-    else:
-        problems.add("sealed", "missing field")
-    if "timeout_ms" in doc:
-        timeout_ms = _positive(doc["timeout_ms"], problems)
-    else:
-        problems.add("timeout_ms", "missing field")
+    method = _string(_field(doc, "method", problems), "method", problems, max_length=32)
+    if method is not None and not is_token(method):
+        problems.add("method", "method must be an HTTP token (RFC 9110 §9.1)")
+        method = None
+    url = _string(_field(doc, "url", problems), "url", problems, 1, MAX_URL)
+    headers = _headers(_field(doc, "headers", problems), problems)
+    connection_id = _string(
+        _field(doc, "connection_id", problems), "connection_id", problems, 1, 200
+    )
+    if connection_id is not None and not _ID_RE.match(connection_id):
+        problems.add("connection_id", f"String should match pattern '{_ID_PATTERN}'")
+        connection_id = None
+    base_url = _string(_field(doc, "base_url", problems), "base_url", problems, 1, MAX_URL)
+    auth = AuthSpec._parse(_field(doc, "auth", problems), problems)
+    suite = _string(_field(doc, "suite", problems), "suite", problems, 1, 200)
+    sealed = _string(_field(doc, "sealed", problems), "sealed", problems, 0, MAX_SEALED)
+    timeout_ms = _positive(_field(doc, "timeout_ms", problems), problems)
     key_version: int | None = 1
     if "key_version" in doc:
         key_version = _integer(doc["key_version"], "key_version", problems, 1, 10**9)
@@ -409,6 +396,8 @@ def _parse_head(doc: Mapping[str, Any], problems: _Problems) -> RequestHead | No
 
 
 def _positive(value: object, problems: _Problems) -> int | None:
+    if value is _MISSING:
+        return None
     if type(value) is int and value <= 0:
         problems.add("timeout_ms", "Input should be greater than 0")
         return None
@@ -423,6 +412,8 @@ def _headers(value: object, problems: _Problems) -> tuple[tuple[str, str], ...] 
     over all the values, joined by LFs (which neither may hold: a LF more than the joins
     fails them); anything else takes :func:`_check_headers`, which names the problem's
     place."""
+    if value is _MISSING:
+        return None
     if not isinstance(value, list | tuple):
         problems.add("headers", "Input should be a valid tuple")
         return None
