@@ -52,11 +52,12 @@ class TunnelClientConnection(ClientConnection):
     def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
         install(protocol)
         super().__init__(protocol, **kwargs)
-        self._feed: Callable[[bytes], None] | None = None
+        self._feed: Callable[[bytes], bool] | None = None
 
-    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+    def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """Hand binary messages to ``feed`` as they are parsed, instead of to the queue that
-        ``recv`` reads (``backhaul.aio.tunnel.MessageTransport``), if none wait there."""
+        ``recv`` reads (``backhaul.aio.tunnel.MessageTransport``), if none wait there; one
+        that ``feed`` refuses goes to the queue."""
         if self._queued():
             return False
         self._feed = feed
@@ -72,8 +73,8 @@ class TunnelClientConnection(ClientConnection):
             and not self._queued()
         ):
             data = event.data
-            feed(data if type(data) is bytes else bytes(data))
-            return
+            if feed(data if type(data) is bytes else bytes(data)):
+                return
         super().process_event(event)
 
     def _queued(self) -> bool:
@@ -103,7 +104,7 @@ class WebSocketTransport:
         self.ws = ws
         self._send = ws.send_message if isinstance(ws, TunnelClientConnection) else ws.send
 
-    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+    def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """``backhaul.aio.tunnel.MessageTransport``'s push, when the connection offers it."""
         return isinstance(self.ws, TunnelClientConnection) and self.ws.push_to(feed)
 

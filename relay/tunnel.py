@@ -41,7 +41,7 @@ class StarletteTransport:
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
         self._send_message: Callable[[bytes], Awaitable[None]] | None = None
-        self._push_to: Callable[[Callable[[bytes], None]], bool] | None = None
+        self._push_to: Callable[[Callable[[bytes], bool]], bool] | None = None
 
     def accelerate(self) -> None:
         """From now on (the handshake is over), binary messages go straight to the
@@ -51,7 +51,7 @@ class StarletteTransport:
         self._send_message = extensions.get(SEND_MESSAGE)
         self._push_to = extensions.get(PUSH_TO)
 
-    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+    def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """``backhaul.aio.tunnel.MessageTransport``'s push, when the protocol offers it."""
         return self._push_to is not None and bool(self._push_to(feed))
 

@@ -37,9 +37,9 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install(self.conn)
-        self._feed: Callable[[bytes], None] | None = None
+        self._feed: Callable[[bytes], bool] | None = None
 
-    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+    def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """Hand binary messages to ``feed`` from now on, if none wait in the queue."""
         if not self.queue.empty():
             return False
@@ -47,8 +47,8 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         return True
 
     def send_receive_event_to_app(self) -> None:
-        """A binary message goes to the tunnel's ``feed`` when it pushes and nothing is
-        queued ahead of the message; anything else goes to the queue as below."""
+        """A binary message goes to the tunnel's ``feed`` when it pushes, nothing is queued
+        ahead of the message and the feed takes it; anything else goes to the queue below."""
         feed = self._feed
         if (
             feed is not None
@@ -57,10 +57,10 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.queue.empty()
         ):
             frames = self.frames
-            self.frames = []
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-            feed(data if type(data) is bytes else bytes(data))
-            return
+            if feed(data if type(data) is bytes else bytes(data)):
+                self.frames = []
+                return
         self._queue_for_app()
 
     def _queue_for_app(self) -> None:

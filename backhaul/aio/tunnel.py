@@ -59,9 +59,10 @@ class MessageTransport(Protocol):
     """One WebSocket connection, binary messages only.
 
     A transport may also offer ``push_to(feed) -> bool``: from then on, hand each binary
-    message that nothing queued is ahead of to ``feed`` as it arrives instead of queueing it
-    for ``recv`` (which still reports the close), and say whether it started doing so (not
-    while messages wait in its queue). :meth:`Tunnel.run` asks until it does.
+    message that nothing queued is ahead of to ``feed`` as it arrives, and queue it for
+    ``recv`` (which still reports the close) only when ``feed`` returns False; say whether it
+    started doing so (not while messages wait in its queue). :meth:`Tunnel.run` asks until
+    it does.
     """
 
     async def recv(self) -> bytes: ...
@@ -394,7 +395,7 @@ class Tunnel:
         arrives through ``recv`` here, in order."""
         self._loop = asyncio.get_running_loop()
         keepalive = asyncio.create_task(self._keepalive())
-        push_to: Callable[[Callable[[bytes], None]], bool] | None = getattr(
+        push_to: Callable[[Callable[[bytes], bool]], bool] | None = getattr(
             self.transport, "push_to", None
         )
         pushing = False
@@ -407,10 +408,8 @@ class Tunnel:
                 except TransportClosed as exc:
                     self._close_streams(ErrorCode.CANCEL, str(exc) or "tunnel closed")
                     break
-                self.last_received = time.monotonic()
-                for event in self.conn.receive_message(message):
-                    self._handle(event)
-                await self.flush()
+                if self._receive(message):
+                    await self.flush()
         except TransportClosed as exc:
             self._close_streams(ErrorCode.CANCEL, str(exc) or "tunnel closed")
         finally:
@@ -422,7 +421,7 @@ class Tunnel:
         if self._failure is not None:
             raise self._failure
 
-    def feed(self, message: bytes) -> None:
+    def feed(self, message: bytes) -> bool:
         """Take one message the transport pushed (see :class:`MessageTransport`): handled
         from the loop's queue of callbacks, without a queue of the transport's, a reader
         task to wake, or the layers above the transport's own callback in between.
@@ -430,15 +429,22 @@ class Tunnel:
         Handling waits for that callback to return (``call_soon``) rather than running
         inside it: measured at 64 concurrent clients, handling inside the relay's read
         callback cost 5 % of its requests per second (the callers' requests waited behind
-        it), and the callback queue keeps the messages in order all the same."""
-        self._loop.call_soon(self._handle_message, message)
+        it), and the callback queue keeps the messages in order all the same.
 
-    def _handle_message(self, message: bytes) -> None:
-        """A pushed message's events. Never raises: a failure ends the tunnel, and
-        :meth:`run` raises it. Frames it makes the tunnel send (WINDOW, PONG) leave from
-        one flush task."""
+        Refused (False) while a write waits for the peer to read: the transport queues the
+        message, :meth:`run` takes it with a flush after each as before, and reading stops
+        once the transport's queue is full. A peer that sends PINGs and never reads the
+        PONGs is held back by TCP instead of growing what waits to be sent."""
+        if self._write_lock.locked():
+            return False
+        self._loop.call_soon(self._handle_message, message)
+        return True
+
+    def _receive(self, message: bytes) -> bool:
+        """Handle one message's events; False if the tunnel is closed or ends here. Never
+        raises: a failure ends the tunnel, and :meth:`run` raises it."""
         if self.closed:
-            return
+            return False
         self.last_received = time.monotonic()
         try:
             for event in self.conn.receive_message(message):
@@ -448,6 +454,13 @@ class Tunnel:
             reason = f"handling a message failed: {type(exc).__name__}"
             # Not one of self._tasks, which run() cancels when the close it starts arrives.
             self._aborting = self._loop.create_task(self._abort(reason))
+            return False
+        return True
+
+    def _handle_message(self, message: bytes) -> None:
+        """A pushed message's events; frames they make the tunnel send (WINDOW, PONG)
+        leave from one flush task."""
+        if not self._receive(message):
             return
         if self.conn.has_data_to_send and not self._flush_pending:
             self._flush_pending = True

@@ -59,9 +59,16 @@ async def test_once_the_peer_closed_sending_raises_as_websockets_does() -> None:
 async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_place() -> None:
     """After push_to, whole binary messages go to the feed as they are parsed. A message
     in fragments goes to websockets' queue, and so does every message behind it until
-    recv has taken it: the tunnel sees them all in the order they were sent."""
+    recv has taken it; so does one the feed refuses. The tunnel sees them all in order."""
     fed: list[bytes] = []
     ready = asyncio.Event()
+    refusing = asyncio.Event()
+
+    def feed(message: bytes) -> bool:
+        if refusing.is_set():
+            return False
+        fed.append(message)
+        return True
 
     async def talk(ws: ServerConnection) -> None:
         await ws.send(b"before")
@@ -69,6 +76,8 @@ async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_pla
         await ws.send(b"one")
         await ws.send([b"frag", b"mented"])  # a message in two frames
         await ws.send(b"behind it")
+        await ws.recv()
+        await ws.send(b"refused")
         await ws.recv()  # until the client closes
 
     async with serve(talk, "127.0.0.1", 0) as server:
@@ -79,15 +88,17 @@ async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_pla
             transport = WebSocketTransport(ws)
             while not ws._queued():
                 await asyncio.sleep(0.01)
-            assert not transport.push_to(fed.append)  # "before" waits in the queue
+            assert not transport.push_to(feed)  # "before" waits in the queue
             assert await transport.recv() == b"before"
-            assert transport.push_to(fed.append)
+            assert transport.push_to(feed)
             ready.set()
             while len(ws.recv_messages.frames.queue) < 3:  # two fragments, then "behind it"
                 await asyncio.sleep(0.01)
             assert fed == [b"one"]
             assert await transport.recv() == b"fragmented"
             assert await transport.recv() == b"behind it"
+            refusing.set()
+            await ws.send(b"next")
+            assert await transport.recv() == b"refused"
             await ws.send(b"done")
-            await asyncio.sleep(0.05)
             assert fed == [b"one"]

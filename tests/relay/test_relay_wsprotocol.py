@@ -153,18 +153,25 @@ async def test_reading_pauses_only_once_messages_pile_up() -> None:
             assert not protocol.read_paused
 
 
-async def test_pushed_messages_reach_the_feed_in_order_and_the_disconnect_reaches_receive() -> None:
+async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_order() -> None:
     """After push_to, binary messages go to the feed as they are parsed; messages that were
-    queued first make push_to refuse until the app has read them; the disconnect still
-    comes through receive."""
+    queued first make push_to refuse until the app has read them; a message the feed
+    refuses, and the disconnect, come through receive."""
     fed: list[bytes] = []
     seen: list[Any] = []
     protocols: list[TunnelWebSocketProtocol] = []
+    refusing = asyncio.Event()
 
     class Watched(TunnelWebSocketProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             protocols.append(self)
+
+    def feed(message: bytes) -> bool:
+        if refusing.is_set():
+            return False
+        fed.append(message)
+        return True
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
@@ -172,10 +179,15 @@ async def test_pushed_messages_reach_the_feed_in_order_and_the_disconnect_reache
         push_to = scope["extensions"][PUSH_TO]
         while protocols[0].queue.empty():  # until the first message waits there
             await asyncio.sleep(0.01)
-        seen.append(push_to(fed.append))  # refused: a message waits
+        seen.append(push_to(feed))  # refused: a message waits
         seen.append((await receive())["bytes"])
-        seen.append(push_to(fed.append))
+        seen.append(push_to(feed))
         await send({"type": "websocket.send", "bytes": b"pushing"})
+        while len(fed) < len(messages):
+            await asyncio.sleep(0.01)
+        refusing.set()
+        await send({"type": "websocket.send", "bytes": b"refusing"})
+        seen.append((await receive())["bytes"])
         seen.append((await receive())["type"])
 
     messages = [os.urandom(n) for n in (1, 125, 70_000, 300_000)]
@@ -185,7 +197,7 @@ async def test_pushed_messages_reach_the_feed_in_order_and_the_disconnect_reache
             assert await ws.recv() == b"pushing"
             for message in messages:
                 await ws.send(message)
-            while len(fed) < len(messages):
-                await asyncio.sleep(0.01)
-    assert seen == [False, b"queued", True, "websocket.disconnect"]
+            assert await ws.recv() == b"refusing"
+            await ws.send(b"refused")
+    assert seen == [False, b"queued", True, b"refused", "websocket.disconnect"]
     assert fed == messages

@@ -110,10 +110,10 @@ class PushingTransport(MemoryTransport):
 
     def __init__(self, link: Link, side: int) -> None:
         super().__init__(link, side)
-        self.feed: Callable[[bytes], None] | None = None
+        self.feed: Callable[[bytes], bool] | None = None
         self.pushed = 0
 
-    def push_to(self, feed: Callable[[bytes], None]) -> bool:
+    def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         if not self.inbox.empty():
             return False
         self.feed = feed
@@ -125,9 +125,8 @@ class PushingTransport(MemoryTransport):
         await asyncio.sleep(0)
         peer = self.link.ends[1 - self.side]
         assert isinstance(peer, PushingTransport)
-        if peer.feed is not None and peer.inbox.empty():
+        if peer.feed is not None and peer.inbox.empty() and peer.feed(bytes(data)):
             peer.pushed += 1
-            peer.feed(bytes(data))
         else:
             self.outbox.put_nowait(bytes(data))
 
@@ -648,11 +647,41 @@ async def test_pushed_messages_are_handled_and_the_ones_queued_first_keep_their_
     assert agent_end.pushed == 4  # three DATA and the end
 
 
-async def test_a_failure_handling_a_pushed_message_ends_the_tunnel_and_run_raises_it() -> None:
+async def test_while_a_write_waits_messages_are_queued_and_taken_one_flush_at_a_time() -> None:
+    """A tunnel refuses pushes while a write holds its lock (the peer is not reading): what
+    arrives meanwhile waits in the transport's queue, where reading stops once it is full,
+    and run() takes it after the write, as without pushing."""
+    async with tunnel_pair(echo_digest, pushing=True) as pair:
+        relay_end = pair.link.ends[0]
+        assert isinstance(relay_end, PushingTransport)
+        async with asyncio.timeout(5):
+            while relay_end.feed is None:
+                await asyncio.sleep(0)
+            async with pair.relay._write_lock:  # a write that cannot finish yet
+                before = relay_end.pushed
+                for _ in range(3):
+                    pair.agent.conn.ping(1)
+                    await pair.agent.flush()
+                await asyncio.sleep(0.05)
+                assert relay_end.pushed == before
+                # run() took the first and waits behind the write with it; reading would
+                # stop here once the transport's queue was full.
+                assert relay_end.inbox.qsize() == 2
+            while relay_end.inbox.qsize():
+                await asyncio.sleep(0)
+            stream = await pair.relay.open_stream({"reply": 5}, end_stream=True)
+            assert await read_all(stream) == pattern(5, seed=5)
+        assert relay_end.pushed > before
+
+
+@pytest.mark.parametrize("pushing", [False, True], ids=["queued", "pushed"])
+async def test_a_failure_handling_a_message_ends_the_tunnel_and_run_raises_it(
+    pushing: bool,
+) -> None:
     def broken(payload: dict[str, Any]) -> None:
         raise RuntimeError("a bug in a notice handler")
 
-    async with tunnel_pair(echo_digest, pushing=True, relay_kw={"on_notice": broken}) as pair:
+    async with tunnel_pair(echo_digest, pushing=pushing, relay_kw={"on_notice": broken}) as pair:
         stream = await pair.relay.open_stream({"reply": 0})
         await pair.agent.send_notice({"kind": "load"})
         async with asyncio.timeout(5):
