@@ -5,6 +5,7 @@ broke the tunnel itself)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,3 +184,44 @@ async def test_credentials_bound_elsewhere_and_targets_outside_are_refused(
     assert len(reasons) == len(cases)
     assert any("127.0.0.3" in r for r in reasons)
     assert any("do not open here" in r for r in reasons)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_relay_that_pings_and_never_reads_the_pongs_is_held_back(forged: Forged) -> None:
+    """The forged relay stops reading and floods PINGs. The agent answers each with a PONG
+    it cannot send, stops taking messages once its writes wait, and stops reading: the
+    flood stalls in TCP (a few MB of socket buffers) instead of growing the agent without
+    bound. The relay hangs up; the agent is back on a new tunnel and serves."""
+    tunnel = forged.tunnel
+    ws = tunnel.transport.ws  # type: ignore[attr-defined]
+    ws.transport.pause_reading()
+    before = _rss_kib(forged.proc.pid)
+    ping = f.encode_ping(f.FrameType.PING, 1)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:
+            await ws.send(ping)
+            sent += 1
+
+    task = asyncio.create_task(flood())
+    try:
+        await asyncio.sleep(3)
+        stalled_at = sent
+        await asyncio.sleep(1)
+        assert sent == stalled_at, "the agent kept reading PINGs it could not answer"
+        grown = _rss_kib(forged.proc.pid) - before
+        assert grown < 64 * 1024, f"the agent grew {grown} KiB for {sent} PINGs"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        ws.transport.abort()
+    await _still_serves(forged, await forged.relay.next_tunnel())
