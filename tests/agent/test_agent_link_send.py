@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from websockets.asyncio.client import connect
@@ -14,6 +16,20 @@ from websockets.exceptions import ConnectionClosed
 from agent.link import TunnelClientConnection, WebSocketTransport
 from backhaul.aio.tunnel import TransportClosed
 from backhaul.aio.wsreader import ChunkReader
+
+
+@contextlib.asynccontextmanager
+async def tunnel_client(
+    handler: Callable[[ServerConnection], Awaitable[None]], max_size: int = 2**20
+) -> AsyncIterator[TunnelClientConnection]:
+    """The agent's tunnel connection to a websockets server running ``handler``."""
+    async with serve(handler, "127.0.0.1", 0, max_size=max_size) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(
+            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection, max_size=max_size
+        ) as ws:
+            assert isinstance(ws, TunnelClientConnection)
+            yield ws
 
 
 async def echo(ws: ServerConnection) -> None:
@@ -26,34 +42,25 @@ async def echo(ws: ServerConnection) -> None:
 
 async def test_messages_go_out_whole_and_come_back_whole() -> None:
     messages = [os.urandom(n) for n in (0, 5, 125, 126, 16_383, 16_384, 65_536, 2_000_000)]
-    async with serve(echo, "127.0.0.1", 0, max_size=2**22) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(
-            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection, max_size=2**22
-        ) as ws:
-            assert isinstance(ws, TunnelClientConnection)
-            assert isinstance(ws.protocol.reader, ChunkReader)
-            for message in messages:
-                await ws.send_message(message)
-            for message in messages:
-                assert await ws.recv() == message
+    async with tunnel_client(echo, max_size=2**22) as ws:
+        assert isinstance(ws.protocol.reader, ChunkReader)
+        for message in messages:
+            await ws.send_message(message)
+        for message in messages:
+            assert await ws.recv() == message
 
 
 async def test_once_the_peer_closed_sending_raises_as_websockets_does() -> None:
-    async with serve(echo, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(
-            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection
-        ) as ws:
-            transport = WebSocketTransport(ws)
-            await transport.send(b"bye")
-            with pytest.raises(TransportClosed) as closed:
-                await transport.recv()
-            assert closed.value.code == 4001
-            with pytest.raises(ConnectionClosed):
-                await ws.send_message(b"after the close")
-            with pytest.raises(TransportClosed):
-                await transport.send(b"after the close")
+    async with tunnel_client(echo) as ws:
+        transport = WebSocketTransport(ws)
+        await transport.send(b"bye")
+        with pytest.raises(TransportClosed) as closed:
+            await transport.recv()
+        assert closed.value.code == 4001
+        with pytest.raises(ConnectionClosed):
+            await ws.send_message(b"after the close")
+        with pytest.raises(TransportClosed):
+            await transport.send(b"after the close")
 
 
 async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_place() -> None:
@@ -80,25 +87,21 @@ async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_pla
         await ws.send(b"refused")
         await ws.recv()  # until the client closes
 
-    async with serve(talk, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        async with connect(
-            f"ws://127.0.0.1:{port}", create_connection=TunnelClientConnection
-        ) as ws:
-            transport = WebSocketTransport(ws)
-            while not ws._queued():
-                await asyncio.sleep(0.01)
-            assert not transport.push_to(feed)  # "before" waits in the queue
-            assert await transport.recv() == b"before"
-            assert transport.push_to(feed)
-            ready.set()
-            while len(ws.recv_messages.frames.queue) < 3:  # two fragments, then "behind it"
-                await asyncio.sleep(0.01)
-            assert fed == [b"one"]
-            assert await transport.recv() == b"fragmented"
-            assert await transport.recv() == b"behind it"
-            refusing.set()
-            await ws.send(b"next")
-            assert await transport.recv() == b"refused"
-            await ws.send(b"done")
-            assert fed == [b"one"]
+    async with tunnel_client(talk) as ws:
+        transport = WebSocketTransport(ws)
+        while not ws._queued():
+            await asyncio.sleep(0.01)
+        assert not transport.push_to(feed)  # "before" waits in the queue
+        assert await transport.recv() == b"before"
+        assert transport.push_to(feed)
+        ready.set()
+        while len(ws.recv_messages.frames.queue) < 3:  # two fragments, then "behind it"
+            await asyncio.sleep(0.01)
+        assert fed == [b"one"]
+        assert await transport.recv() == b"fragmented"
+        assert await transport.recv() == b"behind it"
+        refusing.set()
+        await ws.send(b"next")
+        assert await transport.recv() == b"refused"
+        await ws.send(b"done")
+        assert fed == [b"one"]

@@ -34,6 +34,17 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "websocket.send", "bytes": message["bytes"]})
 
 
+def watching(protocols: list[TunnelWebSocketProtocol]) -> type[TunnelWebSocketProtocol]:
+    """The relay's protocol, each connection's instance put on ``protocols``."""
+
+    class Watched(TunnelWebSocketProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            protocols.append(self)
+
+    return Watched
+
+
 class Recording(TunnelWebSocketProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,11 +129,6 @@ async def test_reading_pauses_only_once_messages_pile_up() -> None:
     protocols: list[TunnelWebSocketProtocol] = []
     release = asyncio.Event()
 
-    class Watched(TunnelWebSocketProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            protocols.append(self)
-
     async def held_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
         await send({"type": "websocket.accept"})
@@ -132,7 +138,7 @@ async def test_reading_pauses_only_once_messages_pile_up() -> None:
 
     # 64 KiB each: a read holds a few, so reading pauses well before all have arrived.
     messages = [os.urandom(65_536) for _ in range(4 * QUEUE_HIGH)]
-    async with serving(Watched, held_echo) as port:
+    async with serving(watching(protocols), held_echo) as port:
         async with connect(f"ws://127.0.0.1:{port}/", max_size=2**20, compression=None) as ws:
             (protocol,) = protocols
             ws.transport.set_write_buffer_limits(high=2**24)  # send() never waits for a drain
@@ -162,11 +168,6 @@ async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_or
     protocols: list[TunnelWebSocketProtocol] = []
     refusing = asyncio.Event()
 
-    class Watched(TunnelWebSocketProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            protocols.append(self)
-
     def feed(message: bytes) -> bool:
         if refusing.is_set():
             return False
@@ -191,7 +192,7 @@ async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_or
         seen.append((await receive())["type"])
 
     messages = [os.urandom(n) for n in (1, 125, 70_000, 300_000)]
-    async with serving(Watched, app) as port:
+    async with serving(watching(protocols), app) as port:
         async with connect(f"ws://127.0.0.1:{port}/", max_size=2**20) as ws:
             await ws.send(b"queued")
             assert await ws.recv() == b"pushing"
