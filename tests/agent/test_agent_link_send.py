@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from agent.link import TunnelClientConnection, WebSocketTransport
 from backhaul.aio.tunnel import TransportClosed
 from backhaul.aio.wsreader import ChunkReader
+from tests.feeds import Feed
 
 
 @contextlib.asynccontextmanager
@@ -67,15 +68,10 @@ async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_pla
     """After push_to, whole binary messages go to the feed as they are parsed. A message
     in fragments goes to websockets' queue, and so does every message behind it until
     recv has taken it; so does one the feed refuses. The tunnel sees them all in order."""
-    fed: list[bytes] = []
     ready = asyncio.Event()
-    refusing = asyncio.Event()
 
-    def feed(message: bytes) -> bool:
-        if refusing.is_set():
-            return False
-        fed.append(message)
-        return True
+    feed = Feed()
+    fed = feed.fed
 
     async def talk(ws: ServerConnection) -> None:
         await ws.send(b"before")
@@ -100,7 +96,7 @@ async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_pla
         assert fed == [b"one"]
         assert await transport.recv() == b"fragmented"
         assert await transport.recv() == b"behind it"
-        refusing.set()
+        feed.refusing = True
         await ws.send(b"next")
         assert await transport.recv() == b"refused"
         await ws.send(b"done")

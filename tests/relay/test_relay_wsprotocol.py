@@ -18,6 +18,7 @@ from relay.config import RelayConfig
 from relay.tls import TLSFiles
 from relay.workers import server_config
 from relay.wsprotocol import PUSH_TO, QUEUE_HIGH, SEND_MESSAGE, TunnelWebSocketProtocol
+from tests.feeds import Feed
 
 READERS: list[Any] = []
 
@@ -163,16 +164,11 @@ async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_or
     """After push_to, binary messages go to the feed as they are parsed; messages that were
     queued first make push_to refuse until the app has read them; a message the feed
     refuses, and the disconnect, come through receive."""
-    fed: list[bytes] = []
     seen: list[Any] = []
     protocols: list[TunnelWebSocketProtocol] = []
-    refusing = asyncio.Event()
 
-    def feed(message: bytes) -> bool:
-        if refusing.is_set():
-            return False
-        fed.append(message)
-        return True
+    feed = Feed()
+    fed = feed.fed
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
@@ -186,7 +182,7 @@ async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_or
         await send({"type": "websocket.send", "bytes": b"pushing"})
         while len(fed) < len(messages):
             await asyncio.sleep(0.01)
-        refusing.set()
+        feed.refusing = True
         await send({"type": "websocket.send", "bytes": b"refusing"})
         seen.append((await receive())["bytes"])
         seen.append((await receive())["type"])
