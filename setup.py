@@ -51,6 +51,7 @@ COMPILED = [
     "relay/invoke.py",
     "relay/locations.py",
     "relay/plan.py",
+    "relay/request_parts.py",
     "relay/wsprotocol.py",
     "agent/dispatch.py",
     "agent/head.py",

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul import gc_tuning, malloc_tuning
@@ -60,6 +61,30 @@ class AccessLog:
                 status=status,
                 duration_ms=round((time.perf_counter() - start) * 1000, 1),
             )
+
+
+class AppState(State):
+    """Starlette's ``app.state``, with each value also kept as a plain attribute.
+
+    Starlette keeps the values in a dict behind ``__getattr__``, an interpreted call for
+    every read; the invoke path reads half a dozen of them per request. Here a read finds the
+    attribute directly and ``__getattr__`` is reached only for a name never set. Writes and
+    deletes go to both, through any of State's ways in.
+    """
+
+    def __setattr__(self, key: Any, value: Any) -> None:
+        super().__setattr__(key, value)
+        object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: Any) -> None:
+        super().__delattr__(key)
+        object.__delattr__(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.__setattr__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.__delattr__(key)
 
 
 def _peer_ca(config: RelayConfig) -> str | None:
@@ -115,6 +140,7 @@ def create_app(config: RelayConfig) -> FastAPI:
         description="Invoke on-premises APIs through an outbound-only gateway tunnel.",
         lifespan=lifespan,
     )
+    app.state = AppState()
     app.state.config = config
     problems.install(app)
     for router in ROUTERS:

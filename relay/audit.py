@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from starlette.types import Message, Receive, Scope, Send
 
 from backhaul import compact_json
+from relay.headers import request_header
 from relay.identity import Principal
 from relay.store.models import AuditEvent, UTCDateTime, utcnow
 
@@ -89,7 +90,9 @@ _flushers: dict[AsyncEngine, asyncio.Task[None]] = {}
 
 def _later(engine: AsyncEngine, **fields: Any) -> asyncio.Task[None]:
     """Queue an invoke record; the returned task finishes once it is written."""
-    _batches.setdefault(engine, []).append({"id": new_event_id(), "at": utcnow(), **fields})
+    # The clock read here rather than through utcnow(): an interpreted call per invoke.
+    at = dt.datetime.now(dt.UTC)
+    _batches.setdefault(engine, []).append({"id": new_event_id(), "at": at, **fields})
     task = _flushers.get(engine)
     if task is None or task.done():
         task = asyncio.get_running_loop().create_task(_flush_soon(engine))
@@ -186,7 +189,7 @@ async def drain() -> None:
 
 
 def _declared_length(request: Request) -> int | None:
-    value = request.headers.get("content-length")
+    value = request_header(request.scope, b"content-length")
     return int(value) if value is not None and value.strip().isdigit() else None
 
 

@@ -33,7 +33,12 @@ from relay import plan as invoke_plan
 from relay.balancing import RoundRobin, Thresholds, choose
 from relay.cache import ReadCache, lookup
 from relay.forward import FORWARDED_HEADER, ForwardFailed, forward
-from relay.headers import raw_response_headers
+from relay.headers import (
+    has_request_header,
+    raw_response_headers,
+    request_header,
+    request_header_items,
+)
 from relay.hub import Hub, LiveTunnel
 from relay.identity import CurrentUser
 from relay.locations import invoke_prefix, public_location
@@ -47,6 +52,8 @@ log = structlog.get_logger("backhaul.relay.invoke")
 METHODS: list[str] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 CALLER_ONLY = frozenset({"authorization", "cookie", "host", "x-backhaul-timeout"})
 TIMEOUT_HEADER = "x-backhaul-timeout"
+_TIMEOUT_FIELD = TIMEOUT_HEADER.encode()
+_FORWARDED_FIELD = FORWARDED_HEADER.encode()
 _REASON = re.compile(r"^\[([a-z_]{1,40})\] (.+)$", re.DOTALL)
 _FORBIDDEN_RAW = re.compile(rb"%(2f|5c|00)|\\", re.IGNORECASE)
 
@@ -115,7 +122,7 @@ def _deadline(request: Request) -> float:
     config = request.app.state.config
     maximum = float(config.invoke_timeout_max_seconds)
     default = min(float(config.invoke_timeout_seconds), maximum)
-    raw = request.headers.get(TIMEOUT_HEADER)
+    raw = request_header(request.scope, _TIMEOUT_FIELD)
     if raw is None:
         return default
     try:
@@ -128,15 +135,15 @@ def _deadline(request: Request) -> float:
 
 
 def _forward_headers(request: Request) -> list[list[str]]:
-    pairs = [(name.lower(), value) for name, value in request.headers.items()]
+    pairs = [(name.lower(), value) for name, value in request_header_items(request.scope)]
     return [[name, value] for name, value in strip_hop_by_hop(pairs, CALLER_ONLY)]
 
 
 def _has_body(request: Request) -> bool:
-    length = request.headers.get("content-length")
+    length = request_header(request.scope, b"content-length")
     if length is not None:
         return length.strip() != "0"
-    return "transfer-encoding" in request.headers
+    return has_request_header(request.scope, b"transfer-encoding")
 
 
 _REQUESTS = Tallies(metrics.REQUESTS)
@@ -221,7 +228,7 @@ async def _through_gateway(
         live = hub.pick(target.gateway_id, frozenset(tried), target.load_balancing, thresholds)
         if live is None and lost is not None:
             raise lost  # no other member to retry on: the original failure stands
-        if live is None and not tried and FORWARDED_HEADER not in request.headers:
+        if live is None and not tried and not has_request_header(request.scope, _FORWARDED_FIELD):
             forwarded = await _forward_elsewhere(request, target, thresholds)
             if forwarded is not None:
                 return forwarded
@@ -347,7 +354,7 @@ REPLAY_LIMIT = 64 * 1024
 
 
 async def _small_body(request: Request) -> bytes | None:
-    length = request.headers.get("content-length", "")
+    length = request_header(request.scope, b"content-length") or ""
     if not length.isdigit() or int(length) > REPLAY_LIMIT:
         return None
     return await request.body()

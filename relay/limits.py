@@ -146,11 +146,12 @@ def admit(request: Request, connection_id: str) -> None:
     limits: Limits | None = getattr(request.app.state, "limits", None)
     if limits is None:
         return
-    token = _token_key(request)
+    # Both limits are off unless configured: no token is hashed for a limiter that is off.
+    token = _token_key(request) if limits.per_token.enabled else ""
     if token and (wait := limits.per_token.wait(token)):
         log.info("limits.token_rate", connection_id=connection_id, retry_after=round(wait, 3))
         raise _too_many("API token", wait)
-    if wait := limits.per_connection.wait(connection_id):
+    if limits.per_connection.enabled and (wait := limits.per_connection.wait(connection_id)):
         log.info("limits.connection_rate", connection_id=connection_id, retry_after=round(wait, 3))
         raise _too_many("connection", wait)
 

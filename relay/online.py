@@ -34,8 +34,8 @@ from relay.locations import invoke_prefix, public_location
 from relay.oauth.client import ConsentRequired, OAuthError
 from relay.oauth.tokens import Tokens
 from relay.plan import Plan
-from relay.policies import RequestParts
 from relay.problems import ProblemError
+from relay.request_parts import RequestParts
 from relay.store.queries import InvokeTarget
 
 log = structlog.get_logger("backhaul.relay.online")

@@ -22,6 +22,7 @@ from relay.importer import settings as connector_settings
 from relay.importer.settings import ConnectorSettings
 from relay.oauth.tokens import OAuthTarget
 from relay.problems import ProblemError
+from relay.request_parts import RequestParts
 from relay.store import Forbidden, NotFound
 from relay.store.models import Connection, Connector
 from relay.store.queries import InvokeTarget
@@ -64,9 +65,9 @@ class Plan:
         query: str,
         headers: list[list[str]] | list[tuple[str, str]],
         secrets: dict[str, Any] | None = None,
-    ) -> policies.RequestParts:
+    ) -> RequestParts:
         """The request after the connector's policies; a refused rewrite is a 502 problem."""
-        parts = policies.RequestParts(
+        parts = RequestParts(
             method=method,
             path=path,
             query=query,

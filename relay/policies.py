@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 from relay import RelayError
 from relay.importer.settings import Operation, Policy
+from relay.request_parts import RequestParts
 from relay.urls import normalize_base_url
 
 _EXPRESSION = re.compile(
@@ -74,23 +75,6 @@ def referenced_parameters(text: str) -> list[str]:
 
 def is_token(text: str) -> bool:
     return bool(_TOKEN.match(text))
-
-
-@dataclass(frozen=True)
-class RequestParts:
-    """The request as the policies see and change it."""
-
-    method: str
-    #: Raw (still percent-encoded) path under the base URL, without a leading slash.
-    path: str
-    #: Raw query string, without "?".
-    query: str
-    headers: tuple[tuple[str, str], ...]
-    base_url: str
-
-    @property
-    def url(self) -> str:
-        return self.base_url + self.path + (f"?{self.query}" if self.query else "")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import pytest
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from relay import edge
+from relay.coalesce import CoalescingTransport
 from relay.edge import BODY_HIGH_WATER, DirectBody, DirectReply, eligible
 from relay.limits import http_protocol
 from tests.relay.relay_helpers import make_config
@@ -70,6 +72,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
+        #: ``write`` and ``writelines`` calls: system calls, on a real transport.
+        self.writes = 0
         self.closed = False
         self.reading = True
 
@@ -80,11 +84,12 @@ class Recorder:
         self.reading = True
 
     def write(self, data: bytes) -> None:
+        self.writes += 1
         self.chunks.append(bytes(data))
 
     def writelines(self, chunks: Any) -> None:
-        for chunk in chunks:
-            self.write(chunk)
+        self.writes += 1
+        self.chunks.extend(bytes(chunk) for chunk in chunks)
 
     def close(self) -> None:
         self.closed = True
@@ -100,12 +105,17 @@ class Recorder:
 class Cycle:
     """A real uvicorn request cycle for one request, over a :class:`Recorder`."""
 
-    def __init__(self, method: str = "GET", keep_alive: bool = True) -> None:
+    def __init__(
+        self, method: str = "GET", keep_alive: bool = True, coalescing: bool = False
+    ) -> None:
         self.transport = Recorder()
         self.completed = 0
+        transport: Any = self.transport
+        if coalescing:  # as the relay's HTTP protocol wraps every caller connection
+            transport = CoalescingTransport(transport, asyncio.get_running_loop())
         self.cycle = RequestResponseCycle(
             scope=scope(method=method),  # type: ignore[arg-type]
-            transport=self.transport,  # type: ignore[arg-type]
+            transport=transport,
             flow=FlowControl(self.transport),  # type: ignore[arg-type]
             logger=logging.getLogger("test"),
             access_logger=logging.getLogger("test.access"),
@@ -132,6 +142,43 @@ async def test_content_length_answer_is_head_and_body() -> None:
     )
     assert c.cycle.response_complete and c.completed == 1 and not c.transport.closed
     assert (c.reply.status, c.reply.sent, c.reply.declared, c.reply.finished) == (200, 5, 5, True)
+
+
+async def test_a_whole_answer_leaves_at_once_in_one_write() -> None:
+    """Through the caller's coalescing transport the head waits for its body, and the whole
+    answer is written as soon as its body ends: not at the end of the loop iteration, after
+    the request's own bookkeeping, which the caller would wait for."""
+    c = Cycle(coalescing=True)
+    await c.reply.start(200, [(b"content-length", b"5")])
+    assert c.transport.writes == 0
+    await c.reply.body(b"hello", False)
+    assert c.transport.writes == 1 and c.transport.data.endswith(b"\r\n\r\nhello")
+    await asyncio.sleep(0)  # the flush the first write scheduled finds nothing left
+    assert c.transport.writes == 1
+
+
+async def test_under_load_answers_leave_together_at_the_end_of_the_iteration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With other requests being answered, a whole answer waits for the end of the loop
+    iteration, where the answers finished in it leave one after another."""
+    monkeypatch.setattr(edge, "_answering", 2)
+    c = Cycle(coalescing=True)
+    await c.reply.start(200, [(b"content-length", b"5")])
+    await c.reply.body(b"hello", False)
+    assert c.transport.writes == 0
+    await asyncio.sleep(0)
+    assert c.transport.writes == 1 and c.transport.data.endswith(b"\r\n\r\nhello")
+
+
+async def test_a_streamed_answer_is_held_only_until_its_end() -> None:
+    c = Cycle(coalescing=True)
+    await c.reply.start(200, [])
+    await c.reply.body(b"abc", True)
+    assert c.transport.writes == 0
+    await c.reply.body(b"def", False)
+    assert c.transport.writes == 1
+    assert c.transport.data.endswith(b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
 
 
 async def test_the_apis_date_stands_and_the_relays_is_not_added() -> None:

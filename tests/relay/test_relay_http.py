@@ -8,7 +8,7 @@ import httpx
 import structlog
 
 from relay import metrics
-from relay.app import create_app
+from relay.app import AppState, create_app
 from tests.relay.relay_helpers import Relay, assert_problem, make_config, start
 
 
@@ -35,6 +35,30 @@ async def test_validation_problem_does_not_echo_input(relay: Relay) -> None:
     body = assert_problem(r, 422)
     assert secret not in r.text
     assert {e["field"] for e in body["errors"]} == {"name", "role"}
+
+
+def test_app_state_values_are_plain_attributes_through_every_way_in() -> None:
+    """The relay's ``app.state`` answers reads without State's ``__getattr__``; writes and
+    deletes through attributes or items keep both copies the same."""
+    state = AppState()
+    state.hub = 1
+    state["db"] = 2
+    assert vars(state) == {"_state": {"hub": 1, "db": 2}, "hub": 1, "db": 2}
+    assert (state.hub, state["hub"], state.db, len(state)) == (1, 1, 2, 2)
+    assert sorted(state) == ["db", "hub"]
+    del state.hub
+    del state["db"]
+    assert vars(state) == {"_state": {}} and getattr(state, "hub", None) is None
+    try:
+        state.db
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("a deleted value is still readable")
+
+
+async def test_the_relays_app_state_is_an_app_state(relay: Relay) -> None:
+    assert isinstance(relay.app.state, AppState) and relay.app.state.hub is not None
 
 
 async def test_probes(relay: Relay) -> None:

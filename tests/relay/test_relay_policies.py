@@ -12,7 +12,8 @@ from backhaul import sampleapi
 from backhaul.seal import open_sealed
 from relay import plan, policies
 from relay.importer.settings import Operation, Policy
-from relay.policies import PolicyError, RequestParts
+from relay.policies import PolicyError
+from relay.request_parts import RequestParts
 from relay.store import queries
 from tests.relay.connector_files import import_body
 from tests.relay.online_helpers import online_config

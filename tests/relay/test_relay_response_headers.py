@@ -1,10 +1,21 @@
-"""relay.headers: what of the internal API's response headers reaches the caller."""
+"""relay.headers: what of the internal API's response headers reaches the caller, and how the
+caller's request fields are read."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from relay.headers import raw_response_headers, response_headers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.datastructures import Headers
+
+from relay.headers import (
+    has_request_header,
+    raw_response_headers,
+    request_header,
+    request_header_items,
+    response_headers,
+)
 from relay.invoke import AsgiSink
 
 PAIRS = [
@@ -45,3 +56,24 @@ async def test_the_asgi_path_leaves_date_to_the_server() -> None:
     assert sent == [
         {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
     ]
+
+
+# ---------------------------------------------------------------------- the request's fields
+
+_NAMES = st.sampled_from([b"content-length", b"authorization", b"x-backhaul-timeout", b"x-a"])
+_FIELDS = st.lists(st.tuples(_NAMES, st.binary(max_size=8).map(lambda v: v.replace(b"\n", b""))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=_FIELDS, name=_NAMES)
+def test_request_fields_read_as_starlettes_headers_read_them(
+    fields: list[tuple[bytes, bytes]], name: bytes
+) -> None:
+    """The invoke path reads the caller's fields from the scope; Starlette's ``Headers`` over
+    the same scope is what it used to ask, and must agree on every answer."""
+    scope: dict[str, Any] = {"type": "http", "headers": fields}
+    headers = Headers(scope=scope)
+    key = name.decode()
+    assert request_header(scope, name) == headers.get(key)
+    assert has_request_header(scope, name) is (key in headers)
+    assert request_header_items(scope) == headers.items()
