@@ -45,10 +45,14 @@ class Candidate(Protocol):
 C = TypeVar("C", bound=Candidate)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Thresholds:
     cpu: float | None = None
     memory: float | None = None
+
+    def __init__(self, cpu: float | None = None, memory: float | None = None) -> None:
+        object.__setattr__(self, "cpu", cpu)
+        object.__setattr__(self, "memory", memory)
 
     def over(self, candidate: Candidate) -> bool:
         cpu, memory = candidate.cpu, candidate.memory

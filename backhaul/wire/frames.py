@@ -90,7 +90,7 @@ END_STREAM_BIT = int(Flags.END_STREAM)
 PROMPT_CREDIT_BIT = int(Flags.PROMPT_CREDIT)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Frame:
     """A decoded frame. ``type`` is an int so that unknown types can be reported and skipped."""
 
@@ -99,6 +99,12 @@ class Frame:
     stream_id: int
     #: A bulk DATA frame's payload is a view of its message (:data:`VIEW_DATA_FROM`).
     payload: bytes | memoryview
+
+    def __init__(self, type: int, flags: int, stream_id: int, payload: bytes | memoryview) -> None:
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "stream_id", stream_id)
+        object.__setattr__(self, "payload", payload)
 
     @property
     def end_stream(self) -> bool:

@@ -47,3 +47,29 @@ def test_every_module_of_the_compiled_list_is_an_extension_in_the_tree() -> None
         if not any((tree / module).with_suffix(suffix).exists() for suffix in EXTENSION_SUFFIXES)
     ]
     assert missing == []
+
+
+@pytest.mark.skipif(not BUILD_UNDER_TEST, reason="runs against the compiled build only")
+def test_the_data_paths_dataclasses_are_built_by_compiled_code(tmp_path: Path) -> None:
+    """A dataclass's generated ``__init__`` stays interpreted under mypyc; the ones made per
+    frame and per request write their own, which must come out compiled."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import types\n"
+        "from backhaul.wire import events, frames\n"
+        "from relay import balancing, request_parts\n"
+        "classes = [frames.Frame, balancing.Thresholds, request_parts.RequestParts]\n"
+        "classes += [c for c in vars(events).values()\n"
+        "            if isinstance(c, type) and issubclass(c, events.Event)\n"
+        "            and c is not events.Event]\n"
+        "print([c.__name__ for c in classes if isinstance(c.__init__, types.FunctionType)])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(BUILD_UNDER_TEST)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
