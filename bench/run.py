@@ -738,6 +738,9 @@ def measure_transfers(targets: dict[str, Target], results: dict[str, Result], s:
     (direct, ssh -R, Backhaul, direct, …) so that a slow minute of the machine weighs on all
     of them; each path reports the median, its runs are kept for the report."""
     broken: set[tuple[str, str]] = set()
+    for path, target in targets.items():  # what the transfers' peaks are to be read against
+        for name, pid in target.memory_pids.items():
+            results[path].values[f"{name}_rss_transfers"] = tree_status(pid)["VmRSS"] / 1024
     for round_ in range(s.transfer_rounds):
         for path, target in targets.items():
             result = results[path]
@@ -1019,6 +1022,7 @@ ROWS = [
 
 MEMORY_ROWS = [
     ("rss_idle", "RSS idle, before any request (MiB)"),
+    ("rss_transfers", "RSS before the first transfer, after the other measurements (MiB)"),
     ("rss_download", "Peak RSS during the download (MiB)"),
     ("rss_upload", "Peak RSS during the upload (MiB)"),
     ("rss_end", "RSS after the run (MiB)"),
