@@ -31,6 +31,25 @@ def test_window_counts_and_forgets(monkeypatch: Any) -> None:
     assert len(log.errors) == activity.MAX_ERRORS
 
 
+def test_the_window_keeps_counts_per_second_not_a_record_per_request(monkeypatch: Any) -> None:
+    clock = [1000.2]
+    monkeypatch.setattr(activity.time, "monotonic", lambda: clock[0])
+    log = Activity()
+    for _ in range(10_000):
+        log.record("cxn_a", 200)
+    log.record("cxn_b", 500)
+    assert list(log._seconds) == [(1000, {"cxn_a": [10_000, 0], "cxn_b": [1, 1]})]
+    clock[0] = 1030.7
+    log.record("cxn_a", 404)
+    assert log.last_minute() == {"cxn_a": (10_001, 1), "cxn_b": (1, 1)}
+    clock[0] = 1060.9  # second 1000 ended 59.9 s ago: still in the window
+    assert log.last_minute() == {"cxn_a": (10_001, 1), "cxn_b": (1, 1)}
+    clock[0] = 1061.0  # and now it has left it
+    assert log.last_minute() == {"cxn_a": (1, 1)}
+    clock[0] = 1091.0
+    assert log.last_minute() == {} and not log._seconds
+
+
 async def test_recorder_sees_status_and_problem_but_nothing_else() -> None:
     log = Activity()
     problem = {"title": "Target not allowed", "detail": "no allow entry", "status": 502}
