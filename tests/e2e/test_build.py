@@ -67,7 +67,7 @@ def test_the_data_paths_dataclasses_are_built_by_compiled_code(tmp_path: Path) -
         "            and c is not events.Event]\n"
         "print([c.__name__ for c in classes if isinstance(c.__init__, types.FunctionType)])\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(BUILD_UNDER_TEST)}
+    env = {**os.environ, "PYTHONPATH": str(Path(BUILD_UNDER_TEST).resolve())}
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
     )
