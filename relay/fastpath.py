@@ -14,7 +14,7 @@ Agent tunnels (``/v1/tunnel``) are taken off the top too, through the same hands
 keeps a suspended frame per tunnel for all that time.
 
 Under uvicorn's httptools protocol most invoke requests do not reach this ASGI application at
-all: :mod:`relay.edge` answers them in the protocol itself, with :func:`bearer_token` and
+all: :mod:`relay.edge` answers them in the protocol itself, with :func:`respond` and
 :func:`finish` from here. What it leaves to ASGI (URLs and bodies the limits middleware must
 see, requests behind trusted proxies, in-process test clients) comes through here.
 
@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 
 import structlog
 from fastapi import FastAPI, Request, Response, WebSocket
-from fastapi.security.utils import get_authorization_scheme_param
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import invoke, tunnel
 from relay.activity import INVOKE_PATH, Activity, Outcome
+from relay.headers import bearer_token
 from relay.identity import authenticate
 from relay.limits import HandshakeGate, RequestLimits
 from relay.problems import ProblemError, problem
@@ -95,15 +94,6 @@ def is_invoke(scope: Scope) -> bool:
     )
 
 
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The token of the first ``Authorization: Bearer`` field, as Starlette would read it."""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, token = get_authorization_scheme_param(value.decode("latin-1"))
-            return token if scheme.lower() == "bearer" else None
-    return None
-
-
 async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
     """Authenticate, invoke, answer; record the outcome for the admin page."""
     match = INVOKE_PATH.match(scope["path"])
@@ -128,7 +118,7 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
 async def respond(request: Request, connection_id: str) -> Response:
     """The invoke's answer for the caller the bearer token names, a problem included."""
     try:
-        user = await authenticate(request, bearer_token(request.scope["headers"]))
+        user = await authenticate(request, bearer_token(request.scope))
         return await invoke.invoke(connection_id, request, user)
     except ProblemError as exc:
         return exc.response()

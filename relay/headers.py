@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import MutableHeaders
 
 from backhaul.headers import HOP_BY_HOP
@@ -12,6 +13,7 @@ from relay.locations import LOCATION_FIELDS
 
 __all__ = [
     "HOP_BY_HOP",
+    "bearer_token",
     "has_request_header",
     "raw_response_headers",
     "request_header",
@@ -42,6 +44,16 @@ def has_request_header(scope: Mapping[str, Any], name: bytes) -> bool:
 def request_header_items(scope: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every field of the request in order, as text."""
     return [(key.decode("latin-1"), value.decode("latin-1")) for key, value in scope["headers"]]
+
+
+def bearer_token(scope: Mapping[str, Any]) -> str | None:
+    """The token of the first ``Authorization`` field when its scheme is Bearer, as FastAPI's
+    security helpers read it; None for another scheme or no field."""
+    value = request_header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, token = get_authorization_scheme_param(value)
+    return token if scheme.lower() == "bearer" else None
 
 
 def response_headers(

@@ -49,6 +49,7 @@ from backhaul.wire.frames import FrameType
 from relay import metrics
 from relay.coalesce import CoalescingTransport
 from relay.config import RelayConfig
+from relay.headers import bearer_token
 from relay.problems import MEDIA_TYPE, ProblemError, problem
 
 log = structlog.get_logger("backhaul.relay.limits")
@@ -133,9 +134,9 @@ def _too_many(what: str, wait: float) -> ProblemError:
 
 
 def _token_key(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = bearer_token(request.scope)
     # A hash, so that no token sits in memory longer than its request needs it.
-    return hashlib.sha256(token.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
+    return hashlib.sha256(token.encode()).hexdigest() if token is not None else ""
 
 
 def admit(request: Request, connection_id: str) -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
 from relay.headers import (
+    bearer_token,
     has_request_header,
     raw_response_headers,
     request_header,
@@ -77,3 +78,15 @@ def test_request_fields_read_as_starlettes_headers_read_them(
     assert request_header(scope, name) == headers.get(key)
     assert has_request_header(scope, name) is (key in headers)
     assert request_header_items(scope) == headers.items()
+
+
+def test_bearer_token_is_the_first_authorization_fields_when_its_scheme_is_bearer() -> None:
+    def token(*fields: tuple[bytes, bytes]) -> str | None:
+        return bearer_token({"headers": list(fields)})
+
+    assert token((b"authorization", b"Bearer bh_abc")) == "bh_abc"
+    assert token((b"authorization", b"bearer  bh_abc ")) == "bh_abc"
+    assert token((b"authorization", b"Bearer")) == ""
+    assert token((b"authorization", b"Basic YTpi")) is None
+    assert token((b"x-a", b"Bearer bh_abc")) is None
+    assert token((b"authorization", b"Basic YTpi"), (b"authorization", b"Bearer bh_abc")) is None
