@@ -5,7 +5,8 @@
 Starts the same sample API, relay and enrolled agent as ``bench/run.py`` (its
 ``setup_backhaul``), puts ``wrk -c64`` on ``GET /small`` through the tunnel, and samples both
 processes with py-spy (``record --format raw``, 200 Hz, ``--nonblocking`` so the target is never
-paused). Prints, per process, the functions with the most samples on top of the stack (self)
+paused). Prints, per process, its CPU time and the bytes it read and wrote (sockets included)
+per request, the functions with the most samples on top of the stack (self)
 and the most samples anywhere in the stack (inclusive), and the wrk figures of the same run.
 Collapsed stacks are kept under ``bench/out/profile-{relay,agent}.txt`` for flame graphs.
 
@@ -72,6 +73,12 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return seconds
 
 
+def io_bytes(pid: int) -> tuple[int, int]:
+    """Bytes a process has read and written so far, sockets included (rchar, wchar)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"]), int(fields["wchar"])
+
+
 def _short(frame: str) -> str:
     """``func (path/to/module.py:123)`` → ``func (module.py)``: one row per function."""
     name, _, where = frame.partition(" (")
@@ -126,9 +133,11 @@ def main() -> int:
         time.sleep(0.5)
         cpu_before = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
         threads_before = {n: thread_cpu(p) for n, p in target.memory_pids.items()}
+        io_before = {n: io_bytes(p) for n, p in target.memory_pids.items()}
         wrk = bench.run_wrk(target, args.connections, min(2, args.connections), args.seconds)
         cpu_after = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
         threads_after = {n: thread_cpu(p) for n, p in target.memory_pids.items()}
+        io_after = {n: io_bytes(p) for n, p in target.memory_pids.items()}
         for spy_proc in spies.values():
             spy_proc.wait(timeout=60)
         rate, _errors = bench.wrk_rate(wrk)
@@ -137,8 +146,13 @@ def main() -> int:
             print(f"  wrk: {problem}")
         for name in target.memory_pids:
             used = cpu_after[name] - cpu_before[name]
-            per = 1000 * used / max(1.0, rate * args.seconds)
-            print(f"\n{name}: {used:.2f} s CPU, {per:.3f} ms per request")
+            requests = max(1.0, rate * args.seconds)
+            per = 1000 * used / requests
+            read, written = (a - b for a, b in zip(io_after[name], io_before[name], strict=True))
+            print(
+                f"\n{name}: {used:.2f} s CPU, {per:.3f} ms per request; bytes per request:"
+                f" {read / requests:,.0f} read, {written / requests:,.0f} written"
+            )
             for thread, after in sorted(threads_after[name].items()):
                 spent = after - threads_before[name].get(thread, 0.0)
                 if spent >= 0.01:

@@ -370,12 +370,13 @@ class Tunnel:
         return len(self._streams)
 
     async def open_stream(
-        self, head: dict[str, Any] | bytes, end_stream: bool = False
+        self, head: dict[str, Any] | bytes, end_stream: bool = False, fixed: bytes | None = None
     ) -> TunnelStream:
-        """Relay side: start a request. Raises StreamUnavailable when the tunnel can't take it."""
+        """Relay side: start a request (``fixed``: see :meth:`Connection.open_stream`).
+        Raises StreamUnavailable when the tunnel can't take it."""
         if self.closed:
             raise StreamUnavailable("tunnel closed")
-        stream_id = self.conn.open_stream(head, end_stream)
+        stream_id = self.conn.open_stream(head, end_stream, fixed)
         stream = TunnelStream(self, stream_id)
         self._streams[stream_id] = stream
         try:

@@ -13,10 +13,12 @@ streams (odd ids, increasing); the agent answers them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
+from backhaul import compact_json
 from backhaul.wire import frames as f
 from backhaul.wire.errors import (
     ErrorCode,
@@ -59,6 +61,11 @@ class Role(Enum):
     AGENT = "agent"
 
 
+#: The largest OPEN payload that may define a head slot, and the largest fixed part a sender
+#: puts in one (a larger one goes whole with every OPEN): 64 slots keep at most 4 MiB.
+HEAD_SLOT_MAX = 64 * 1024
+
+
 class Phase(Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
@@ -75,8 +82,8 @@ class Connection:
     def __init__(self, role: Role, settings: Settings | None = None) -> None:
         self.role = role
         self.local = settings or Settings()
-        #: Until the peer's HELLO says otherwise, it takes no BATCH frames.
-        self.peer = Settings(batch_frames=0)
+        #: Until the peer's HELLO says otherwise, it takes no BATCH frames and keeps no slots.
+        self.peer = Settings(batch_frames=0, head_slots=0)
         self.phase = Phase.HANDSHAKE
         self._hello_sent = False
         self._hello_received = False
@@ -98,6 +105,10 @@ class Connection:
         self._prompt = False
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
+        #: Head slots (docs/protocol.md, "Head slots"). Sending: each fixed part the peer
+        #: holds, and its slot, least recently used first. Receiving: each slot's fields.
+        self._slot_of: OrderedDict[bytes, int] = OrderedDict()
+        self._slots: dict[int, dict[str, Any]] = {}
         self._handlers: dict[f.FrameType, Callable[[f.Frame], list[Event]]] = {
             f.FrameType.HELLO: self._on_hello,
             f.FrameType.WELCOME: self._on_welcome,
@@ -263,9 +274,15 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
-    def open_stream(self, head: dict[str, Any] | bytes, end_stream: bool = False) -> int:
+    def open_stream(
+        self, head: dict[str, Any] | bytes, end_stream: bool = False, fixed: bytes | None = None
+    ) -> int:
         """Open a stream with ``head``: a dict, or the JSON object already encoded (the relay
-        encodes the parts that repeat on every request once)."""
+        encodes the parts that repeat on every request once).
+
+        ``fixed``, a JSON object encoded, holds more fields of the head: the ones that are the
+        same on every request of a connection. Toward a peer that keeps head slots they
+        cross the tunnel once per slot (:meth:`_slotted_head`); otherwise they join ``head``."""
         if self.role is not Role.RELAY:
             raise LocalProtocolError("only the relay opens streams")
         if not self.accepting_streams:
@@ -275,6 +292,10 @@ class Connection:
             raise StreamUnavailable("stream ids exhausted; reconnect")
         self._next_stream_id += 2
         stream = self._new_stream(stream_id)
+        if fixed is not None:
+            if not isinstance(head, bytes):
+                head = compact_json.dumps(head).encode()
+            head = self._slotted_head(head, fixed)
         if isinstance(head, bytes):
             frame = f.encode(f.FrameType.OPEN, stream_id, head, _flags(end_stream))
         else:
@@ -283,6 +304,27 @@ class Connection:
         if end_stream:
             stream.transition(StreamInput.SEND_END)
         return stream_id
+
+    def _slotted_head(self, head: bytes, fixed: bytes) -> bytes:
+        """``head`` with ``fixed``'s fields: by reference to the slot the peer keeps them in
+        (``"slot": n``), or defining that slot (``"slot": n, "fixed": {...}``) and evicting
+        the least recently used one when all are taken, or joined in whole. The peer reads
+        OPENs in the order they are queued here, so its slots are always these."""
+        slots = self.peer.head_slots
+        joint = b"," if len(head) > 2 else b""
+        if not slots or len(fixed) > HEAD_SLOT_MAX:
+            return head[:-1] + joint + fixed[1:]
+        table = self._slot_of
+        slot = table.get(fixed)
+        if slot is not None:
+            table.move_to_end(fixed)
+            return head[:-1] + joint + b'"slot":%d}' % slot
+        if len(table) < slots:
+            slot = len(table)
+        else:
+            slot = table.popitem(last=False)[1]
+        table[fixed] = slot
+        return head[:-1] + joint + b'"slot":%d,"fixed":' % slot + fixed + b"}"
 
     def send_response(self, stream_id: int, head: dict[str, Any], end_stream: bool = False) -> None:
         if self.role is not Role.AGENT:
@@ -440,19 +482,56 @@ class Connection:
         if sid % 2 == 0 or sid <= self._last_peer_stream_id:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"stream id {sid} reused or even")
         self._last_peer_stream_id = sid
+        # Decoded first: a head that defines a slot defines it even when the stream is refused.
+        try:
+            head = f.decode_json(frame)
+        except RemoteProtocolError:
+            self._slots.clear()  # it may have defined one: refer to none of them from now on
+            raise
+        if "slot" in head:
+            self._fill_from_slot(head, frame)
         if self.goaway_sent is not None:
             self._out.append(f.encode_reset(sid, ErrorCode.REFUSED_STREAM, "draining"))
             return []
         if len(self._streams) >= self.local.max_streams:
             self._out.append(f.encode_reset(sid, ErrorCode.REFUSED_STREAM, "too many streams"))
             return []
-        head = f.decode_json(frame)
         stream = self._new_stream(sid)
         stream.head_received = True
         events: list[Event] = [StreamOpened(sid, head, frame.end_stream)]
         if frame.end_stream:
             events.extend(self._recv_end(stream))
         return events
+
+    def _fill_from_slot(self, head: dict[str, Any], frame: f.Frame) -> None:
+        """Resolve an OPEN head's ``slot`` (and store its ``fixed`` fields, if any): its
+        fields join ``head``. A slot out of range, an empty one or a malformed definition
+        ends the tunnel, since the two sides' slots no longer agree; a field in both the head
+        and its slot resets the stream."""
+        slot = head.pop("slot")
+        fixed = head.pop("fixed", None)
+        if (
+            type(slot) is not int
+            or not 0 <= slot < self.local.head_slots
+            or (fixed is not None and type(fixed) is not dict)
+            or (fixed is not None and len(frame.payload) > HEAD_SLOT_MAX)
+        ):
+            self._slots.clear()
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "invalid head slot definition")
+        if fixed is None:
+            fixed = self._slots.get(slot)
+            if fixed is None:
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"head slot {slot} is empty")
+        else:
+            self._slots[slot] = fixed
+        for name, value in fixed.items():
+            if name in head:
+                raise RemoteProtocolError(
+                    ErrorCode.PROTOCOL_ERROR,
+                    "a head field is both in the OPEN and in its slot",
+                    frame.stream_id,
+                )
+            head[name] = value
 
     def _on_response(self, frame: f.Frame) -> list[Event]:
         if self.role is not Role.RELAY:

@@ -23,6 +23,12 @@ DEFAULT_MAX_STREAMS = 1024
 #: requests (OPEN, RESPONSE, a short DATA) into one WebSocket message, one TLS record and one
 #: write: the per-message cost of WebSocket framing, TLS and the system call is paid once.
 DEFAULT_BATCH_FRAMES = 256
+#: Head slots an agent keeps: the part of an OPEN head that is the same on every request of a
+#: connection (its id, base URL, auth spec and sealed credentials, about 2 KiB with a hybrid
+#: ML-KEM blob) crosses the tunnel once per slot, not on every request (docs/protocol.md,
+#: "Head slots"). 64 slots of at most HEAD_SLOT_MAX bytes each (backhaul.wire.connection)
+#: bound what a peer can make the agent keep: 4 MiB.
+DEFAULT_HEAD_SLOTS = 64
 _MIN_MAX_DATA = 1024
 _LIMIT_MAX_DATA = 16 * 1024 * 1024
 
@@ -48,6 +54,10 @@ class Settings:
     #: which :meth:`from_dict` reads as 0).
     batch_frames: int = DEFAULT_BATCH_FRAMES
 
+    #: Head slots this side keeps for OPEN heads it receives; 0 (a peer that predates them):
+    #: every OPEN head is sent whole.
+    head_slots: int = DEFAULT_HEAD_SLOTS
+
     def __post_init__(self) -> None:
         if self.window_update < 0:
             object.__setattr__(self, "window_update", self.stream_window // 8)
@@ -59,10 +69,15 @@ class Settings:
     def from_dict(cls, raw: Any) -> Settings:
         """Parse a peer's settings; missing keys take the defaults, bad ones end the tunnel."""
         if raw is None:
-            return cls(batch_frames=0, window_update=0, prompt_credit=0)
+            return cls(batch_frames=0, window_update=0, prompt_credit=0, head_slots=0)
         if not isinstance(raw, dict):
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "settings must be an object")
-        values: dict[str, int] = {"batch_frames": 0, "window_update": 0, "prompt_credit": 0}
+        values: dict[str, int] = {
+            "batch_frames": 0,
+            "window_update": 0,
+            "prompt_credit": 0,
+            "head_slots": 0,
+        }
         limits = {
             "stream_window": (1, MAX_WINDOW),
             "tunnel_window": (1, MAX_WINDOW),
@@ -71,6 +86,7 @@ class Settings:
             "batch_frames": (0, 65_536),
             "window_update": (0, MAX_WINDOW),
             "prompt_credit": (0, 1),
+            "head_slots": (0, 4096),
         }
         for key, (low, high) in limits.items():
             if key not in raw:

@@ -142,7 +142,7 @@ def test_settings_defaults_when_absent() -> None:
     assert relay.receive_message(f.encode_json(f.FrameType.HELLO, 0, {"x": 1})) == [
         HelloReceived({"x": 1})
     ]
-    assert relay.peer == Settings(batch_frames=0, window_update=0, prompt_credit=0)
+    assert relay.peer == Settings(batch_frames=0, window_update=0, prompt_credit=0, head_slots=0)
     assert relay.peer.stream_update == relay.peer.stream_window // 2
 
 
