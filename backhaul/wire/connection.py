@@ -107,8 +107,9 @@ class Connection:
         self.goaway_received: int | None = None
         #: Head slots (docs/protocol.md, "Head slots"). Sending: each fixed part the peer
         #: holds, and its slot, least recently used first. Receiving: each slot's fields.
-        self._slot_of: OrderedDict[bytes, int] = OrderedDict()
-        self._slots: dict[int, dict[str, Any]] = {}
+        #: Made on first use: an idle tunnel carries neither (a relay holds thousands).
+        self._slot_of: OrderedDict[bytes, int] | None = None
+        self._slots: dict[int, dict[str, Any]] | None = None
         self._handlers: dict[f.FrameType, Callable[[f.Frame], list[Event]]] = {
             f.FrameType.HELLO: self._on_hello,
             f.FrameType.WELCOME: self._on_welcome,
@@ -315,6 +316,8 @@ class Connection:
         if not slots or len(fixed) > HEAD_SLOT_MAX:
             return head[:-1] + joint + fixed[1:]
         table = self._slot_of
+        if table is None:
+            table = self._slot_of = OrderedDict()
         slot = table.get(fixed)
         if slot is not None:
             table.move_to_end(fixed)
@@ -486,7 +489,7 @@ class Connection:
         try:
             head = f.decode_json(frame)
         except RemoteProtocolError:
-            self._slots.clear()  # it may have defined one: refer to none of them from now on
+            self._slots = None  # it may have defined one: refer to none of them from now on
             raise
         if "slot" in head:
             self._fill_from_slot(head, frame)
@@ -516,14 +519,17 @@ class Connection:
             or (fixed is not None and type(fixed) is not dict)
             or (fixed is not None and len(frame.payload) > HEAD_SLOT_MAX)
         ):
-            self._slots.clear()
+            self._slots = None
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "invalid head slot definition")
+        slots = self._slots
         if fixed is None:
-            fixed = self._slots.get(slot)
+            fixed = slots.get(slot) if slots is not None else None
             if fixed is None:
                 raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"head slot {slot} is empty")
+        elif slots is None:
+            self._slots = {slot: fixed}
         else:
-            self._slots[slot] = fixed
+            slots[slot] = fixed
         for name, value in fixed.items():
             if name in head:
                 raise RemoteProtocolError(
