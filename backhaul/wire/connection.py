@@ -61,8 +61,8 @@ class Role(Enum):
     AGENT = "agent"
 
 
-#: The largest OPEN payload that may define a head slot, and the largest fixed part a sender
-#: puts in one (a larger one goes whole with every OPEN): 64 slots keep at most 4 MiB.
+#: The largest OPEN payload that may define a head slot (a sender sends a larger one whole,
+#: defining nothing): 64 slots keep at most 4 MiB.
 HEAD_SLOT_MAX = 64 * 1024
 
 
@@ -313,7 +313,7 @@ class Connection:
         OPENs in the order they are queued here, so its slots are always these."""
         slots = self.peer.head_slots
         joint = b"," if len(head) > 2 else b""
-        if not slots or len(fixed) > HEAD_SLOT_MAX:
+        if not slots:
             return head[:-1] + joint + fixed[1:]
         table = self._slot_of
         if table is None:
@@ -322,12 +322,15 @@ class Connection:
         if slot is not None:
             table.move_to_end(fixed)
             return head[:-1] + joint + b'"slot":%d}' % slot
-        if len(table) < slots:
-            slot = len(table)
-        else:
-            slot = table.popitem(last=False)[1]
+        full = len(table) >= slots
+        slot = next(iter(table.values())) if full else len(table)
+        defining = head[:-1] + joint + b'"slot":%d,"fixed":' % slot + fixed + b"}"
+        if len(defining) > HEAD_SLOT_MAX:  # the peer would refuse to keep it
+            return head[:-1] + joint + fixed[1:]
+        if full:
+            table.popitem(last=False)
         table[fixed] = slot
-        return head[:-1] + joint + b'"slot":%d,"fixed":' % slot + fixed + b"}"
+        return defining
 
     def send_response(self, stream_id: int, head: dict[str, Any], end_stream: bool = False) -> None:
         if self.role is not Role.AGENT:

@@ -79,6 +79,20 @@ def test_a_fixed_part_above_the_limit_goes_whole() -> None:
         assert "slot" not in _sent(pair)
 
 
+def test_a_definition_above_the_limit_with_a_large_head_goes_whole() -> None:
+    """The limit is on the defining OPEN's whole payload: a fixed part that fits alone but not
+    beside a large request head goes whole, and the tunnel stays up."""
+    pair = connect()
+    fixed = _fixed("cxn_edge", "e" * (HEAD_SLOT_MAX - 200))
+    request = {**REQUEST, "headers": [["x-large", "v" * 1000]]}
+    assert _open(pair, fixed, request).head == _whole(fixed, request)
+    assert "slot" not in _sent(pair)
+    assert not pair.agent.closed
+    # The next request with a small head defines the slot.
+    assert _open(pair, fixed).head == _whole(fixed)
+    assert _sent(pair)["slot"] == 0
+
+
 def test_the_least_recently_used_slot_is_replaced() -> None:
     pair = connect(agent_settings=Settings(head_slots=2))
     a, b, c = _fixed("cxn_a"), _fixed("cxn_b"), _fixed("cxn_c")
