@@ -24,7 +24,7 @@ DEFAULT_MAX_STREAMS = 1024
 #: write: the per-message cost of WebSocket framing, TLS and the system call is paid once.
 DEFAULT_BATCH_FRAMES = 256
 #: Head slots an agent keeps: the part of an OPEN head that is the same on every request of a
-#: connection (its id, base URL, auth spec and sealed credentials, about 1.6 KiB with a hybrid
+#: connection (its id, base URL, auth spec and sealed credentials, about 1.8 KiB with a hybrid
 #: ML-KEM blob) crosses the tunnel once per slot, not on every request (docs/protocol.md,
 #: "Head slots"). 64 slots of at most HEAD_SLOT_MAX bytes each (backhaul.wire.connection)
 #: bound what a peer can make the agent keep: 4 MiB.
