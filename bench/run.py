@@ -290,6 +290,24 @@ def tree_cpu(pid: int) -> float:
     return sum(stat_cpu(Path(f"/proc/{p}/stat")) for p in [pid, *descendants(pid)])
 
 
+def proc_io(pid: int) -> tuple[int, int] | None:
+    """Bytes a process has read and written so far (``rchar``, ``wchar`` of /proc/<pid>/io:
+    sockets included, what the system calls moved); None if it is gone."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines()
+        )
+        return int(fields["rchar"]), int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def tree_io(pid: int) -> tuple[int, int]:
+    """:func:`proc_io` of a process and its descendants, summed."""
+    found = [io for p in [pid, *descendants(pid)] if (io := proc_io(p)) is not None]
+    return sum(io[0] for io in found), sum(io[1] for io in found)
+
+
 class MemorySampler:
     """Samples VmRSS of some process trees every 50 ms; keeps the maximum."""
 
@@ -433,6 +451,7 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
     wrk itself, the path's own processes and the backend."""
     pids = {**target.memory_pids, **target.cpu_pids}
     cpu_before = {name: tree_cpu(pid) for name, pid in pids.items()}
+    io_before = {name: tree_io(pid) for name, pid in pids.items()}
     wrk_before = children_cpu()
     out = run_wrk(target, s.wrk_connections, s.wrk_threads, s.wrk_seconds)
     wrk_used = children_cpu() - wrk_before
@@ -441,6 +460,9 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
         for name, pid in pids.items():
             used = tree_cpu(pid) - cpu_before[name]
             result.values[f"{name}_cpu_per_request"] = used / requests * 1000
+            read, written = tree_io(pid)
+            result.values[f"{name}_read_per_request"] = (read - io_before[name][0]) / requests
+            result.values[f"{name}_written_per_request"] = (written - io_before[name][1]) / requests
         result.values["wrk_cpu_per_request"] = wrk_used / requests * 1000
     for pct, ms in wrk_percentiles(out).items():
         result.values[f"wrk_p{pct}"] = ms
@@ -625,13 +647,8 @@ def small_get(client: httpx.Client, url: str) -> float:
 def bytes_written(pid: int) -> int:
     """Bytes a process has written so far (wchar of /proc/<pid>/io), or -1 if unknown.
     For curl that is the response body it has received (recv() is not counted in rchar)."""
-    try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return -1
+    io = proc_io(pid)
+    return io[1] if io is not None else -1
 
 
 class Download:
@@ -1092,6 +1109,52 @@ def cpu_budget(results: dict[str, Result | None]) -> list[str]:
     return out
 
 
+#: The tunnel's private end of each path: what it reads beside the backend's answers came
+#: through the tunnel.
+PRIVATE_END = {"ssh": "ssh", "backhaul": "agent"}
+
+
+def tunnel_bytes(results: dict[str, Result | None]) -> list[str]:
+    """Bytes that crossed the tunnel per small request in the 64-client wrk run, each way:
+    what the private end read less what the backend wrote, and what it wrote less what the
+    backend read."""
+
+    def per_request(path: str, name: str, what: str) -> float | None:
+        r = results.get(path)
+        return None if r is None else r.values.get(f"{name}_{what}_per_request")
+
+    rows: dict[str, list[float | None]] = {"down": [], "up": []}
+    for path, end in PRIVATE_END.items():
+        read, written = per_request(path, end, "read"), per_request(path, end, "written")
+        backend_read = per_request(path, "backend", "read")
+        backend_written = per_request(path, "backend", "written")
+        down = read - backend_written if read is not None and backend_written is not None else None
+        up = written - backend_read if written is not None and backend_read is not None else None
+        rows["down"].append(down)
+        rows["up"].append(up)
+    if all(value is None for values in rows.values() for value in values):
+        return []
+    return [
+        "## Bytes through the tunnel per small request",
+        "",
+        "From the same 64-client wrk run: what the tunnel's private end (ssh / agent) read,"
+        " less what the backend wrote, came through the tunnel toward it; what it wrote, less"
+        " what the backend read, went back. Bytes as the processes' system calls moved them"
+        " (`rchar` and `wchar` of /proc/<pid>/io): SSH or TLS and WebSocket records included,"
+        " TCP and IP headers not. A gateway's tunnel usually crosses a metered link.",
+        "",
+        "| Bytes per request | ssh -R | Backhaul |",
+        "|---|---:|---:|",
+        "| public end → private end (the request) | "
+        + " | ".join(fmt(v, "{:,.0f}") for v in rows["down"])
+        + " |",
+        "| private end → public end (the answer, 1 KiB body) | "
+        + " | ".join(fmt(v, "{:,.0f}") for v in rows["up"])
+        + " |",
+        "",
+    ]
+
+
 FAIRNESS_TARGET_MS = 10.0
 
 
@@ -1272,6 +1335,7 @@ def render(
             )
         out.append("")
     out += cpu_budget(results)
+    out += tunnel_bytes(results)
     out += [
         "## Requests per second against concurrency",
         "",
