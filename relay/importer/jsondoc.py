@@ -53,6 +53,12 @@ def obj(doc: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def items(doc: Mapping[str, Any] | None, key: str) -> list[Any]:
+    """A nested array, or [] when absent or not an array (``true`` or a number included)."""
+    value = get(doc, key)
+    return value if isinstance(value, list) else []
+
+
 def text(value: Any) -> str | None:
     """A stripped non-empty string, or None."""
     if isinstance(value, str) and value.strip():

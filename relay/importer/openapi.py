@@ -81,7 +81,7 @@ def _base_v2(doc: dict[str, Any]) -> tuple[str, str]:
         raise DefinitionError("host: missing; the connector needs the API's host name")
     if "/" in host or "://" in host:
         raise DefinitionError("host: must be a host name (and port), without scheme or path")
-    schemes = [str(s).lower() for s in jsondoc.get(doc, "schemes") or [] if isinstance(s, str)]
+    schemes = [str(s).lower() for s in jsondoc.items(doc, "schemes") if isinstance(s, str)]
     scheme = "https" if "https" in schemes or not schemes else schemes[0]
     base_path = jsondoc.text(jsondoc.get(doc, "basePath")) or "/"
     if not base_path.startswith("/"):
@@ -91,7 +91,7 @@ def _base_v2(doc: dict[str, Any]) -> tuple[str, str]:
 
 
 def _base_v3(doc: dict[str, Any], warnings: list[str]) -> tuple[str, str]:
-    servers = [s for s in jsondoc.get(doc, "servers") or [] if isinstance(s, dict)]
+    servers = [s for s in jsondoc.items(doc, "servers") if isinstance(s, dict)]
     if not servers:
         raise DefinitionError("servers: missing; the connector needs the API's absolute URL")
     server = servers[0]
@@ -124,7 +124,7 @@ def _security(
 ) -> SecurityScheme | None:
     where = "securityDefinitions" if source == "openapi2" else "components.securitySchemes"
     order: list[str] = []
-    for requirement in jsondoc.get(doc, "security") or []:
+    for requirement in jsondoc.items(doc, "security"):
         if isinstance(requirement, dict):
             order += [name for name in requirement if name not in order]
     order += [name for name in schemes if name not in order]

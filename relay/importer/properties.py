@@ -248,7 +248,7 @@ def parameter_sets(
     props: dict[str, Any], api: ApiDocument, oauth: OAuthOverride, warnings: list[str]
 ) -> list[ParameterSet]:
     sets_raw = jsondoc.obj(props, "connectionParameterSets")
-    values = [v for v in jsondoc.get(sets_raw, "values") or [] if isinstance(v, dict)]
+    values = [v for v in jsondoc.items(sets_raw, "values") if isinstance(v, dict)]
     single = jsondoc.obj(props, "connectionParameters")
     if values:
         if single:

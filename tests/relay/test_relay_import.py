@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from backhaul.seal import open_sealed
@@ -418,6 +418,9 @@ _json = st.recursive(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(swagger=_json, props=_json)
+# Arrays that are not arrays: once a TypeError (iterating ``true``) instead of a warning.
+@example(swagger={}, props={"connectionParameterSets": {"values": True}})
+@example(swagger={"schemes": True, "servers": 5, "security": 1.5}, props={})
 def test_arbitrary_json_imports_or_is_refused_never_crashes(swagger: Any, props: Any) -> None:
     if isinstance(swagger, dict):
         swagger = {"swagger": "2.0", "host": "h.example.com"} | swagger
