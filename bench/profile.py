@@ -73,12 +73,6 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return seconds
 
 
-def io_bytes(pid: int) -> tuple[int, int]:
-    """Bytes a process has read and written so far, sockets included (rchar, wchar)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(fields["rchar"]), int(fields["wchar"])
-
-
 def _short(frame: str) -> str:
     """``func (path/to/module.py:123)`` → ``func (module.py)``: one row per function."""
     name, _, where = frame.partition(" (")
@@ -133,11 +127,11 @@ def main() -> int:
         time.sleep(0.5)
         cpu_before = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
         threads_before = {n: thread_cpu(p) for n, p in target.memory_pids.items()}
-        io_before = {n: io_bytes(p) for n, p in target.memory_pids.items()}
+        io_before = {n: bench.tree_io(p) for n, p in target.memory_pids.items()}
         wrk = bench.run_wrk(target, args.connections, min(2, args.connections), args.seconds)
         cpu_after = {n: bench.tree_cpu(p) for n, p in target.memory_pids.items()}
         threads_after = {n: thread_cpu(p) for n, p in target.memory_pids.items()}
-        io_after = {n: io_bytes(p) for n, p in target.memory_pids.items()}
+        io_after = {n: bench.tree_io(p) for n, p in target.memory_pids.items()}
         for spy_proc in spies.values():
             spy_proc.wait(timeout=60)
         rate, _errors = bench.wrk_rate(wrk)
