@@ -107,7 +107,7 @@ def create_app(config: RelayConfig) -> FastAPI:
         engine = make_engine(config.database_url)
         trimmer = allocator.Trimmer(float(config.memory_trim_seconds))
         try:
-            await migrate.upgrade(engine)
+            await migrate.prepare(engine)
             app.state.engine = engine
             app.state.db = make_session_factory(engine)
             trimmer.start()

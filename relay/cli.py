@@ -19,6 +19,7 @@ from backhaul.version import build
 from relay.config import RelayConfig, ensure_data_dir, load_config
 
 if TYPE_CHECKING:
+    from relay.store.migrate import Prepared
     from relay.tls import TLSFiles
 
 app = typer.Typer(
@@ -165,15 +166,15 @@ def _serve_workers(config: RelayConfig, files: TLSFiles) -> None:
         raise _fail(f"the relay did not start: {supervisor.problem}")
 
 
-async def _migrate(config: RelayConfig) -> None:
+async def _migrate(config: RelayConfig) -> Prepared:
     from relay.store.db import make_engine
-    from relay.store.migrate import upgrade
+    from relay.store.migrate import prepare
 
     if config.database_url.startswith("sqlite"):
         ensure_data_dir(config.data_dir)
     engine = make_engine(config.database_url)
     try:
-        await upgrade(engine)
+        return await prepare(engine)
     finally:
         await engine.dispose()
 
@@ -182,12 +183,12 @@ async def _create_admin(config: RelayConfig, name: str) -> str:
     from relay.identity import ADMIN, hash_token, new_api_token
     from relay.store import queries
     from relay.store.db import make_engine, make_session_factory
-    from relay.store.migrate import upgrade
+    from relay.store.migrate import prepare
 
     ensure_data_dir(config.data_dir)
     engine = make_engine(config.database_url)
     try:
-        await upgrade(engine)
+        await prepare(engine)
         async with make_session_factory(engine)() as session:
             user = await queries.create_user(session, name, ADMIN)
             token = new_api_token()
@@ -225,8 +226,8 @@ def create_admin(
 def migrate(config_file: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Bring the database to the current schema (``serve`` also does this at start)."""
     config = _load(config_file, data_dir=data_dir, dev=True)
-    asyncio.run(_migrate(config))
-    typer.echo("database is at the current schema", err=True)
+    done = asyncio.run(_migrate(config))
+    typer.echo(f"database is at the current schema ({done.value})", err=True)
 
 
 def main() -> None:

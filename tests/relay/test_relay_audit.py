@@ -7,19 +7,15 @@ import datetime as dt
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import event, func, insert, select
 
 from relay import audit
 from relay.store.db import make_engine
 from relay.store.models import AuditEvent, Base
-
-PG = "postgresql://127.0.0.1:5432/test"
 
 
 def _record(engine: Any, index: int) -> None:
@@ -153,19 +149,6 @@ async def test_sqlite_without_json_functions_falls_back_to_executemany(
         await engine.dispose()
     assert written == 4
     assert audit._sqlite_json is False
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh database on the machine's real PostgreSQL, dropped afterwards."""
-    name = "backhaul_audit_" + secrets.token_hex(4)
-    admin = await asyncpg.connect(PG)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql+asyncpg://127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_postgresql_batch_is_the_orm_insert(postgres_url: str) -> None:
