@@ -16,8 +16,8 @@ from setuptools import setup
 #: The data path: what every tunnelled request runs through in the relay and the agent.
 #: Modules stay out when mypyc cannot compile them as they are: FastAPI reads the signatures
 #: of routes and dependencies, which compiled functions do not expose (relay/api/,
-#: relay/identity.py), classes made inside functions (relay/edge_protocol.py,
-#: relay/limits.py), async generators (agent/executor.py) and pydantic models (agent/policy.py).
+#: relay/identity.py), classes made inside functions (relay/limits.py), async generators
+#: (agent/executor.py) and pydantic models (agent/policy.py).
 #: agent/link.py compiles, but the compiled agent then corrupted its memory when a few hundred
 #: streams arrived right after a relay restart (a segmentation fault in the cyclic collector;
 #: bench/PROFILE.md, "Compiled with mypyc"; tests/e2e/test_lifecycle.py keeps the scenario).
@@ -45,6 +45,7 @@ COMPILED = [
     "relay/cache.py",
     "relay/coalesce.py",
     "relay/edge.py",
+    "relay/edge_http.py",
     "relay/fastpath.py",
     "relay/headers.py",
     "relay/hub.py",

@@ -30,12 +30,14 @@ Limits are per relay instance. Every refusal is an RFC 9457 problem.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,7 +49,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backhaul.wire import Settings
 from backhaul.wire.frames import FrameType
 from relay import metrics
-from relay.coalesce import CoalescingTransport
 from relay.config import RelayConfig
 from relay.headers import bearer_token
 from relay.problems import MEDIA_TYPE, ProblemError, problem
@@ -376,12 +377,33 @@ def _raw_problem(status: int, phrase: str, detail: str) -> bytes:
     return head.encode("ascii") + body
 
 
-class _HeadTooLarge(Exception):
-    pass
+class HeadTooLarge(Exception):
+    """Raised from a parser callback once a head is over ``max_request_header_bytes``."""
+
+
+def time_out_head(transport: asyncio.BaseTransport, client: Any, seconds: float) -> None:
+    """A head did not arrive on time: ``408`` and the connection is closed."""
+    log.info("limits.head_timeout", client=_client(client), seconds=seconds)
+    detail = f"the request head did not arrive within {seconds:g}s"
+    transport.write(_raw_problem(408, "Request Timeout", detail))  # type: ignore[attr-defined]
+    transport.close()
+
+
+def refuse_head(transport: asyncio.BaseTransport, client: Any, limit: int) -> None:
+    """A head is too large: ``431`` and the connection is closed."""
+    log.info("limits.head_too_large", client=_client(client), limit=limit)
+    detail = f"the request head exceeds {limit} bytes"
+    transport.write(_raw_problem(431, "Request Header Fields Too Large", detail))  # type: ignore[attr-defined]
+    transport.close()
+
+
+def _client(client: Any) -> str:
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 class _HeadGuard:
-    """The head timeout and head size limit, shared by both parser flavours."""
+    """The head timeout and head size limit of the h11 protocol (relay.edge_http has the
+    httptools one's)."""
 
     head_timeout: float = 10.0
     max_head: int = 32768
@@ -394,7 +416,6 @@ class _HeadGuard:
         self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
-        self._head_too_large = False
 
     def _arm(self) -> None:
         """A head has started (or goes on arriving): it must be complete by its deadline.
@@ -428,24 +449,8 @@ class _HeadGuard:
             self._head_timer = self._guard_loop.call_at(deadline, self._head_check)
             return
         self._head_deadline = None
-        self._head_expired()
-
-    def _head_expired(self) -> None:
-        if self.transport.is_closing():
-            return
-        log.info("limits.head_timeout", client=self._client(), seconds=self.head_timeout)
-        detail = f"the request head did not arrive within {self.head_timeout:g}s"
-        self.transport.write(_raw_problem(408, "Request Timeout", detail))
-        self.transport.close()
-
-    def _refuse_head(self) -> None:
-        log.info("limits.head_too_large", client=self._client(), limit=self.max_head)
-        detail = f"the request head exceeds {self.max_head} bytes"
-        self.transport.write(_raw_problem(431, "Request Header Fields Too Large", detail))
-        self.transport.close()
-
-    def _client(self) -> str:
-        return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        if not self.transport.is_closing():
+            time_out_head(self.transport, self.client, self.head_timeout)
 
 
 def _h11_guard() -> type:
@@ -479,7 +484,7 @@ def _h11_guard() -> type:
                 self._head_bytes = end + 4 if end >= 0 else len(buffered)
                 if self._head_bytes > self.max_head:
                     self._disarm()
-                    self._refuse_head()
+                    refuse_head(self.transport, self.client, self.max_head)
                     return
                 self._arm()
             super().data_received(data)
@@ -488,91 +493,36 @@ def _h11_guard() -> type:
 
         def send_400_response(self, msg: str) -> None:
             if self._head_bytes > self.max_head:
-                self._refuse_head()
+                refuse_head(self.transport, self.client, self.max_head)
             else:
                 super().send_400_response(msg)
 
     return H11HeadGuard
 
 
-def _httptools_guard() -> type | None:
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:
-        return None
+def http_protocol(
+    config: RelayConfig, parser: str = "auto", app: Any = None
+) -> Callable[..., asyncio.Protocol]:
+    """The relay's HTTP protocol (what uvicorn calls to make one per connection), with its
+    head timeout and head size limit: httptools when installed, as uvicorn's ``auto``
+    (:mod:`relay.edge_http`), else h11. Given the relay's ``app``, the httptools one answers
+    invoke requests below ASGI (:mod:`relay.edge`), unless forwarded headers are believed
+    from trusted proxies (uvicorn's middleware for them is ASGI)."""
+    head_timeout = float(config.header_timeout_seconds)
+    max_head = int(config.max_request_header_bytes)
+    if parser in ("auto", "httptools") and importlib.util.find_spec("httptools") is not None:
+        from relay.edge_http import EdgeHttpProtocol, EdgeSettings  # relay.edge builds on this
 
-    class HttpToolsHeadGuard(_HeadGuard, HttpToolsProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            # A response's head and body leave in one write (relay.coalesce).
-            coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
-            super().connection_made(coalescing)  # type: ignore[arg-type]
-            self._guard_init()
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._guard_stop()
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._head_bytes = 0
-            self._arm()
-
-        def handle_websocket_upgrade(self) -> None:
-            # The connection becomes a tunnel: its head timer would keep this object alive,
-            # and the WebSocket protocol writes to the transport itself, held back by nothing.
-            self._guard_stop()
-            if isinstance(self.transport, CoalescingTransport):
-                self.transport.flush()
-                self.transport = self.transport.transport
-            super().handle_websocket_upgrade()
-
-        def on_url(self, url: bytes) -> None:
-            self._count(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._count(len(name) + len(value) + 4)
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def _count(self, size: int) -> None:
-            self._head_bytes += size
-            if self._head_bytes > self.max_head:
-                self._head_too_large = True
-                raise _HeadTooLarge  # the parser stops; uvicorn calls send_400_response
-
-        def send_400_response(self, msg: str) -> None:
-            if self._head_too_large:
-                self._refuse_head()
-            else:
-                super().send_400_response(msg)
-
-    return HttpToolsHeadGuard
-
-
-def http_protocol(config: RelayConfig, parser: str = "auto", app: Any = None) -> type:
-    """Uvicorn's HTTP protocol class (httptools when installed, as uvicorn's ``auto``) with
-    the relay's head timeout and head size limit; given the relay's ``app``, invoke requests
-    are answered below ASGI (:mod:`relay.edge`), unless forwarded headers are believed from
-    trusted proxies (uvicorn's middleware for them is ASGI)."""
-    base = _httptools_guard() if parser in ("auto", "httptools") else None
-    if base is None:
-        if parser == "httptools":
-            raise RuntimeError("httptools is not installed")
-        base = _h11_guard()
-    elif app is not None and not config.trusted_proxies:
-        from relay.edge_protocol import with_direct_invoke  # relay.edge builds on this module
-
-        base = with_direct_invoke(base, app, config.max_url_bytes, config.max_body_bytes)
-    attrs = {
-        "head_timeout": float(config.header_timeout_seconds),
-        "max_head": int(config.max_request_header_bytes),
-    }
-    return type("RelayHttpProtocol", (base,), attrs)
+        settings = EdgeSettings(head_timeout, max_head)
+        if app is not None and not config.trusted_proxies:
+            settings.direct_app = app
+            settings.max_url = config.max_url_bytes
+            settings.max_body = config.max_body_bytes
+        return functools.partial(EdgeHttpProtocol, edge=settings)
+    if parser == "httptools":
+        raise RuntimeError("httptools is not installed")
+    attrs = {"head_timeout": head_timeout, "max_head": max_head}
+    return type("RelayHttpProtocol", (_h11_guard(),), attrs)
 
 
 # ---------------------------------------------------------------------------- wiring

@@ -77,7 +77,8 @@ def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Con
         # The tunnel's own PING frames detect a dead peer (backhaul.aio.tunnel): WebSocket
         # pings on top would cost a task and a timer per tunnel for nothing.
         ws_ping_interval=None,
-        http=limits.http_protocol(config, app=app),
+        # A factory, which uvicorn calls as it would a protocol class.
+        http=limits.http_protocol(config, app=app),  # type: ignore[arg-type]
         # Forwarded headers only from the proxies the operator names: believing them from
         # anyone would let a caller pick the address it is audited and rate-limited under.
         proxy_headers=bool(config.trusted_proxies),

@@ -8,6 +8,7 @@ agent processes is in tests/e2e/test_invoke.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from relay import edge
 from relay.coalesce import CoalescingTransport
 from relay.edge import BODY_HIGH_WATER, DirectBody, DirectReply, eligible
+from relay.edge_http import EdgeHttpProtocol, EdgeSettings
 from relay.limits import http_protocol
 from tests.relay.relay_helpers import make_config
 
@@ -312,19 +314,27 @@ async def test_disconnected_caller_gets_nothing_written() -> None:
     assert c.transport.chunks == [] and c.completed == 0
 
 
+def _edge(factory: object) -> EdgeSettings | None:
+    """The settings a protocol factory gives the edge protocol; None: not the edge protocol."""
+    if isinstance(factory, functools.partial) and factory.func is EdgeHttpProtocol:
+        settings = factory.keywords["edge"]
+        assert isinstance(settings, EdgeSettings)
+        return settings
+    return None
+
+
 def test_protocol_takes_the_direct_path_only_when_nothing_forbids_it(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data")
     app = object()
-    direct = http_protocol(config, "httptools", app=app)
-    assert direct.__name__ == "RelayHttpProtocol"
-    assert any(c.__name__ == "DirectInvokeProtocol" for c in direct.__mro__)
-    without_app = http_protocol(config, "httptools")
-    assert not any(c.__name__ == "DirectInvokeProtocol" for c in without_app.__mro__)
-    h11 = http_protocol(config, "h11", app=app)
-    assert not any(c.__name__ == "DirectInvokeProtocol" for c in h11.__mro__)
+    direct = _edge(http_protocol(config, "httptools", app=app))
+    assert direct is not None and direct.direct_app is app
+    assert direct.max_url == config.max_url_bytes and direct.max_body == config.max_body_bytes
+    without_app = _edge(http_protocol(config, "httptools"))
+    assert without_app is not None and without_app.direct_app is None
+    assert _edge(http_protocol(config, "h11", app=app)) is None
     proxied = make_config(tmp_path / "p", trusted_proxies=["127.0.0.1"])
-    behind_proxy = http_protocol(proxied, "httptools", app=app)
-    assert not any(c.__name__ == "DirectInvokeProtocol" for c in behind_proxy.__mro__)
+    behind_proxy = _edge(http_protocol(proxied, "httptools", app=app))
+    assert behind_proxy is not None and behind_proxy.direct_app is None
 
 
 class EmptyStream:

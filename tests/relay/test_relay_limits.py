@@ -7,6 +7,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -119,26 +120,41 @@ async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.fixture(params=["h11", "httptools"])
-async def server(request: pytest.FixtureRequest) -> AsyncIterator[int]:
-    if request.param == "httptools":
-        pytest.importorskip("httptools")
+@asynccontextmanager
+async def _serving(parser: str, keep_alive: int = 5) -> AsyncIterator[int]:
     config = RelayConfig(
         dev=True, header_timeout_seconds=0.5, max_request_header_bytes=4096, data_dir="/tmp"
     )
-    protocol = http_protocol(config, request.param)
+    protocol = http_protocol(config, parser)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(
-        uvicorn.Config(_hello, http=protocol, lifespan="off", log_config=None, access_log=False)
+        uvicorn.Config(
+            _hello,
+            http=protocol,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=keep_alive,
+        )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)
-    yield int(sock.getsockname()[1])
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
-    sock.close()
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+@pytest.fixture(params=["h11", "httptools"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    if request.param == "httptools":
+        pytest.importorskip("httptools")
+    async with _serving(request.param) as port:
+        yield port
 
 
 async def _exchange(port: int, data: bytes, trickle: float = 0.0) -> tuple[bytes, float]:
@@ -221,3 +237,24 @@ async def test_a_slow_head_after_kept_alive_requests_is_cut_at_its_own_deadline(
         writer.close()
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
     assert 0.45 < elapsed < 1.2, elapsed
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+async def test_an_idle_kept_alive_connection_is_closed_at_the_keep_alive_timeout(
+    parser: str,
+) -> None:
+    """Closed quietly after ``timeout_keep_alive`` (1 s here), not answered 408 at the head
+    timeout (0.5 s): between requests the connection owes no head."""
+    async with _serving(parser, keep_alive=1) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            assert answer.startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            rest = await asyncio.wait_for(reader.read(65536), 5)
+            elapsed = time.monotonic() - started
+        finally:
+            writer.close()
+    assert rest == b""
+    assert 0.9 < elapsed < 2.5, elapsed
