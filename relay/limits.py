@@ -381,19 +381,19 @@ class HeadTooLarge(Exception):
     """Raised from a parser callback once a head is over ``max_request_header_bytes``."""
 
 
-def time_out_head(transport: asyncio.BaseTransport, client: Any, seconds: float) -> None:
+def time_out_head(transport: asyncio.WriteTransport, client: Any, seconds: float) -> None:
     """A head did not arrive on time: ``408`` and the connection is closed."""
     log.info("limits.head_timeout", client=_client(client), seconds=seconds)
     detail = f"the request head did not arrive within {seconds:g}s"
-    transport.write(_raw_problem(408, "Request Timeout", detail))  # type: ignore[attr-defined]
+    transport.write(_raw_problem(408, "Request Timeout", detail))
     transport.close()
 
 
-def refuse_head(transport: asyncio.BaseTransport, client: Any, limit: int) -> None:
+def refuse_head(transport: asyncio.WriteTransport, client: Any, limit: int) -> None:
     """A head is too large: ``431`` and the connection is closed."""
     log.info("limits.head_too_large", client=_client(client), limit=limit)
     detail = f"the request head exceeds {limit} bytes"
-    transport.write(_raw_problem(431, "Request Header Fields Too Large", detail))  # type: ignore[attr-defined]
+    transport.write(_raw_problem(431, "Request Header Fields Too Large", detail))
     transport.close()
 
 
