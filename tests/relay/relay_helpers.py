@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from fastapi import FastAPI
 
@@ -112,3 +116,23 @@ def assert_problem(r: httpx.Response, status: int) -> dict[str, Any]:
     assert {"type", "title", "status", "detail"} <= body.keys()
     assert body["status"] == status
     return dict(body)
+
+
+@asynccontextmanager
+async def serving(app: Any, protocol: Any, **options: Any) -> AsyncIterator[int]:
+    """``app`` served by uvicorn with the HTTP ``protocol`` on a loopback port (yielded)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, http=protocol, lifespan="off", log_config=None, access_log=False, **options
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()

@@ -4,16 +4,13 @@ tests cannot reach: upgrades, pipelining and request bodies on the ASGI path."""
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from relay.config import RelayConfig
 from relay.limits import http_protocol
+from tests.relay.relay_helpers import serving
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -34,30 +31,9 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
-@asynccontextmanager
-async def _serving(tmp_path: Path) -> AsyncIterator[int]:
-    config = RelayConfig(dev=True, data_dir=tmp_path)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            _app,
-            http=http_protocol(config, "httptools"),  # type: ignore[arg-type]
-            ws="websockets-sansio",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-        )
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-        sock.close()
+def _serving(tmp_path: Path) -> AbstractAsyncContextManager[int]:
+    protocol = http_protocol(RelayConfig(dev=True, data_dir=tmp_path), "httptools")
+    return serving(_app, protocol, ws="websockets-sansio")
 
 
 async def _read_until(reader: asyncio.StreamReader, count: int, marker: bytes) -> bytes:

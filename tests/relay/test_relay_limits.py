@@ -4,19 +4,18 @@ protocol's head timeout and head size limit with both of uvicorn's parsers."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
-import uvicorn
 from prometheus_client import REGISTRY
 
 from backhaul.wire.frames import FrameType
 from relay.config import RelayConfig
 from relay.limits import HandshakeGate, RateLimiter, http_protocol
+from tests.relay.relay_helpers import serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,33 +119,11 @@ async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@asynccontextmanager
-async def _serving(parser: str, keep_alive: int = 5) -> AsyncIterator[int]:
+def _serving(parser: str, keep_alive: int = 5) -> AbstractAsyncContextManager[int]:
     config = RelayConfig(
         dev=True, header_timeout_seconds=0.5, max_request_header_bytes=4096, data_dir="/tmp"
     )
-    protocol = http_protocol(config, parser)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            _hello,
-            http=protocol,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_keep_alive=keep_alive,
-        )
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-        sock.close()
+    return serving(_hello, http_protocol(config, parser), timeout_keep_alive=keep_alive)
 
 
 @pytest.fixture(params=["h11", "httptools"])
