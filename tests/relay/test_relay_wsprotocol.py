@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvicorn
 from websockets.asyncio.client import connect
 
@@ -198,3 +200,155 @@ async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_or
             await ws.send(b"refused")
     assert seen == [False, b"queued", True, b"refused", "websocket.disconnect"]
     assert fed == messages
+
+
+# ------------------------------------------------- frames parsed by the connection itself
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True) -> bytes:
+    """One client frame as RFC 6455 §5.2 lays it out."""
+    head = bytearray([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    bit = 0x80 if masked else 0
+    if size < 126:
+        head.append(bit | size)
+    elif size < 65_536:
+        head.append(bit | 126)
+        head += size.to_bytes(2, "big")
+    else:
+        head.append(bit | 127)
+        head += size.to_bytes(8, "big")
+    if not masked:
+        return bytes(head) + payload
+    mask = os.urandom(4)
+    return bytes(head) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _recording(received: list[Any]) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                received.append(("closed", message.get("code")))
+                return
+            if message.get("bytes") is not None:
+                received.append(("bytes", message["bytes"]))
+            else:
+                received.append(("text", message["text"]))
+
+    return app
+
+
+async def _upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def _server_frames(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of every unmasked frame the server sends until it closes."""
+    data = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            data += chunk
+    frames = []
+    while data:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = int.from_bytes(data[2:4], "big"), 4
+        frames.append((data[0] & 0x0F, data[at : at + size]))
+        data = data[at + size :]
+    return frames
+
+
+async def test_every_kind_of_frame_arrives_as_websockets_would_deliver_it_in_any_chunking() -> None:
+    """Whole binary messages are parsed by the connection, every other frame by websockets:
+    in any split of the byte stream, the application sees the same messages in the same
+    order, pings are answered and the close is echoed."""
+    rng = random.Random(8)
+    blobs = [os.urandom(n) for n in (0, 1, 125, 126, 65_535, 65_536, 200_000)]
+    stream = b"".join(_frame(0x2, blob) for blob in blobs[:4])
+    stream += _frame(0x9, b"ping-1")  # answered with a pong
+    stream += _frame(0x2, b"ab", fin=False) + _frame(0x0, b"cd")  # one message in two frames
+    stream += _frame(0x1, "héllo".encode())
+    stream += b"".join(_frame(0x2, blob) for blob in blobs[4:])
+    stream += _frame(0x8, (1000).to_bytes(2, "big") + b"bye")
+    expected: list[Any] = [("bytes", blob) for blob in blobs[:4]]
+    expected += [("bytes", b"abcd"), ("text", "héllo")]
+    expected += [("bytes", blob) for blob in blobs[4:]]
+    expected += [("closed", 1000)]
+    for cut in range(6):
+        received: list[Any] = []
+        async with serving(TunnelWebSocketProtocol, _recording(received)) as port:
+            reader, writer = await _upgrade(port)
+            pos = 0
+            while pos < len(stream):
+                step = rng.randint(1, 3 if cut == 0 else 70_000)
+                writer.write(stream[pos : pos + step])
+                await writer.drain()
+                pos += step
+            frames = await _server_frames(reader)
+            writer.close()
+            for _ in range(100):
+                if received and received[-1][0] == "closed":
+                    break
+                await asyncio.sleep(0.01)
+        assert received == expected
+        assert frames == [(0xA, b"ping-1"), (0x8, (1000).to_bytes(2, "big") + b"bye")]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (_frame(0x2, b"unmasked", masked=False), 1002),  # a client's frames are masked
+        (_frame(0x2, b"x" * 70_000), 1009),  # over ws_max_size (64 KiB here)
+        (_frame(0x3, b"reserved opcode"), 1002),
+        (bytes([0xC2]) + _frame(0x2, b"rsv1")[1:], 1002),  # no extension sets RSV1
+    ],
+)
+async def test_a_frame_websockets_refuses_closes_the_connection_as_before(
+    frame: bytes, code: int
+) -> None:
+    received: list[Any] = []
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        _recording(received),
+        ws=TunnelWebSocketProtocol,
+        log_config=None,
+        lifespan="off",
+        ws_max_size=65_536,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        reader, writer = await _upgrade(sock.getsockname()[1])
+        writer.write(_frame(0x2, b"first") + frame + _frame(0x2, b"never delivered"))
+        frames = await _server_frames(reader)
+        writer.close()
+    finally:
+        server.should_exit = True
+        await task
+    assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == code
+    assert received[0] == ("bytes", b"first")
+    assert ("bytes", b"never delivered") not in received
+
+
+async def test_after_the_handshake_binary_messages_are_parsed_by_the_connection() -> None:
+    protocols: list[TunnelWebSocketProtocol] = []
+    async with serving(watching(protocols)) as port:
+        async with connect(f"ws://127.0.0.1:{port}/", max_size=2**24) as ws:
+            for message in (b"one", os.urandom(70_000)):
+                await ws.send(message)
+                assert await ws.recv() == message
+            assert protocols[0]._framing == 1  # parsed here, not by websockets
+            assert len(protocols[0].conn.reader) == 0  # type: ignore[arg-type]
