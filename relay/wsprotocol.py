@@ -53,8 +53,13 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         install(self.conn)
         self._feed: Callable[[bytes], bool] | None = None
         self._framing = _HANDSHAKE
-        #: The start of a frame not yet whole (while frames are parsed here).
-        self._unparsed = b""
+        #: The received pieces of a frame not yet whole (while frames are parsed here), kept
+        #: as they came and joined once, when the frame is: a 256 KiB message arrives in
+        #: many reads, and joining at every read would copy it again and again.
+        self._pending: list[bytes | memoryview] = []
+        self._pending_size = 0
+        #: The size of the frame the pieces start, once its header is in (0: not yet).
+        self._need = 0
 
     def data_received(self, data: bytes) -> None:
         """Frames are parsed here once the opening handshake's request has been read.
@@ -69,6 +74,15 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         """
         framing = self._framing
         if framing == _HERE:
+            pending = self._pending
+            if pending:
+                pending.append(data)
+                self._pending_size += len(data)
+                if self._pending_size < self._need:
+                    return
+                data = b"".join(pending)
+                self._pending = []
+                self._pending_size = 0
             self._parse(data)
             return
         super().data_received(data)
@@ -80,11 +94,10 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
             whole = end == len(data) - 4 and len(self.conn.reader) == 0  # type: ignore[arg-type]
             self._framing = _HERE if whole and self.conn.parser_exc is None else _WEBSOCKETS
 
-    def _parse(self, data: bytes) -> None:
-        buffer = self._unparsed + data if self._unparsed else data
-        self._unparsed = b""
+    def _parse(self, buffer: bytes) -> None:
         size = len(buffer)
         pos = 0
+        need = 0
         conn = self.conn
         while size - pos >= 2:
             second = buffer[pos + 1]
@@ -110,6 +123,7 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
                 return
             end = pos + head + length
             if end > size:
+                need = end - pos
                 break
             if (
                 buffer[pos] == _BINARY_FIN
@@ -132,7 +146,9 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
                 self._hand_over(buffer[pos:])
                 return
         if pos < size:
-            self._unparsed = buffer[pos:]
+            self._pending = [memoryview(buffer)[pos:] if pos else buffer]
+            self._pending_size = size - pos
+            self._need = need
 
     def _hand_over(self, rest: bytes) -> None:
         """websockets parses everything from now on, starting with ``rest``."""

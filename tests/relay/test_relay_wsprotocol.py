@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import uvicorn
+import uvicorn.server
 from websockets.asyncio.client import connect
+from websockets.protocol import State
 
 from backhaul.aio.wsreader import ChunkReader
 from relay.config import RelayConfig
@@ -352,3 +354,53 @@ async def test_after_the_handshake_binary_messages_are_parsed_by_the_connection(
                 assert await ws.recv() == message
             assert protocols[0]._framing == 1  # parsed here, not by websockets
             assert len(protocols[0].conn.reader) == 0  # type: ignore[arg-type]
+
+
+class _Transport:
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8443), "peername": ("127.0.0.1", 5555)}.get(name)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_large_message_arriving_in_many_reads_is_joined_once() -> None:
+    """The pieces of a frame are kept until it is whole, not joined at every read: a 256 KiB
+    message in 16 KiB reads was copied again at each one (quadratic in its reads)."""
+    config = uvicorn.Config(_recording([]), ws_per_message_deflate=False, ws_max_size=2**24)
+    config.load()
+    protocol = TunnelWebSocketProtocol(
+        config=config, server_state=uvicorn.server.ServerState(), app_state={}
+    )
+    protocol.connection_made(_Transport())  # type: ignore[arg-type]
+    protocol.data_received(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    protocol.conn.state = State.OPEN  # as after the application's accept
+    await asyncio.sleep(0)
+    while not protocol.queue.empty():
+        protocol.queue.get_nowait()
+    got: list[bytes] = []
+    assert protocol.push_to(lambda data: got.append(data) or True)
+    message = os.urandom(256 * 1024)
+    frame = _frame(0x2, message)
+    reads = [frame[i : i + 16_384] for i in range(0, len(frame), 16_384)]
+    for count, read in enumerate(reads[:-1], 1):
+        protocol.data_received(read)
+        assert len(protocol._pending) == count  # kept as received
+    assert got == []
+    protocol.data_received(reads[-1])
+    assert got == [message]
+    assert protocol._pending == []
+    protocol.data_received(_frame(0x2, b"next") + _frame(0x2, b"and")[:3])
+    assert got[1:] == [b"next"] and protocol._pending_size == 3
