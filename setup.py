@@ -35,6 +35,7 @@ COMPILED = [
     "backhaul/aio/tunnel.py",
     "backhaul/aio/wsframes.py",
     "backhaul/aio/wsreader.py",
+    "backhaul/aio/wssplit.py",
     "backhaul/chunks.py",
     "backhaul/compact_json.py",
     "backhaul/headers.py",

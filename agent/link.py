@@ -34,6 +34,7 @@ from backhaul import handshake
 from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
 from backhaul.aio.wsframes import binary_frame
 from backhaul.aio.wsreader import install
+from backhaul.aio.wssplit import FrameSplitter, limit_of
 from backhaul.keys import fingerprint
 from backhaul.version import SUBPROTOCOL, __version__
 from backhaul.wire import Connection, ErrorCode, HelloReceived, Role, Settings, WelcomeReceived
@@ -46,13 +47,77 @@ class LinkRefused(Exception):
 
 
 class TunnelClientConnection(ClientConnection):
-    """websockets' client connection for the tunnel: its frames parsed out of a
-    :class:`ChunkReader`, and binary messages written by :meth:`send_message`."""
+    """websockets' client connection for the tunnel: whole binary messages cut out of the
+    received bytes by a :class:`FrameSplitter` once the opening handshake is done, other
+    frames parsed by websockets out of a :class:`ChunkReader`, and binary messages written
+    by :meth:`send_message`."""
 
     def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
         install(protocol)
         super().__init__(protocol, **kwargs)
         self._feed: Callable[[bytes], bool] | None = None
+        #: The last bytes of the handshake's response seen so far (its end may straddle
+        #: two reads); None once the handshake is over.
+        self._head_tail: bytes | None = b""
+        self._splitter: FrameSplitter | None = None
+
+    def data_received(self, data: bytes) -> None:
+        """The opening handshake's response goes to websockets alone, cut at its end.
+
+        A 101 response has no body (RFC 9110 §15.2), so it ends at its first empty line,
+        and the relay's first frames may follow it in the same read. websockets reads
+        exactly the head; if that opened the connection, its parser waits at the first
+        frame's first byte, and a splitter takes over from there. Any other outcome (a
+        refusal, a malformed response) leaves every byte to websockets.
+        """
+        splitter = self._splitter
+        if splitter is not None:
+            splitter.feed(data)
+            if splitter.done:
+                self._splitter = None
+            return
+        tail = self._head_tail
+        if tail is None:
+            super().data_received(data)
+            return
+        end = (tail + data).find(b"\r\n\r\n")
+        if end < 0:
+            self._head_tail = (tail + data)[-3:]
+            super().data_received(data)
+            return
+        self._head_tail = None
+        cut = end + 4 - len(tail)
+        super().data_received(data[:cut])
+        protocol = self.protocol
+        if (
+            protocol.state is State.OPEN
+            and protocol.parser_exc is None
+            and not len(protocol.reader)  # type: ignore[arg-type]
+        ):
+            limit = limit_of(protocol.max_message_size, protocol.max_fragment_size)
+            self._splitter = FrameSplitter(False, limit, self._message, self._frame)
+            if cut < len(data):
+                self.data_received(data[cut:])
+        elif cut < len(data):
+            super().data_received(data[cut:])
+
+    def _message(self, payload: bytes) -> bool:
+        """A whole binary message for the feed, if it pushes and nothing waits ahead of
+        the message in websockets' queue; declined otherwise (websockets queues it)."""
+        feed = self._feed
+        return (
+            feed is not None
+            and self.protocol.current_size is None
+            and self.protocol.state is State.OPEN
+            and not self._queued()
+            and feed(payload)
+        )
+
+    def _frame(self, raw: bytes) -> bool:
+        """Any other frame, or what follows the splitter's end, parsed by websockets."""
+        super().data_received(raw)
+        protocol = self.protocol
+        return protocol.state is State.OPEN and protocol.parser_exc is None
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """Hand binary messages to ``feed`` as they are parsed, instead of to the queue that

@@ -20,13 +20,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import State
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # a websockets built without its C extension
-    from websockets.utils import apply_mask
-
 from backhaul.aio.wsframes import binary_frame
 from backhaul.aio.wsreader import install
+from backhaul.aio.wssplit import FrameSplitter, limit_of
 
 #: The scope extension under which a tunnel connection offers :meth:`send_message`.
 SEND_MESSAGE = "backhaul.send_message"
@@ -40,11 +36,8 @@ QUEUE_HIGH = 8
 
 #: Who parses the frames of a connection (:meth:`TunnelWebSocketProtocol.data_received`).
 _HANDSHAKE = 0  # websockets, until the opening handshake's request has been read
-_HERE = 1  # the connection itself for whole binary messages, websockets for other frames
+_HERE = 1  # a frame splitter for whole binary messages, websockets for other frames
 _WEBSOCKETS = 2  # websockets, for good (after a close, a failure, an unusual frame)
-
-#: The first byte of a whole binary message: FIN, no RSV bits, opcode 2.
-_BINARY_FIN = 0x82
 
 
 class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -53,108 +46,51 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         install(self.conn)
         self._feed: Callable[[bytes], bool] | None = None
         self._framing = _HANDSHAKE
-        #: The received pieces of a frame not yet whole (while frames are parsed here), kept
-        #: as they came and joined once, when the frame is: a 256 KiB message arrives in
-        #: many reads, and joining at every read would copy it again and again.
-        self._pending: list[bytes | memoryview] = []
-        self._pending_size = 0
-        #: The size of the frame the pieces start, once its header is in (0: not yet).
-        self._need = 0
+        self._splitter: FrameSplitter | None = None
 
     def data_received(self, data: bytes) -> None:
-        """Frames are parsed here once the opening handshake's request has been read.
-
-        websockets parses frames with a generator per frame, one interpreted layer per read
-        and per field: about 8 % of the relay's CPU at one client. A whole, masked binary
-        frame within the size limit (every tunnel message) is unmasked here and handed on as
-        websockets would hand it; every other frame goes to websockets whole, so its parser,
-        which has seen nothing but whole frames, handles it with all its checks (control
-        frames, fragments, close, errors). After anything that is not an open connection's
-        frame, websockets parses everything that follows.
-        """
-        framing = self._framing
-        if framing == _HERE:
-            pending = self._pending
-            if pending:
-                pending.append(data)
-                self._pending_size += len(data)
-                if self._pending_size < self._need:
-                    return
-                data = b"".join(pending)
-                self._pending = []
-                self._pending_size = 0
-            self._parse(data)
+        """Frames are cut out by a :class:`FrameSplitter` once the opening handshake's
+        request has been read: whole binary messages go from there to the application (or
+        the tunnel's feed), every other frame to websockets whole."""
+        if self._framing == _HERE:
+            splitter = self._splitter
+            assert splitter is not None
+            splitter.feed(data)
+            if splitter.done:
+                self._framing = _WEBSOCKETS
             return
         super().data_received(data)
-        if framing == _HANDSHAKE:
+        if self._framing == _HANDSHAKE:
             # uvicorn hands over exactly the request's head (handle_websocket_upgrade): once
             # websockets has read it, its parser waits at the first frame's first byte. A
             # first chunk of any other shape leaves the frames to websockets.
+            conn = self.conn
             end = data.find(b"\r\n\r\n")
-            whole = end == len(data) - 4 and len(self.conn.reader) == 0  # type: ignore[arg-type]
-            self._framing = _HERE if whole and self.conn.parser_exc is None else _WEBSOCKETS
+            whole = end == len(data) - 4 and len(conn.reader) == 0  # type: ignore[arg-type]
+            if whole and conn.parser_exc is None:
+                self._framing = _HERE
+                limit = limit_of(conn.max_message_size, conn.max_fragment_size)
+                self._splitter = FrameSplitter(True, limit, self._message, self._frame)
+            else:
+                self._framing = _WEBSOCKETS
 
-    def _parse(self, buffer: bytes) -> None:
-        size = len(buffer)
-        pos = 0
-        need = 0
+    def _message(self, payload: bytes) -> bool:
+        """A whole binary message, handed on as uvicorn's handle_bytes would, without the
+        Frame websockets would build; declined while websockets holds part of a message or
+        the connection is not open."""
         conn = self.conn
-        while size - pos >= 2:
-            second = buffer[pos + 1]
-            length = second & 0x7F
-            head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
-                head = 10
-            masked = second & 0x80
-            if masked:
-                head += 4
-            limit = conn.max_message_size
-            if limit is not None and length > limit:
-                # websockets refuses this one from its header (1009): give it the rest.
-                self._hand_over(buffer[pos:])
-                return
-            end = pos + head + length
-            if end > size:
-                need = end - pos
-                break
-            if (
-                buffer[pos] == _BINARY_FIN
-                and masked
-                and conn.current_size is None
-                and conn.state is State.OPEN
-                and (conn.max_fragment_size is None or length <= conn.max_fragment_size)
-            ):
-                payload = apply_mask(buffer[pos + head : end], buffer[pos + head - 4 : pos + head])
-                pos = end
-                # As uvicorn's handle_bytes, without the Frame websockets would build.
-                self.curr_msg_data_type = "bytes"
-                self.frames = [payload]
-                self.send_receive_event_to_app()
-                continue
-            frame = buffer[pos:end]
-            pos = end
-            super().data_received(frame)
-            if conn.state is not State.OPEN or conn.parser_exc is not None:
-                self._hand_over(buffer[pos:])
-                return
-        if pos < size:
-            self._pending = [memoryview(buffer)[pos:] if pos else buffer]
-            self._pending_size = size - pos
-            self._need = need
+        if conn.current_size is not None or conn.state is not State.OPEN:
+            return False
+        self.curr_msg_data_type = "bytes"
+        self.frames = [payload]
+        self.send_receive_event_to_app()
+        return True
 
-    def _hand_over(self, rest: bytes) -> None:
-        """websockets parses everything from now on, starting with ``rest``."""
-        self._framing = _WEBSOCKETS
-        if rest:
-            super().data_received(rest)
+    def _frame(self, raw: bytes) -> bool:
+        """Any other frame, or what follows the splitter's end, parsed by websockets."""
+        super().data_received(raw)
+        conn = self.conn
+        return conn.state is State.OPEN and conn.parser_exc is None
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """Hand binary messages to ``feed`` from now on, if none wait in the queue."""

@@ -397,10 +397,10 @@ async def test_a_large_message_arriving_in_many_reads_is_joined_once() -> None:
     reads = [frame[i : i + 16_384] for i in range(0, len(frame), 16_384)]
     for count, read in enumerate(reads[:-1], 1):
         protocol.data_received(read)
-        assert len(protocol._pending) == count  # kept as received
+        assert len(protocol._splitter.pending) == count  # kept as received
     assert got == []
     protocol.data_received(reads[-1])
     assert got == [message]
-    assert protocol._pending == []
+    assert protocol._splitter.pending == []
     protocol.data_received(_frame(0x2, b"next") + _frame(0x2, b"and")[:3])
-    assert got[1:] == [b"next"] and protocol._pending_size == 3
+    assert got[1:] == [b"next"] and protocol._splitter.pending_size == 3
