@@ -89,6 +89,11 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=200, help="samples/s; 0: no sampling")
     parser.add_argument(
+        "--native",
+        action="store_true",
+        help="C frames too (py-spy --native): compiled modules, uvloop, OpenSSL, system calls",
+    )
+    parser.add_argument(
         "--relay-args", default="", help="extra `backhaul-relay serve` arguments, e.g. --workers 2"
     )
     args = parser.parse_args()
@@ -118,6 +123,7 @@ def main() -> int:
             spies[name] = subprocess.Popen(
                 [
                     *(spy, "record", "--format", "raw", "--rate", str(args.rate)),
+                    *(("--native",) if args.native else ()),
                     *("--duration", str(args.seconds + 1), "--pid", str(pid)),
                     *("--output", str(out / f"profile-{name}.txt")),
                 ],

@@ -18,7 +18,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backhaul import gc_tuning, malloc_tuning
 from backhaul.version import __version__
-from relay import admin, allocator, audit, cache, egress, limits, problems, rotation, tunnel
+from relay import (
+    admin,
+    allocator,
+    audit,
+    audit_retention,
+    cache,
+    egress,
+    limits,
+    problems,
+    rotation,
+    tunnel,
+)
 from relay.api import ROUTERS
 from relay.api import invoke as invoke_routes
 from relay.config import RelayConfig, ensure_data_dir
@@ -106,11 +117,13 @@ def create_app(config: RelayConfig) -> FastAPI:
             ensure_data_dir(config.data_dir)
         engine = make_engine(config.database_url)
         trimmer = allocator.Trimmer(float(config.memory_trim_seconds))
+        pruner = audit_retention.Pruner(engine, float(config.audit_retention_days))
         try:
             await migrate.prepare(engine)
             app.state.engine = engine
             app.state.db = make_session_factory(engine)
             trimmer.start()
+            pruner.start()
             app.state.hub = Hub(config.instance_id, on_change=trimmer.poke)
             app.state.registry = Registry(
                 app.state.hub,
@@ -131,6 +144,7 @@ def create_app(config: RelayConfig) -> FastAPI:
             await egress.close(app.state)
             await audit.drain()
         finally:
+            await pruner.stop()
             await trimmer.stop()
             await engine.dispose()
 

@@ -85,6 +85,9 @@ class RelayConfig(BaseModel):
     #: Seconds of quiet after tunnel connects and disconnects before the relay returns freed
     #: heap memory to the system (relay/allocator.py); 0 turns it off.
     memory_trim_seconds: float = Field(default=2, ge=0)
+    #: Audit events older than this many days are deleted (relay/audit_retention.py); 0
+    #: keeps them all.
+    audit_retention_days: float = Field(default=90, ge=0)
     rate_limit_per_token: float = Field(default=0, ge=0)
     rate_limit_per_token_burst: int = Field(default=0, ge=0)
     rate_limit_per_connection: float = Field(default=0, ge=0)
