@@ -10,14 +10,17 @@ Bearer handling follows RFC 6750: a missing or bad token is 401 with ``WWW-Authe
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relay.cache import ReadCache
 from relay.problems import ProblemError
@@ -25,13 +28,16 @@ from relay.store import queries
 from relay.store.db import sessions
 from relay.store.models import utcnow
 
+log = structlog.get_logger("backhaul.relay.identity")
+
 API_TOKEN_PREFIX = "bh_"  # noqa: S105 - a prefix, not a secret
 ENROLLMENT_TOKEN_PREFIX = "bhe_"  # noqa: S105
 ADMIN = "admin"
 USER = "user"
 ROLES = (ADMIN, USER)
-#: ``last_used_at`` is written at most this often per token, to keep reads read-only.
-TOUCH_EVERY = dt.timedelta(minutes=1)
+#: ``last_used_at`` is written at most this often per token and relay process, in the
+#: background, to keep requests read-only.
+TOUCH_SECONDS = 60.0
 
 _bearer = HTTPBearer(auto_error=False, description="An API token (bh_…)")
 
@@ -87,27 +93,54 @@ async def authenticate(request: Request, token: str | None) -> Principal:
     if not token.startswith(API_TOKEN_PREFIX):
         raise unauthorized("invalid, revoked or deleted-user token")
     digest = hash_token(token)
-    cached: tuple[Principal, dt.datetime] | None = _TOKENS.get(digest)
-    now = utcnow()
-    if cached is not None and now - cached[1] <= TOUCH_EVERY:
-        return cached[0]
-    async with sessions(request)() as session:
-        found = await queries.user_for_token_hash(session, digest)
+    cached: tuple[Principal, str] | None = _TOKENS.get(digest)
+    if cached is None:
+        async with sessions(request)() as session:
+            found = await queries.user_for_token_hash(session, digest)
         if found is None:
             raise unauthorized("invalid, revoked or deleted-user token")
         user, api_token = found
-        last_used = api_token.last_used_at
-        if last_used is None or now - last_used > TOUCH_EVERY:
-            await queries.touch_api_token(session, api_token.id, now)
-            await session.commit()
-            last_used = now
-        principal = Principal(id=user.id, name=user.name, role=user.role)
-    _TOKENS.put(digest, (principal, last_used))
-    return principal
+        cached = (Principal(id=user.id, name=user.name, role=user.role), api_token.id)
+        _TOKENS.put(digest, cached)
+    _note_use(request.app.state.engine, digest, cached[1])
+    return cached[0]
 
 
-#: Token hash → (caller, last recorded use); any write to the store invalidates it.
+#: Token hash → (caller, token id); any write to the store invalidates it.
 _TOKENS = ReadCache()
+#: Token hash → when (monotonic clock) this process last wrote, or set out to write, its use.
+_TOUCHED: dict[str, float] = {}
+_TOUCHED_MAX = 10_000
+_touches: set[asyncio.Task[None]] = set()
+
+
+def _note_use(engine: AsyncEngine, digest: str, token_id: str) -> None:
+    """Record a token's use in ``last_used_at``, at most once per :data:`TOUCH_SECONDS`.
+
+    In the background, and not through an ORM session: the request does not wait for a
+    write, and the write does not count as a store change (relay.cache), which would drop
+    every cached token and connection. Had the request waited, every caller of a busy token
+    would have found it due at the same moment, once a minute, and each opened a database
+    session for the same write (the connection pool's overflow, a thread per connection).
+    """
+    now = time.monotonic()
+    last = _TOUCHED.get(digest)
+    if last is not None and now - last < TOUCH_SECONDS:
+        return
+    if len(_TOUCHED) >= _TOUCHED_MAX:
+        _TOUCHED.clear()
+    _TOUCHED[digest] = now
+    task = asyncio.get_running_loop().create_task(_touch(engine, token_id))
+    _touches.add(task)
+    task.add_done_callback(_touches.discard)
+
+
+async def _touch(engine: AsyncEngine, token_id: str) -> None:
+    try:
+        async with engine.begin() as conn:
+            await queries.touch_api_token(conn, token_id, utcnow())
+    except Exception as exc:  # bookkeeping: the request it records has been served
+        log.warning("token.touch_failed", token_id=token_id, error=str(exc))
 
 
 async def require_admin(user: Annotated[Principal, Depends(current_user)]) -> Principal:

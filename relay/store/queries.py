@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from relay.store import Conflict, Forbidden, NotFound
 from relay.store.models import (
@@ -75,8 +75,9 @@ async def user_for_token_hash(
     return None if row is None else (row[0], row[1])
 
 
-async def touch_api_token(session: AsyncSession, token_id: str, when: dt.datetime) -> None:
-    await session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=when))
+async def touch_api_token(conn: AsyncConnection, token_id: str, when: dt.datetime) -> None:
+    """A Core statement on a connection, not a session: not a change the caches see."""
+    await conn.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=when))
 
 
 async def delete_user(session: AsyncSession, user_id: str) -> None:

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import event, select
+
+from relay import identity
+from relay.cache import GENERATION
+from relay.store.models import ApiToken
 from tests.relay.relay_helpers import Relay, assert_problem
 
 
@@ -89,3 +99,51 @@ async def test_admin_cannot_delete_self(relay: Relay) -> None:
     assert_problem(
         await relay.call("DELETE", f"/v1/users/{relay.admin_id}", relay.admin_token), 409
     )
+
+
+async def _last_used(relay: Relay, token: str) -> dt.datetime | None:
+    async with relay.app.state.engine.connect() as conn:
+        found = await conn.execute(
+            select(ApiToken.last_used_at).where(ApiToken.token_hash == identity.hash_token(token))
+        )
+        value: dt.datetime | None = found.scalar_one()
+        return value
+
+
+async def test_a_busy_tokens_use_is_written_once_in_the_background_and_keeps_the_caches(
+    relay: Relay,
+) -> None:
+    """Once a minute a token's use is written: by one background write, whatever the
+    number of requests then in flight, and not as a store change, which would drop every
+    cached token and connection (all callers of a busy token used to find it due at the
+    same moment and each open a database session for it)."""
+    request: Any = SimpleNamespace(app=relay.app)
+    token = relay.admin_token
+    await identity.authenticate(request, token)
+    await asyncio.gather(*identity._touches)
+    first = await _last_used(relay, token)
+    assert first is not None
+
+    checkouts: list[object] = []
+
+    def checkout(*args: object) -> None:
+        checkouts.append(args)
+
+    pool = relay.app.state.engine.sync_engine.pool
+    event.listen(pool, "checkout", checkout)
+    generation = GENERATION.value
+    digest = identity.hash_token(token)
+    identity._TOUCHED[digest] -= identity.TOUCH_SECONDS  # a minute on
+    try:
+        callers = await asyncio.gather(*(identity.authenticate(request, token) for _ in range(50)))
+        await asyncio.gather(*identity._touches)
+    finally:
+        event.remove(pool, "checkout", checkout)
+    assert {caller.id for caller in callers} == {relay.admin_id}
+    assert len(checkouts) == 1  # the one write; every caller was served from the cache
+    assert GENERATION.value == generation
+    second = await _last_used(relay, token)
+    assert second is not None and second > first
+
+    await asyncio.gather(*(identity.authenticate(request, token) for _ in range(5)))
+    assert not identity._touches  # not again within the minute
