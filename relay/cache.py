@@ -5,11 +5,14 @@ the database on each request costs more than the rest of the relay's work. Write
 other hand, are rare (a new connection, a share, a revocation). So entries are stamped with a
 *generation* that every committed write bumps — on this instance through SQLAlchemy's session
 events, on the others through the registry's pub/sub — and an entry from an older generation
-is a miss. A revocation is therefore never served from the cache, not even for a moment.
+is a miss. An entry carries the generation its load started in, so a write committed while
+the load ran makes it a miss at once. A revocation is therefore never served from the cache,
+not even for a moment. Concurrent misses of one key share one load (:meth:`ReadCache.load`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -45,6 +48,10 @@ class Generation:
 GENERATION = Generation()
 
 
+#: What a load that failed leaves for the callers waiting on it: load it yourselves.
+_RETRY: Any = object()
+
+
 class ReadCache:
     """Bounded LRU of values valid for one store generation."""
 
@@ -52,6 +59,8 @@ class ReadCache:
         self._generation = generation
         self._size = size
         self._entries: OrderedDict[Any, tuple[int, Any]] = OrderedDict()
+        #: Loads under way: key → (the generation they started in, their result to come).
+        self._flights: dict[Any, tuple[int, asyncio.Future[Any]]] = {}
 
     def get(self, key: Any) -> Any | None:
         entry = self._entries.get(key)
@@ -60,11 +69,48 @@ class ReadCache:
         self._entries.move_to_end(key)
         return entry[1]
 
-    def put(self, key: Any, value: Any) -> None:
-        self._entries[key] = (self._generation.value, value)
+    def put(self, key: Any, value: Any, generation: int | None = None) -> None:
+        """Cache ``value``, valid while the store is at ``generation`` (default: now)."""
+        stamp = self._generation.value if generation is None else generation
+        self._entries[key] = (stamp, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    async def load(self, key: Any, load: Callable[[], Awaitable[Any]]) -> Any:
+        """``key``'s value from ``load``, cached; for a key :meth:`get` missed.
+
+        The value is stamped with the generation the load *started* in: a write committed
+        while it ran (a revocation, say) may not be in what it read, so the entry is then
+        stale at once rather than valid for the new generation. Callers that miss the same
+        key in the same generation while a load runs wait for its result instead of each
+        querying the store: after every write, all the requests in flight for a busy
+        connection miss together. If the load fails or is cancelled, they load for
+        themselves.
+        """
+        generation = self._generation.value
+        flight = self._flights.get(key)
+        if flight is not None and flight[0] == generation:
+            # shield: a waiter's cancellation must not cancel the result the others share.
+            value = await asyncio.shield(flight[1])
+            if value is not _RETRY:
+                return value
+            return await load()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        flight = (generation, future)
+        self._flights[key] = flight
+        loaded = False
+        try:
+            value = await load()
+            loaded = True
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            if not loaded:
+                future.set_result(_RETRY)
+        future.set_result(value)
+        self.put(key, value, generation)
+        return value
 
 
 async def lookup(
@@ -74,18 +120,29 @@ async def lookup(
     problems they become, so a caller probing unknown ids costs no query either."""
     cached = cache.get(key)
     if cached is None:
-        async with sessions() as session:
-            try:
-                cached = await load(session)
-            except NotFound as missing:
-                cached = ProblemError(404, "Not found", str(missing))
-            except Forbidden as refused:
-                cached = ProblemError(403, "Forbidden", str(refused))
-        cache.put(key, cached)
+        cached = await _miss(cache, key, load, sessions)
     if isinstance(cached, ProblemError):
         raise ProblemError(cached.status, cached.title, cached.detail)
     found: T = cached
     return found
+
+
+async def _miss(
+    cache: ReadCache, key: Any, load: Callable[[AsyncSession], Awaitable[Any]], sessions: Any
+) -> Any:
+    """A miss of :func:`lookup` (a function of its own: the closure below would cost every
+    hit an environment object in the compiled build)."""
+
+    async def query() -> Any:
+        async with sessions() as session:
+            try:
+                return await load(session)
+            except NotFound as missing:
+                return ProblemError(404, "Not found", str(missing))
+            except Forbidden as refused:
+                return ProblemError(403, "Forbidden", str(refused))
+
+    return await cache.load(key, query)
 
 
 def _mark_dirty(session: Session, *_: Any) -> None:

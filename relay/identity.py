@@ -11,6 +11,7 @@ Bearer handling follows RFC 6750: a missing or bad token is 401 with ``WWW-Authe
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import secrets
 import time
@@ -95,15 +96,18 @@ async def authenticate(request: Request, token: str | None) -> Principal:
     digest = hash_token(token)
     cached: tuple[Principal, str] | None = _TOKENS.get(digest)
     if cached is None:
-        async with sessions(request)() as session:
-            found = await queries.user_for_token_hash(session, digest)
-        if found is None:
-            raise unauthorized("invalid, revoked or deleted-user token")
-        user, api_token = found
-        cached = (Principal(id=user.id, name=user.name, role=user.role), api_token.id)
-        _TOKENS.put(digest, cached)
+        cached = await _TOKENS.load(digest, functools.partial(_load_token, request, digest))
     _note_use(request.app.state.engine, digest, cached[1])
     return cached[0]
+
+
+async def _load_token(request: Request, digest: str) -> tuple[Principal, str]:
+    async with sessions(request)() as session:
+        found = await queries.user_for_token_hash(session, digest)
+    if found is None:  # not cached: unknown digests would push the real ones out
+        raise unauthorized("invalid, revoked or deleted-user token")
+    user, api_token = found
+    return Principal(id=user.id, name=user.name, role=user.role), api_token.id
 
 
 #: Token hash → (caller, token id); any write to the store invalidates it.
