@@ -17,8 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.utils import apply_mask
 
 from agent.link import TunnelClientConnection
-from tests.backhaul.aio.test_wssplit import frame
 from tests.feeds import Feed
+from tests.ws_frames import frame
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

@@ -23,6 +23,7 @@ from relay.tls import TLSFiles
 from relay.workers import server_config
 from relay.wsprotocol import PUSH_TO, QUEUE_HIGH, SEND_MESSAGE, TunnelWebSocketProtocol
 from tests.feeds import Feed
+from tests.ws_frames import frame
 
 READERS: list[Any] = []
 
@@ -208,22 +209,8 @@ async def test_pushed_messages_reach_the_feed_and_the_rest_reaches_receive_in_or
 
 
 def _frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True) -> bytes:
-    """One client frame as RFC 6455 §5.2 lays it out."""
-    head = bytearray([(0x80 if fin else 0) | opcode])
-    size = len(payload)
-    bit = 0x80 if masked else 0
-    if size < 126:
-        head.append(bit | size)
-    elif size < 65_536:
-        head.append(bit | 126)
-        head += size.to_bytes(2, "big")
-    else:
-        head.append(bit | 127)
-        head += size.to_bytes(8, "big")
-    if not masked:
-        return bytes(head) + payload
-    mask = os.urandom(4)
-    return bytes(head) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    """One frame as a client sends it (masked), unless told otherwise."""
+    return frame(opcode, payload, fin, masked)
 
 
 def _recording(received: list[Any]) -> Any:
