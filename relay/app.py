@@ -25,6 +25,7 @@ from relay import (
     audit_retention,
     cache,
     egress,
+    identity,
     limits,
     problems,
     rotation,
@@ -143,6 +144,7 @@ def create_app(config: RelayConfig) -> FastAPI:
             await app.state.peers.aclose()
             await egress.close(app.state)
             await audit.drain()
+            await identity.drain()
         finally:
             await pruner.stop()
             await trimmer.stop()

@@ -36,11 +36,17 @@ def first_id_after(moment: dt.datetime) -> str:
     return f"aud_{nanoseconds:019d}"
 
 
-async def prune(engine: AsyncEngine, older_than: dt.datetime, batch: int = BATCH) -> int:
-    """Delete the events written before ``older_than``; return how many went."""
+async def prune(
+    engine: AsyncEngine,
+    older_than: dt.datetime,
+    batch: int = BATCH,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Delete the events written before ``older_than``; return how many went. Between two
+    batches, ``stop`` (when set) ends it early."""
     cut = first_id_after(older_than)
     total = 0
-    while True:
+    while stop is None or not stop.is_set():
         oldest = select(AuditEvent.id).where(AuditEvent.id < cut).order_by(AuditEvent.id)
         async with engine.begin() as conn:
             result = await conn.execute(
@@ -51,32 +57,38 @@ async def prune(engine: AsyncEngine, older_than: dt.datetime, batch: int = BATCH
         if deleted < batch:
             return total
         await asyncio.sleep(0)  # the requests in between come first
+    return total
 
 
 class Pruner:
-    """Runs :func:`prune` at start and every :data:`EVERY` seconds; ``days`` 0 keeps all."""
+    """Runs :func:`prune` at start and every :data:`EVERY` seconds; ``days`` 0 keeps all.
+
+    Stopping waits for the batch under way rather than cancelling it: a database operation
+    cancelled half-way can leave its connection to the garbage collector.
+    """
 
     def __init__(self, engine: AsyncEngine, days: float, every: float = EVERY) -> None:
         self.engine = engine
         self.days = days
         self.every = every
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         if self.days > 0 and self._task is None:
+            self._stopping.clear()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            await self._task
             self._task = None
 
     async def sweep(self) -> int:
         older_than = dt.datetime.now(dt.UTC) - dt.timedelta(days=self.days)
         try:
-            deleted = await prune(self.engine, older_than)
+            deleted = await prune(self.engine, older_than, stop=self._stopping)
         except Exception as exc:  # a failed sweep is retried at the next; the relay serves on
             log.warning("audit.prune_failed", error=str(exc))
             return 0
@@ -85,6 +97,8 @@ class Pruner:
         return deleted
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             await self.sweep()
-            await asyncio.sleep(self.every * random.uniform(0.9, 1.1))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.every * random.uniform(0.9, 1.1)):
+                    await self._stopping.wait()

@@ -139,6 +139,12 @@ def _note_use(engine: AsyncEngine, digest: str, token_id: str) -> None:
     task.add_done_callback(_touches.discard)
 
 
+async def drain() -> None:
+    """Wait for the tokens' use still being written (before the engine is disposed)."""
+    while _touches:
+        await asyncio.gather(*_touches, return_exceptions=True)
+
+
 async def _touch(engine: AsyncEngine, token_id: str) -> None:
     try:
         async with engine.begin() as conn:

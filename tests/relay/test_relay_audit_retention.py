@@ -116,3 +116,20 @@ async def test_the_relay_sweeps_at_start(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.01)
         assert await _ages(app.state.engine) == [1, 0]
+
+
+async def test_stopping_ends_a_sweep_between_batches_without_cancelling_one(
+    tmp_path: Path,
+) -> None:
+    engine = await _filled(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}")
+    try:
+        stop = asyncio.Event()
+        stop.set()
+        assert await audit_retention.prune(engine, NOW, batch=1, stop=stop) == 0
+        pruner = audit_retention.Pruner(engine, 90)
+        pruner.start()
+        await asyncio.sleep(0)  # the sweep has begun its first batch
+        await pruner.stop()  # waits for that batch, then ends
+        assert len(await _ages(engine)) in range(3, len(AGES) + 1)
+    finally:
+        await engine.dispose()
