@@ -32,6 +32,7 @@ import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from backhaul.aio.deadlines import SharedTimer
 from relay.coalesce import CoalescingTransport
 from relay.edge import DirectBody, answer, eligible
 from relay.limits import HeadTooLarge, refuse_head, time_out_head
@@ -101,7 +102,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.max_body = settings.max_body
         self._deadline: float | None = None
         self._deadline_is_head = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = SharedTimer(self.loop, self._due)
         self._head_bytes = 0
         self._head_too_large = False
         #: The body of the direct request being answered, if any.
@@ -158,40 +159,30 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._set_deadline(self.head_timeout, True)
 
     def _set_deadline(self, seconds: float, head: bool) -> None:
-        loop = self.loop
-        deadline = self._deadline = loop.time() + seconds
+        # A timer armed for an earlier deadline stays: it fires first and sleeps again.
+        deadline = self._deadline = self.loop.time() + seconds
         self._deadline_is_head = head
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return  # it fires first, and sleeps again until this deadline
-            timer.cancel()  # a head due before the idle deadline the timer waits for
-        self._timer = loop.call_at(deadline, self._check_deadline)
+        self._timer.ensure(deadline)
 
     def _stop_timer(self) -> None:
         self._deadline = None
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
-    def _check_deadline(self) -> None:
-        self._timer = None
+    def _due(self, now: float) -> float | None:
+        """The timer fired: settle the deadline if it has passed (SharedTimer)."""
         deadline = self._deadline
         if deadline is None:
-            return  # nothing due; the next deadline arms the timer again
-        loop = self.loop
-        if loop.time() < deadline:
-            self._timer = loop.call_at(deadline, self._check_deadline)
-            return
+            return None  # nothing due; the next deadline arms the timer again
+        if now < deadline:
+            return deadline
         self._deadline = None
         transport = self.transport
-        if transport.is_closing():
-            return
-        if self._deadline_is_head:
-            time_out_head(transport, self.client, self.head_timeout)
-        else:
-            transport.close()  # an idle keep-alive connection
+        if not transport.is_closing():
+            if self._deadline_is_head:
+                time_out_head(transport, self.client, self.head_timeout)
+            else:
+                transport.close()  # an idle keep-alive connection
+        return None
 
     # ------------------------------------------------------------------ parser callbacks
 

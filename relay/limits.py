@@ -46,6 +46,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backhaul.aio.deadlines import SharedTimer
 from backhaul.wire import Settings
 from backhaul.wire.frames import FrameType
 from relay import metrics
@@ -414,21 +415,21 @@ class _HeadGuard:
         self._guard_loop = asyncio.get_running_loop()
         #: When the head now arriving must be complete (loop time); None between requests.
         self._head_deadline: float | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer = SharedTimer(self._guard_loop, self._head_due)
         self._head_bytes = 0
 
     def _arm(self) -> None:
         """A head has started (or goes on arriving): it must be complete by its deadline.
 
-        One timer per connection, not one per request: a head that completes only clears the
-        deadline, and the timer, when it fires, checks the deadline then in force and sleeps
-        again until it — keep-alive connections carry thousands of requests a second.
+        One timer per connection, not one per request (SharedTimer): a head that completes
+        only clears the deadline, and the timer, when it fires, checks the deadline then in
+        force and sleeps again until it — keep-alive connections carry thousands of requests
+        a second.
         """
         if self._head_deadline is not None or self.transport.is_closing():
             return
         self._head_deadline = deadline = self._guard_loop.time() + self.head_timeout
-        if self._head_timer is None:
-            self._head_timer = self._guard_loop.call_at(deadline, self._head_check)
+        self._head_timer.ensure(deadline)
 
     def _disarm(self) -> None:
         self._head_deadline = None
@@ -436,21 +437,18 @@ class _HeadGuard:
 
     def _guard_stop(self) -> None:
         self._disarm()
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_timer.cancel()
 
-    def _head_check(self) -> None:
-        self._head_timer = None
+    def _head_due(self, now: float) -> float | None:
         deadline = self._head_deadline
         if deadline is None:
-            return  # no head arriving; the next one arms the timer again
-        if self._guard_loop.time() < deadline:
-            self._head_timer = self._guard_loop.call_at(deadline, self._head_check)
-            return
+            return None  # no head arriving; the next one arms the timer again
+        if now < deadline:
+            return deadline
         self._head_deadline = None
         if not self.transport.is_closing():
             time_out_head(self.transport, self.client, self.head_timeout)
+        return None
 
 
 def _h11_guard() -> type:
