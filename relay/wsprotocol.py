@@ -34,33 +34,30 @@ PUSH_TO = "backhaul.push_to"
 QUEUE_HIGH = 8
 
 
-#: Who parses the frames of a connection (:meth:`TunnelWebSocketProtocol.data_received`).
-_HANDSHAKE = 0  # websockets, until the opening handshake's request has been read
-_HERE = 1  # a frame splitter for whole binary messages, websockets for other frames
-_WEBSOCKETS = 2  # websockets, for good (after a close, a failure, an unusual frame)
-
-
 class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install(self.conn)
         self._feed: Callable[[bytes], bool] | None = None
-        self._framing = _HANDSHAKE
+        #: The opening handshake's request has not been read yet.
+        self._before_head = True
+        #: Cuts out the frames once the handshake's request has been read; None: websockets
+        #: parses them (before that, after a close or a failure, or for good).
         self._splitter: FrameSplitter | None = None
 
     def data_received(self, data: bytes) -> None:
         """Frames are cut out by a :class:`FrameSplitter` once the opening handshake's
         request has been read: whole binary messages go from there to the application (or
         the tunnel's feed), every other frame to websockets whole."""
-        if self._framing == _HERE:
-            splitter = self._splitter
-            assert splitter is not None
+        splitter = self._splitter
+        if splitter is not None:
             splitter.feed(data)
             if splitter.done:
-                self._framing = _WEBSOCKETS
+                self._splitter = None
             return
         super().data_received(data)
-        if self._framing == _HANDSHAKE:
+        if self._before_head:
+            self._before_head = False
             # uvicorn hands over exactly the request's head (handle_websocket_upgrade): once
             # websockets has read it, its parser waits at the first frame's first byte. A
             # first chunk of any other shape leaves the frames to websockets.
@@ -68,11 +65,8 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
             end = data.find(b"\r\n\r\n")
             whole = end == len(data) - 4 and len(conn.reader) == 0  # type: ignore[arg-type]
             if whole and conn.parser_exc is None:
-                self._framing = _HERE
                 limit = limit_of(conn.max_message_size, conn.max_fragment_size)
                 self._splitter = FrameSplitter(True, limit, self._message, self._frame)
-            else:
-                self._framing = _WEBSOCKETS
 
     def _message(self, payload: bytes) -> bool:
         """A whole binary message, handed on as uvicorn's handle_bytes would, without the

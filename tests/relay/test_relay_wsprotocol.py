@@ -339,7 +339,7 @@ async def test_after_the_handshake_binary_messages_are_parsed_by_the_connection(
             for message in (b"one", os.urandom(70_000)):
                 await ws.send(message)
                 assert await ws.recv() == message
-            assert protocols[0]._framing == 1  # parsed here, not by websockets
+            assert protocols[0]._splitter is not None  # parsed here, not by websockets
             assert len(protocols[0].conn.reader) == 0  # type: ignore[arg-type]
 
 
