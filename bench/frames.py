@@ -29,28 +29,11 @@ from websockets.uri import parse_uri
 
 from agent.link import TunnelClientConnection
 from backhaul import malloc_tuning
+from backhaul.aio.wsframes import binary_frame
 from relay.wsprotocol import TunnelWebSocketProtocol
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-
-
-def frame(payload: bytes, masked: bool) -> bytes:
-    """One final binary frame (RFC 6455 §5.2)."""
-    size = len(payload)
-    bit = 0x80 if masked else 0
-    if size < 126:
-        head = bytes([0x82, bit | size])
-    elif size < 65_536:
-        head = bytes([0x82, bit | 126]) + size.to_bytes(2, "big")
-    else:
-        head = bytes([0x82, bit | 127]) + size.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    from websockets.utils import apply_mask
-
-    key = os.urandom(4)
-    return head + key + apply_mask(payload, key)
 
 
 class _Transport(asyncio.Transport):
@@ -151,8 +134,8 @@ async def main() -> None:
     large = os.urandom(256 * 1024)
     for name, make, masked in (("relay", relay_end, True), ("agent", agent_end, False)):
         receive = await make(feed)
-        one = [frame(small, masked)]
-        whole = frame(large, masked)
+        one = [b"".join(binary_frame(small, masked))]
+        whole = b"".join(binary_frame(large, masked))
         pieces = [whole[i : i + 16_384] for i in range(0, len(whole), 16_384)]
         got = 0
         small_us = measure(receive, one, args.small)
