@@ -10,11 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
-from agent.config import load_config
-from backhaul.devstack import DevStack, command
-from backhaul.errors import BackhaulError
+from backhaul.devstack import DevStack, command, read_agent_status
 
 PASSWORD = "Squid-pw-42!"
 
@@ -50,19 +46,8 @@ def agent(stack: DevStack, name: str, env: dict[str, str], **config: Any) -> Ite
 
 
 def status(config_dir: Path) -> dict[str, Any]:
-    """The agent's status document, read from its socket in-process (no CLI start-up; plain
-    blocking I/O, so it also works beside Playwright's event loop)."""
-    try:
-        socket_path = load_config(config_dir, {}).status.socket
-    except BackhaulError:
-        return {}
-    transport = httpx.HTTPTransport(uds=str(socket_path))
-    try:
-        with httpx.Client(transport=transport, timeout=2.0) as client:
-            doc: dict[str, Any] = client.get("http://agent/status").json()
-    except (httpx.HTTPError, ValueError):
-        return {}
-    return doc
+    """The agent's status document, read from its socket in-process; {} when none answers."""
+    return read_agent_status(config_dir) or {}
 
 
 def wait_status(
