@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -28,8 +29,15 @@ def stack(tmp_path: Path) -> Iterator[DevStack]:
         yield s
 
 
+def _agent_status_command(world: World, *args: str) -> str:
+    argv = [command("backhaul-agent"), "status", "--config-dir", str(world.agent_dir), *args]
+    done = subprocess.run(argv, capture_output=True, env=world.stack.env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode()
+
+
 def test_agent_status_json_has_every_field(world: World) -> None:
-    doc = world.stack.agent_status(world.agent_dir)
+    doc = json.loads(_agent_status_command(world, "--json"))
     for field in (
         "connected",
         "relay",
@@ -45,6 +53,16 @@ def test_agent_status_json_has_every_field(world: World) -> None:
     assert doc["connected"] is True
     assert doc["relay"] == world.stack.relay_url
     assert doc["session_id"].startswith("ses_")
+    assert doc["running"] is True
+    # The tests' own polling reads the same document from the status socket in-process.
+    polled = world.stack.agent_status(world.agent_dir)
+    assert set(polled) == set(doc) and polled["session_id"] == doc["session_id"]
+
+
+def test_agent_status_table(world: World) -> None:
+    table = _agent_status_command(world)
+    assert re.search(r"^state\s+connected\s*$", table, re.MULTILINE), table
+    assert re.search(rf"^gateway\s+{world.gateway_id}\s*$", table, re.MULTILINE), table
 
 
 def test_relay_status_shows_member_online_with_rtt(world: World) -> None:
