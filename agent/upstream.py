@@ -256,6 +256,9 @@ class _Connection(asyncio.Protocol):
                 )
         self._wake()
         self._drop()
+        # Every wait checks _closed first, so the timer is done with too; its callback is a
+        # bound method of this object, a cycle as the parser's were.
+        self._timer.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True

@@ -118,6 +118,16 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         super().connection_lost(exc)
+        # Three references back to this object make it a cycle with what it holds: the
+        # timer's callback, the request cycle's ``on_response`` and the direct body's cycle.
+        # A cycle waits for the collector's full collection, which a relay moving bulk data
+        # seldom makes, and this one holds the connection's TLS object and its 256 KiB read
+        # buffer. Nothing asks for them after the connection is lost (a task still answering
+        # holds its own request cycle), so they are let go here, and the connection is freed
+        # as soon as its last task ends.
+        self._timer.close()
+        self.cycle = None  # type: ignore[assignment]
+        self.direct_body = None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -133,14 +143,17 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.send_400_response(msg)
 
     def handle_websocket_upgrade(self) -> None:
-        # The connection becomes a tunnel: its timer would keep this object alive, and the
-        # WebSocket protocol writes to the transport itself, held back by nothing.
+        # The connection becomes a tunnel: the WebSocket protocol writes to the transport
+        # itself, held back by nothing. This object is done with; its timer and its parser
+        # would keep it alive in cycles (see connection_lost).
         self._stop_timer()
+        self._timer.close()
         transport = self.transport
         if isinstance(transport, CoalescingTransport):
             transport.flush()
             self.transport = transport.transport
         super().handle_websocket_upgrade()
+        self.parser = None  # type: ignore[assignment]  # a cycle, as in connection_lost
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:

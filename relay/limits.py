@@ -436,8 +436,10 @@ class _HeadGuard:
         self._head_bytes = 0
 
     def _guard_stop(self) -> None:
+        """For good: the connection is lost or has become a tunnel. The timer lets go of
+        this object (SharedTimer.close), which would otherwise be a reference cycle."""
         self._disarm()
-        self._head_timer.cancel()
+        self._head_timer.close()
 
     def _head_due(self, now: float) -> float | None:
         deadline = self._head_deadline
@@ -468,6 +470,9 @@ def _h11_guard() -> type:
         def connection_lost(self, exc: Exception | None) -> None:
             self._guard_stop()
             super().connection_lost(exc)
+            # The request cycle's on_response is a cycle back to this object, as in
+            # relay.edge_http's connection_lost.
+            self.cycle = None  # type: ignore[assignment]
 
         def handle_websocket_upgrade(self, event: h11.Request) -> None:
             self._guard_stop()  # as for httptools: a tunnel needs no head timer

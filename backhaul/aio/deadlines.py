@@ -56,6 +56,17 @@ class SharedTimer:
             self._handle.cancel()
             self._handle = None
 
+    def close(self) -> None:
+        """Cancel for good, and let go of ``due``.
+
+        An owner that holds its timer and is held by ``due`` (one of its bound methods) is a
+        reference cycle: without this, the owner and all it holds wait for one of the cyclic
+        collector's full collections, which a process moving bulk data seldom makes. After
+        it the timer still takes deadlines, and settles nothing when it fires.
+        """
+        self.cancel()
+        self._due = _settled
+
     def _arm(self, deadline: float) -> None:
         self._handle = self._loop.call_at(deadline, self._fire)
         self._at = deadline
@@ -65,3 +76,8 @@ class SharedTimer:
         following = self._due(self._loop.time() + CLOCK_SLACK)
         if following is not None:
             self._arm(following)
+
+
+def _settled(now: float) -> float | None:
+    """A closed timer's ``due``: nothing is ever due."""
+    return None

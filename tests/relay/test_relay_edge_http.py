@@ -4,12 +4,16 @@ tests cannot reach: upgrades, pipelining and request bodies on the ASGI path."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.config import RelayConfig
-from relay.limits import http_protocol
+from relay.edge_http import EdgeHttpProtocol
+from relay.limits import _HeadGuard, http_protocol
 from tests.relay.relay_helpers import serving
 
 
@@ -31,8 +35,8 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
-def _serving(tmp_path: Path) -> AbstractAsyncContextManager[int]:
-    protocol = http_protocol(RelayConfig(dev=True, data_dir=tmp_path), "httptools")
+def _serving(tmp_path: Path, parser: str = "httptools") -> AbstractAsyncContextManager[int]:
+    protocol = http_protocol(RelayConfig(dev=True, data_dir=tmp_path), parser)
     return serving(_app, protocol, ws="websockets-sansio")
 
 
@@ -77,3 +81,41 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
             writer.close()
     bodies = [part.split(b"\r\n\r\n", 1)[1] for part in answers.split(b"HTTP/1.1 200")[1:]]
     assert bodies == [b"/one first", b"/two ", b"/three third"]
+
+
+def _connections_alive() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, EdgeHttpProtocol | _HeadGuard))
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
+    tmp_path: Path, parser: str
+) -> None:
+    """A connection's protocol holds its TLS transport and read buffer: freed when the
+    connection ends, by reference counting, not when a full collection comes round."""
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        async with _serving(tmp_path, parser) as port:
+            for request in (
+                b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n",  # answered, then the caller leaves
+                b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nhalf",  # cut short
+                b"GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n",  # upgraded, then closed
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                if not request.endswith(b"half"):
+                    await _read_until(reader, 1, b"\r\n\r\n")
+                writer.close()
+                await writer.wait_closed()
+            for _ in range(200):
+                if _connections_alive() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert _connections_alive() == 0
+    finally:
+        if collecting:
+            gc.enable()

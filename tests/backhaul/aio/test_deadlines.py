@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 from backhaul.aio.deadlines import CLOCK_SLACK, SharedTimer
 
@@ -45,3 +47,39 @@ async def test_cancel_disarms() -> None:
     timer.cancel()
     await asyncio.sleep(0.05)
     assert not fired and not timer.armed
+
+
+class _Owner:
+    """Holds its timer, and is held by it through ``due``: a reference cycle."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.fired = 0
+        self.timer = SharedTimer(loop, self.due)
+
+    def due(self, now: float) -> float | None:
+        self.fired += 1
+        return None
+
+
+async def test_close_lets_go_of_the_owner_and_settles_nothing_after() -> None:
+    loop = asyncio.get_running_loop()
+    owner = _Owner(loop)
+    owner.timer.ensure(loop.time() + 0.01)
+    owner.timer.close()
+    assert not owner.timer.armed
+    timer = owner.timer
+    timer.ensure(loop.time() + 0.01)  # still takes deadlines
+    await asyncio.sleep(0.05)
+    assert owner.fired == 0 and not timer.armed
+
+    collecting = gc.isenabled()
+    gc.disable()  # freed by reference counting alone, or not at all
+    try:
+        owner = _Owner(loop)
+        owner.timer.close()
+        gone = weakref.ref(owner)
+        del owner
+        assert gone() is None
+    finally:
+        if collecting:
+            gc.enable()
