@@ -118,8 +118,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         super().connection_lost(exc)
-        # Three references back to this object make it a cycle with what it holds: the
-        # timer's callback, the request cycle's ``on_response`` and the direct body's cycle.
+        # References back to this object make it a cycle with what it holds: the timer's
+        # callback, and the ``on_response`` of the request cycle, of the direct body's cycle
+        # and of pipelined requests that will not be started now.
         # A cycle waits for the collector's full collection, which a relay moving bulk data
         # seldom makes, and this one holds the connection's TLS object and its 256 KiB read
         # buffer. Nothing asks for them after the connection is lost (a task still answering
@@ -128,6 +129,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._timer.close()
         self.cycle = None  # type: ignore[assignment]
         self.direct_body = None
+        self.pipeline.clear()
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -98,16 +98,20 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
     gc.disable()
     try:
         async with _serving(tmp_path, parser) as port:
-            for request in (
-                b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n",  # answered, then the caller leaves
-                b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nhalf",  # cut short
-                b"GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n",  # upgraded, then closed
+            for request, answered in (
+                (b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n", True),  # then the caller leaves
+                (b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nhalf", False),
+                (b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n", False),
+                (
+                    b"GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n",
+                    True,  # upgraded, then closed
+                ),
             ):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(request)
-                if not request.endswith(b"half"):
+                if answered:
                     await _read_until(reader, 1, b"\r\n\r\n")
                 writer.close()
                 await writer.wait_closed()
