@@ -39,7 +39,8 @@ class StarletteTransport:
     """A Starlette WebSocket as a :class:`backhaul.aio.tunnel.MessageTransport`."""
 
     def __init__(self, ws: WebSocket) -> None:
-        self.ws = ws
+        #: None once :meth:`release` has let go of the connection.
+        self.ws: WebSocket | None = ws
         self._send_message: Callable[[bytes], Awaitable[None]] | None = None
         self._push_to: Callable[[Callable[[bytes], bool]], bool] | None = None
 
@@ -47,7 +48,7 @@ class StarletteTransport:
         """From now on (the handshake is over), binary messages go straight to the
         WebSocket protocol when the server offers that (relay.wsprotocol), and received
         ones may come straight from it (:meth:`push_to`)."""
-        extensions = self.ws.scope.get("extensions", {})
+        extensions = self.ws.scope.get("extensions", {}) if self.ws is not None else {}
         self._send_message = extensions.get(SEND_MESSAGE)
         self._push_to = extensions.get(PUSH_TO)
 
@@ -56,6 +57,8 @@ class StarletteTransport:
         return self._push_to is not None and bool(self._push_to(feed))
 
     async def recv(self) -> bytes:
+        if self.ws is None:
+            raise TransportClosed("tunnel over")
         try:
             message = await self.ws.receive()
         except (WebSocketDisconnect, RuntimeError) as exc:
@@ -72,25 +75,45 @@ class StarletteTransport:
         try:
             if self._send_message is not None:
                 await self._send_message(data)
-            else:
+            elif self.ws is not None:
                 await self.ws.send_bytes(data)
+            else:
+                raise TransportClosed("tunnel over")
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             raise TransportClosed("agent disconnected") from exc
 
     async def close(self, code: int, reason: str) -> None:
+        if self.ws is None:
+            return
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
+
+    def release(self) -> None:
+        """Let go of the connection once the tunnel is over: the tunnel's own objects refer
+        to each other (its streams, its timer), and through this transport they would keep
+        the connection, its TLS object and buffers, until a full collection."""
+        self._send_message = None
+        self._push_to = None
+        self.ws = None
 
 
 @router.websocket(TUNNEL_PATH)
 async def tunnel_endpoint(ws: WebSocket) -> None:
-    config = ws.app.state.config
-    hub: Hub = ws.app.state.hub
     if SUBPROTOCOL not in ws.scope.get("subprotocols", []):
         await ws.close(1002, f"subprotocol {SUBPROTOCOL} required")
         return
     await ws.accept(subprotocol=SUBPROTOCOL)
     transport = StarletteTransport(ws)
+    try:
+        await _serve(ws, transport)
+    finally:
+        transport.release()
+
+
+async def _serve(ws: WebSocket, transport: StarletteTransport) -> None:
+    """The tunnel on an accepted connection: the handshake, then the tunnel until it ends."""
+    config = ws.app.state.config
+    hub: Hub = ws.app.state.hub
     interval = float(config.ping_interval_seconds)
     tunnel = Tunnel(
         Connection(Role.RELAY),

@@ -68,6 +68,19 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
                 limit = limit_of(conn.max_message_size, conn.max_fragment_size)
                 self._splitter = FrameSplitter(True, limit, self._message, self._frame)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # References back to this object, each a cycle that would keep the connection's TLS
+        # object and buffers until one of the collector's full collections (as in
+        # relay.edge_http's connection_lost): the splitter's callbacks, the tunnel's feed and
+        # the scope's extensions. Nothing feeds or reads them once the connection is lost.
+        self._splitter = None
+        self._feed = None
+        scope: Any = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"].pop(SEND_MESSAGE, None)
+            scope["extensions"].pop(PUSH_TO, None)
+
     def _message(self, payload: bytes) -> bool:
         """A whole binary message, handed on as uvicorn's handle_bytes would, without the
         Frame websockets would build; declined while websockets holds part of a message or

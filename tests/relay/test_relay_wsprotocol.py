@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import socket
@@ -391,3 +392,39 @@ async def test_a_large_message_arriving_in_many_reads_is_joined_once() -> None:
     assert protocol._splitter.pending == []
     protocol.data_received(_frame(0x2, b"next") + _frame(0x2, b"and")[:3])
     assert got[1:] == [b"next"] and protocol._splitter.pending_size == 3
+
+
+async def test_a_closed_tunnel_connection_is_freed_without_the_cyclic_collector() -> None:
+    """The splitter's callbacks, the tunnel's feed and the scope's extensions all refer back
+    to the protocol; once the connection is lost they must not keep it (and its TLS objects
+    and buffers) for a full collection. The application lets go of them as the relay's
+    tunnel endpoint does (StarletteTransport.release)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        fed: list[bytes] = []
+        assert scope["extensions"][PUSH_TO](fed.append)
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        assert fed == [b"x" * 300]
+
+    def alive() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, TunnelWebSocketProtocol))
+
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        async with serving(TunnelWebSocketProtocol, app) as port:
+            async with connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send(b"x" * 300)
+                await asyncio.sleep(0.05)
+            for _ in range(200):
+                if alive() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert alive() == 0
+    finally:
+        if collecting:
+            gc.enable()
