@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
 import ssl
@@ -21,6 +20,7 @@ from agent.upstream import RAW_BODY_MIN, READ_HIGH_WATER, Client, Response
 from agent.upstream import _Connection as upstream_connection
 from backhaul import sampleapi
 from relay.tls import generate_dev_certificate
+from tests.cycles import collector_off, wait_until_freed
 
 MiB = 1024 * 1024
 
@@ -171,28 +171,16 @@ async def test_connections_the_server_closed_are_freed_without_the_cyclic_collec
     """An API that closes every connection must not leave each one (its parser, buffers and
     transport) for the cyclic collector's rare full collections."""
 
-    def alive() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, upstream_connection))
-
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         client = Client()
         for _ in range(3):
             response = await client.request(
                 "GET", url(api, "/small"), [("Connection", "close")], timeout=5
             )
             await read_all(response)
-        for _ in range(200):
-            if alive() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert client.opened == 3 and alive() == 0
+        await wait_until_freed(upstream_connection)
+        assert client.opened == 3
         await client.aclose()
-    finally:
-        if collecting:
-            gc.enable()
 
 
 async def test_connection_close_is_honoured_while_the_socket_stays_open(

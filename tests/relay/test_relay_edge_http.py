@@ -4,7 +4,6 @@ tests cannot reach: upgrades, pipelining and request bodies on the ASGI path."""
 from __future__ import annotations
 
 import asyncio
-import gc
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 from relay.config import RelayConfig
 from relay.edge_http import EdgeHttpProtocol
 from relay.limits import _HeadGuard, http_protocol
+from tests.cycles import collector_off, wait_until_freed
 from tests.relay.relay_helpers import serving
 
 
@@ -83,20 +83,13 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
     assert bodies == [b"/one first", b"/two ", b"/three third"]
 
 
-def _connections_alive() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, EdgeHttpProtocol | _HeadGuard))
-
-
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
     tmp_path: Path, parser: str
 ) -> None:
     """A connection's protocol holds its TLS transport and read buffer: freed when the
     connection ends, by reference counting, not when a full collection comes round."""
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         async with _serving(tmp_path, parser) as port:
             for request, answered in (
                 (b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n", True),  # then the caller leaves
@@ -115,11 +108,4 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
                     await _read_until(reader, 1, b"\r\n\r\n")
                 writer.close()
                 await writer.wait_closed()
-            for _ in range(200):
-                if _connections_alive() == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert _connections_alive() == 0
-    finally:
-        if collecting:
-            gc.enable()
+            await wait_until_freed(EdgeHttpProtocol, _HeadGuard)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import random
 import socket
@@ -23,6 +22,7 @@ from relay.config import RelayConfig
 from relay.tls import TLSFiles
 from relay.workers import server_config
 from relay.wsprotocol import PUSH_TO, QUEUE_HIGH, SEND_MESSAGE, TunnelWebSocketProtocol
+from tests.cycles import collector_off, wait_until_freed
 from tests.feeds import Feed
 from tests.ws_frames import frame
 
@@ -409,22 +409,9 @@ async def test_a_closed_tunnel_connection_is_freed_without_the_cyclic_collector(
             pass
         assert fed == [b"x" * 300]
 
-    def alive() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, TunnelWebSocketProtocol))
-
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         async with serving(TunnelWebSocketProtocol, app) as port:
             async with connect(f"ws://127.0.0.1:{port}/") as ws:
                 await ws.send(b"x" * 300)
                 await asyncio.sleep(0.05)
-            for _ in range(200):
-                if alive() == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert alive() == 0
-    finally:
-        if collecting:
-            gc.enable()
+            await wait_until_freed(TunnelWebSocketProtocol)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
 
 from backhaul.aio.deadlines import CLOCK_SLACK, SharedTimer
+from tests.cycles import collector_off
 
 
 async def test_it_moves_only_for_a_nearer_deadline_and_rearms_where_its_owner_says() -> None:
@@ -72,14 +72,9 @@ async def test_close_lets_go_of_the_owner_and_settles_nothing_after() -> None:
     await asyncio.sleep(0.05)
     assert owner.fired == 0 and not timer.armed
 
-    collecting = gc.isenabled()
-    gc.disable()  # freed by reference counting alone, or not at all
-    try:
+    with collector_off():  # freed by reference counting alone, or not at all
         owner = _Owner(loop)
         owner.timer.close()
         gone = weakref.ref(owner)
         del owner
         assert gone() is None
-    finally:
-        if collecting:
-            gc.enable()
