@@ -34,6 +34,7 @@ COMPILED = [
     "backhaul/wire/frames.py",
     "backhaul/wire/settings.py",
     "backhaul/wire/streams.py",
+    "backhaul/aio/background.py",
     "backhaul/aio/deadlines.py",
     "backhaul/aio/tunnel.py",
     "backhaul/aio/wsframes.py",

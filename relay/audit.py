@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from starlette.types import Message, Receive, Scope, Send
 
 from backhaul import compact_json
+from backhaul.aio.background import Background
 from relay.headers import request_header
 from relay.identity import Principal
 from relay.store.models import AuditEvent, UTCDateTime, utcnow
@@ -48,7 +49,7 @@ INVOKE = "invoke"
 #: Where online invokes leave the request bytes they streamed.
 BYTES_IN_KEY = "backhaul.bytes_in"
 
-_pending: set[asyncio.Task[None]] = set()
+_pending = Background()
 
 
 #: The random part of event ids tells apart rows written in the same nanosecond; it orders
@@ -95,10 +96,7 @@ def _later(engine: AsyncEngine, **fields: Any) -> asyncio.Task[None]:
     _batches.setdefault(engine, []).append({"id": new_event_id(), "at": at, **fields})
     task = _flushers.get(engine)
     if task is None or task.done():
-        task = asyncio.get_running_loop().create_task(_flush_soon(engine))
-        _flushers[engine] = task
-        _pending.add(task)
-        task.add_done_callback(_pending.discard)
+        task = _flushers[engine] = _pending.spawn(_flush_soon(engine))
     return task
 
 
@@ -184,8 +182,7 @@ def _bound(value: Any, bind: Callable[[Any], Any] | None) -> Any:
 
 async def drain() -> None:
     """Wait for invoke records still being written (shutdown, tests)."""
-    while _pending:
-        await asyncio.gather(*list(_pending), return_exceptions=True)
+    await _pending.drain()
 
 
 def _declared_length(request: Request) -> int | None:

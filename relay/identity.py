@@ -10,7 +10,6 @@ Bearer handling follows RFC 6750: a missing or bad token is 401 with ``WWW-Authe
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import secrets
@@ -23,6 +22,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backhaul.aio.background import Background
 from relay.cache import ReadCache
 from relay.problems import ProblemError
 from relay.store import queries
@@ -115,7 +115,7 @@ _TOKENS = ReadCache()
 #: Token hash → when (monotonic clock) this process last wrote, or set out to write, its use.
 _TOUCHED: dict[str, float] = {}
 _TOUCHED_MAX = 10_000
-_touches: set[asyncio.Task[None]] = set()
+_touches = Background()
 
 
 def _note_use(engine: AsyncEngine, digest: str, token_id: str) -> None:
@@ -134,15 +134,12 @@ def _note_use(engine: AsyncEngine, digest: str, token_id: str) -> None:
     if len(_TOUCHED) >= _TOUCHED_MAX:
         _TOUCHED.clear()
     _TOUCHED[digest] = now
-    task = asyncio.get_running_loop().create_task(_touch(engine, token_id))
-    _touches.add(task)
-    task.add_done_callback(_touches.discard)
+    _touches.spawn(_touch(engine, token_id))
 
 
 async def drain() -> None:
     """Wait for the tokens' use still being written (before the engine is disposed)."""
-    while _touches:
-        await asyncio.gather(*_touches, return_exceptions=True)
+    await _touches.drain()
 
 
 async def _touch(engine: AsyncEngine, token_id: str) -> None:

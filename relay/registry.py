@@ -27,12 +27,17 @@ from typing import Any
 
 import structlog
 
+from backhaul.aio.background import Background
 from relay.cache import GENERATION
 from relay.hub import Hub, LiveTunnel
 
 log = structlog.get_logger("backhaul.relay.registry")
 
 EVENTS = "bh:events"
+#: Tries to tell the other instances of a local write before giving up (and logging it).
+INVALIDATE_ATTEMPTS = 5
+#: Seconds before the second try; each later one waits that much longer than the last.
+INVALIDATE_BACKOFF = 0.2
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class Registry:
         self._dead: dict[str, tuple[float, str | None]] = {}
         #: The address ``remote_members`` last gave out for each instance.
         self._urls: dict[str, str] = {}
-        self._pending: set[asyncio.Task[None]] = set()
+        #: Publishes of local store writes, finished before the connection closes.
+        self._pending = Background()
 
     @property
     def shared(self) -> bool:
@@ -126,6 +132,7 @@ class Registry:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._pending.drain()  # the last writes' invalidations reach the others
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 for live in self.hub.local():
@@ -223,6 +230,10 @@ class Registry:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS)
+                    # Writes published while this instance was not listening (before its
+                    # first subscription, or while Redis was away) went past it: every
+                    # cached read may be older than one of them.
+                    GENERATION.bump(notify=False)
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
@@ -243,9 +254,19 @@ class Registry:
 
     def _store_changed(self) -> None:
         """A local write: other instances drop their cached reads too (see relay.cache)."""
-        task = asyncio.get_running_loop().create_task(self._publish({"kind": "invalidate"}))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._pending.spawn(self._invalidate_others())
+
+    async def _invalidate_others(self) -> None:
+        """Tell the other instances, retrying: a cached read has no expiry, so an instance
+        that missed this would go on serving what the write changed (a revoked token)."""
+        for attempt in range(1, INVALIDATE_ATTEMPTS + 1):
+            try:
+                await self._publish({"kind": "invalidate"})
+                return
+            except Exception as exc:
+                log.warning("registry.invalidate_failed", attempt=attempt, error=str(exc))
+                if attempt < INVALIDATE_ATTEMPTS:
+                    await asyncio.sleep(INVALIDATE_BACKOFF * attempt)
 
     async def _on_invalidate(self, _: dict[str, Any]) -> None:
         GENERATION.bump(notify=False)

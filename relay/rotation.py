@@ -46,7 +46,6 @@ rotation is refused (revoke members that are gone for good).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import itertools
 import json
@@ -56,6 +55,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
+from backhaul.aio.background import Background
 from backhaul.aio.tunnel import StreamError, TransportClosed
 from backhaul.errors import SealError
 from backhaul.keys import b64d, b64e
@@ -170,16 +170,13 @@ class _Registry:
 
     def __init__(self) -> None:
         self.locks: dict[str, asyncio.Lock] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Background()
 
     def lock(self, gateway_id: str) -> asyncio.Lock:
         return self.locks.setdefault(gateway_id, asyncio.Lock())
 
     def spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
-        task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        return self.tasks.spawn(coro, name)
 
 
 def _registry(app_state: Any) -> _Registry:
@@ -196,11 +193,7 @@ async def shutdown(app_state: Any) -> None:
     registry = getattr(app_state, "key_rotations", None)
     if not isinstance(registry, _Registry):
         return
-    for task in list(registry.tasks):
-        task.cancel()
-    for task in list(registry.tasks):
-        with contextlib.suppress(BaseException):
-            await task
+    await registry.tasks.cancel()
 
 
 # ----------------------------------------------------------------------- member operations

@@ -536,9 +536,7 @@ class Tunnel:
             stream.has_body = not event.end_stream
             self._streams[event.stream_id] = stream
             if self.on_stream is not None:
-                task = asyncio.create_task(self._serve(stream))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._serve(stream))
         elif isinstance(event, StreamReset):
             if not event.remote:  # we reset it: the peer broke a rule on this stream
                 self.log.warning(
@@ -566,9 +564,7 @@ class Tunnel:
         elif isinstance(event, ConnectionTerminated):
             self.log.warning("tunnel.protocol_error", code=event.code.name, reason=event.reason)
             self.close_reason = event.reason
-            task = asyncio.create_task(self.close(event.code, event.reason))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self.close(event.code, event.reason))
 
     async def _serve(self, stream: TunnelStream) -> None:
         assert self.on_stream is not None
@@ -618,7 +614,8 @@ class Tunnel:
 
     def _close_streams(self, code: ErrorCode, reason: str) -> None:
         if self._head_timer is not None:
-            self._head_timer.cancel()
+            self._head_timer.close()  # it holds _heads_due: the tunnel itself
+        self._head_waits.clear()
         self.closed = True
         if not self.close_reason:
             self.close_reason = reason

@@ -32,6 +32,7 @@ from backhaul.wire import (
     WelcomeReceived,
 )
 from backhaul.wire import frames as f
+from tests.cycles import collector_off, wait_until_freed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -921,3 +922,16 @@ async def test_real_websocket_refuses_a_wrong_key() -> None:
     assert isinstance(refused, handshake.HandshakeRefused)
     assert refused.code is ErrorCode.UNAUTHORIZED
     assert info.value.code == CLOSE_CODE_BASE + ErrorCode.UNAUTHORIZED
+
+
+async def test_a_closed_tunnel_is_freed_without_the_cyclic_collector() -> None:
+    """A tunnel that has served requests, once closed, goes with its last reference: its head
+    timer lets go of the tunnel's bound method, so nothing it holds (the connection's
+    state, its streams, the transport) waits for a full collection."""
+    with collector_off():
+        async with _relay_with_held_answers() as (tunnel, _release):
+            for _ in range(3):
+                assert await (await _get(tunnel)).response(within=30) == {"status": 200}
+            assert tunnel._head_timer is not None
+        del tunnel
+        await wait_until_freed(Tunnel, TunnelStream)
