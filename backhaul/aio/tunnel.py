@@ -322,6 +322,8 @@ class Tunnel:
         self._changed = asyncio.Event()
         #: A flush task for frames that pushed messages queued is on its way (see feed).
         self._flush_pending = False
+        #: Pushed messages waiting in the loop's queue of callbacks to be handled (see feed).
+        self._queued = 0
         #: What went wrong handling a pushed message; run() raises it once the tunnel is down.
         self._failure: BaseException | None = None
         self._aborting: asyncio.Task[None] | None = None
@@ -340,9 +342,11 @@ class Tunnel:
         """Write out every frame queued so far.
 
         A flush of small frames yields once before it writes, so the frames other
-        tasks queue in the same iteration (the OPENs of concurrent requests, a RESPONSE and
-        its DATA) leave together in one BATCH message: one WebSocket frame, one TLS record,
-        one write. A flush with nothing queued still waits for a write in progress, which
+        tasks queue in the same iteration (the OPENs of concurrent requests, the answers of
+        several streams) leave together in one BATCH message: one WebSocket frame, one TLS
+        record, one write. With one stream in flight there are no other tasks' frames to
+        wait for (a stream's RESPONSE and its DATA are queued before their one flush), and
+        it writes at once. A flush with nothing queued still waits for a write in progress, which
         may be carrying its frames.
         """
         if not self.conn.has_data_to_send:
@@ -350,7 +354,7 @@ class Tunnel:
                 async with self._write_lock:
                     pass
             return
-        if self.conn.batching:
+        if self.conn.batching and len(self._streams) > 1:
             await asyncio.sleep(0)
         async with self._write_lock:
             for message in self.conn.messages_to_send():
@@ -427,10 +431,13 @@ class Tunnel:
         from the loop's queue of callbacks, without a queue of the transport's, a reader
         task to wake, or the layers above the transport's own callback in between.
 
-        Handling waits for that callback to return (``call_soon``) rather than running
-        inside it: measured at 64 concurrent clients, handling inside the relay's read
-        callback cost 5 % of its requests per second (the callers' requests waited behind
-        it), and the callback queue keeps the messages in order all the same.
+        Under load, handling waits for that callback to return (``call_soon``) rather than
+        running inside it: measured at 64 concurrent clients, handling inside the relay's
+        read callback cost 5 % of its requests per second (the callers' requests waited
+        behind it), and the callback queue keeps the messages in order all the same. With at
+        most one stream in flight and no message queued, there is nobody to wait behind it,
+        and the message is handled at once: a lone request's round trip then takes one loop
+        iteration less at each end of the tunnel (bench/PROFILE.md, "One stream in flight").
 
         Refused (False) while a write waits for the peer to read: the transport queues the
         message, :meth:`run` takes it with a flush after each as before, and reading stops
@@ -438,8 +445,16 @@ class Tunnel:
         PONGs is held back by TCP instead of growing what waits to be sent."""
         if self._write_lock.locked():
             return False
-        self._loop.call_soon(self._handle_message, message)
+        if self._queued or len(self._streams) > 1:
+            self._queued += 1
+            self._loop.call_soon(self._handle_queued, message)
+        else:
+            self._handle_message(message)
         return True
+
+    def _handle_queued(self, message: bytes) -> None:
+        self._queued -= 1
+        self._handle_message(message)
 
     def _receive(self, message: bytes) -> bool:
         """Handle one message's events; False if the tunnel is closed or ends here. Never

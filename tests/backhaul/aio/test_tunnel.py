@@ -645,7 +645,9 @@ async def test_pushed_messages_are_handled_and_the_ones_queued_first_keep_their_
             head = await stream.response()
             assert await read_all(stream) == pattern(10, seed=10)
     assert head["sha256"] == hashlib.sha256(b"".join(upload)).hexdigest()
-    assert agent_end.pushed == 4  # three DATA and the end
+    # The PONG to the agent's first PING, three DATA and the end: with one stream in flight
+    # the relay's flushes write at once, so the PONG no longer waits to join a DATA.
+    assert agent_end.pushed == 5
 
 
 async def test_while_a_write_waits_messages_are_queued_and_taken_one_flush_at_a_time() -> None:
@@ -935,3 +937,39 @@ async def test_a_closed_tunnel_is_freed_without_the_cyclic_collector() -> None:
             assert tunnel._head_timer is not None
         del tunnel
         await wait_until_freed(Tunnel, TunnelStream)
+
+
+async def test_a_lone_streams_answer_is_handled_within_the_push_and_others_queue() -> None:
+    """With one stream in flight the relay handles a pushed message inside the transport's
+    callback (no loop iteration in between); with more, and behind a message already queued,
+    it takes its turn in the loop's queue, in order."""
+    waiting: dict[int, TunnelStream] = {}
+    handled_at_once: dict[int, bool] = {}
+    proceed = asyncio.Event()
+
+    async def handler(stream: TunnelStream) -> None:
+        assert stream.head is not None
+        number = int(stream.head["n"])
+        if stream.head.get("wait"):
+            await proceed.wait()
+        await stream.send_response({"status": 200, "n": number}, end_stream=True)
+        # The push reached the relay's feed before send_response returned.
+        handled_at_once[number] = waiting[number]._response.done()
+
+    async with tunnel_pair(handler, pushing=True) as pair, asyncio.timeout(5):
+        relay_end = pair.link.ends[0]
+        assert isinstance(relay_end, PushingTransport)
+        while relay_end.feed is None:  # the handshake's messages are taken first
+            await asyncio.sleep(0)
+        waiting[1] = await pair.relay.open_stream({"n": 1}, end_stream=True)
+        assert (await waiting[1].response())["n"] == 1
+        assert handled_at_once[1] is True
+
+        waiting[2] = await pair.relay.open_stream({"n": 2, "wait": True}, end_stream=True)
+        waiting[3] = await pair.relay.open_stream({"n": 3, "wait": True}, end_stream=True)
+        proceed.set()
+        heads = await asyncio.gather(waiting[2].response(), waiting[3].response())
+        assert [head["n"] for head in heads] == [2, 3]
+        # The first answer found two streams in flight and was queued; the second, alone.
+        assert sorted([handled_at_once[2], handled_at_once[3]]) == [False, True]
+        assert pair.relay._queued == 0
