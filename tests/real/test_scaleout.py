@@ -126,3 +126,43 @@ def test_revocation_on_one_instance_disconnects_on_the_other(tmp_path: Path, dat
             assert time.monotonic() - started < 1.5
         assert proc.wait(10) != 0
         assert "member revoked" in stack.log_text("agent")
+
+
+def test_a_write_an_instance_did_not_hear_of_still_reaches_its_cache(
+    tmp_path: Path, database: str
+) -> None:
+    """Relay A's subscription to the events is cut (Redis drops its connection), and a user is
+    deleted through B before A has subscribed again: that invalidation reaches nobody. A starts
+    a new cache generation when it subscribes again, so the user's token, which A had cached,
+    stops working there too instead of working until A restarts."""
+    env = FAST_ENV | {"BACKHAUL_RELAY_DATABASE_URL": database, "BACKHAUL_RELAY_REDIS_URL": REDIS}
+    with DevStack(tmp_path, env=env) as stack:
+        stack.start_relay(name="relay", extra=["--instance-id", "relay-a"])
+        stack.start_relay(name="relay-b", extra=["--instance-id", "relay-b"])
+        stack.create_admin()
+        with stack.client(relay="relay-b") as admin_b:
+            carol = admin_b.post("/v1/users", json={"name": "carol"}).json()
+            with stack.client(token=carol["token"], relay="relay") as carol_a:
+                assert carol_a.get("/v1/users/me").status_code == 200  # cached on A
+
+                killed = asyncio.run(_kill_subscriptions())
+                started = time.monotonic()
+                assert admin_b.delete(f"/v1/users/{carol['id']}").status_code == 204
+                # Only while A is not subscribed (it waits a second before it tries again)
+                # does the deletion's invalidation go past it.
+                assert time.monotonic() - started < 0.8
+                assert killed >= 2  # A's subscription and B's
+
+                wait_for(lambda: carol_a.get("/v1/users/me").status_code == 401, 10.0)
+        assert "registry.events_lost" in stack.log_text("relay")
+
+
+async def _kill_subscriptions() -> int:
+    """Drop every pub/sub connection Redis has (the relays' subscriptions to ``bh:events``)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS)
+    try:
+        return int(await client.client_kill_filter(_type="pubsub"))
+    finally:
+        await client.aclose()
