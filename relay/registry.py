@@ -38,6 +38,8 @@ EVENTS = "bh:events"
 INVALIDATE_ATTEMPTS = 5
 #: Seconds before the second try; each later one waits that much longer than the last.
 INVALIDATE_BACKOFF = 0.2
+#: How long stopping waits for the invalidations still being published.
+STOP_GRACE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,13 @@ class Registry:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self._pending.drain()  # the last writes' invalidations reach the others
+        # The last writes' invalidations reach the others, unless Redis is away: then
+        # stopping does not wait longer than the retries would.
+        try:
+            async with asyncio.timeout(STOP_GRACE_SECONDS):
+                await self._pending.drain()
+        except TimeoutError:
+            await self._pending.cancel()
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 for live in self.hub.local():

@@ -152,6 +152,19 @@ async def test_stop_sends_the_invalidations_still_in_flight_before_closing() -> 
     assert [event["kind"] for event in redis.published_at_close] == ["invalidate"]
 
 
+async def test_stop_does_not_wait_for_ever_on_a_publish_that_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(registry_module, "STOP_GRACE_SECONDS", 0.1)
+    redis = FlakyPublisher(failures=0, delay=60)
+    reg = registry(redis)
+    reg._store_changed()
+    async with asyncio.timeout(5):
+        await reg.stop()
+    assert len(reg._pending) == 0
+    assert redis.published_at_close == []
+
+
 class SilentPubSub:
     """A subscription on which nothing is ever published."""
 
