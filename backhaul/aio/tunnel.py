@@ -177,7 +177,7 @@ class TunnelStream:
         data: bytes | memoryview = item
         # The chunk is handed to the application: its credit goes back to the peer.
         self.tunnel.conn.acknowledge(self.id, len(data))
-        await self.tunnel.flush()
+        await self.tunnel.flush(self)
         return data
 
     @property
@@ -200,7 +200,7 @@ class TunnelStream:
         self.tunnel.conn.send_response(self.id, head, end_stream)
         self.tunnel._forget_if_done(self)
         if flush:
-            await self.tunnel.flush()
+            await self.tunnel.flush(self)
 
     async def write(self, data: bytes | memoryview, end: bool = False) -> None:
         """Send body bytes, waiting for flow-control credit as needed. With ``end``, the last
@@ -225,7 +225,7 @@ class TunnelStream:
             conn.send_data(self.id, chunk, end_stream=last)
             if last:
                 self.tunnel._forget_if_done(self)
-            await self.tunnel.flush()
+            await self.tunnel.flush(self)
         if end and not data:
             await self.end()
 
@@ -233,7 +233,7 @@ class TunnelStream:
         self._check()
         self.tunnel.conn.end_stream(self.id)
         self.tunnel._forget_if_done(self)
-        await self.tunnel.flush()
+        await self.tunnel.flush(self)
 
     async def reset(self, code: ErrorCode, reason: str = "") -> None:
         """Abandon the stream (no-op when already finished)."""
@@ -242,7 +242,7 @@ class TunnelStream:
         self.tunnel._streams.pop(self.id, None)
         self._discard_unread()
         with contextlib.suppress(TransportClosed):
-            await self.tunnel.flush()
+            await self.tunnel.flush(self)
 
     # -- internals, driven by the tunnel's reader
 
@@ -338,23 +338,26 @@ class Tunnel:
         await self.flush()
         return events
 
-    async def flush(self) -> None:
+    async def flush(self, stream: TunnelStream | None = None) -> None:
         """Write out every frame queued so far.
 
         A flush of small frames yields once before it writes, so the frames other
         tasks queue in the same iteration (the OPENs of concurrent requests, the answers of
         several streams) leave together in one BATCH message: one WebSocket frame, one TLS
-        record, one write. With one stream in flight there are no other tasks' frames to
-        wait for (a stream's RESPONSE and its DATA are queued before their one flush), and
-        it writes at once. A flush with nothing queued still waits for a write in progress, which
-        may be carrying its frames.
+        record, one write. When no stream but ``stream`` (the one flushing, if any) is in
+        flight, no other task has frames to add, and it writes at once: a lone request's
+        frames leave without a loop iteration's wait (a stream's RESPONSE and its DATA are
+        queued before their one flush). A stream that has sent its end is no longer in
+        flight, so the first of two answers finished together waits for the second.
+        A flush with nothing queued still waits for a write in progress, which may be
+        carrying its frames.
         """
         if not self.conn.has_data_to_send:
             if self._write_lock.locked():
                 async with self._write_lock:
                     pass
             return
-        if self.conn.batching and len(self._streams) > 1:
+        if self.conn.batching and self._others_in_flight(stream):
             await asyncio.sleep(0)
         async with self._write_lock:
             for message in self.conn.messages_to_send():
@@ -366,6 +369,14 @@ class Tunnel:
                     raise
                 except Exception as exc:
                     raise TransportClosed(str(exc)) from exc
+
+    def _others_in_flight(self, stream: TunnelStream | None) -> bool:
+        """Whether a stream other than ``stream`` (the one flushing, if any) is in flight:
+        one whose task may queue frames in this loop iteration too."""
+        count = len(self._streams)
+        if stream is not None and self._streams.get(stream.id) is stream:
+            count -= 1
+        return count > 0
 
     # -- running
 
@@ -384,7 +395,7 @@ class Tunnel:
         stream = TunnelStream(self, stream_id)
         self._streams[stream_id] = stream
         try:
-            await self.flush()
+            await self.flush(stream)
         except TransportClosed as exc:
             # The peer vanished before the OPEN left: nothing was processed, try elsewhere.
             self._streams.pop(stream_id, None)
