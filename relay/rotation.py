@@ -49,9 +49,9 @@ import asyncio
 import datetime as dt
 import itertools
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import structlog
 
@@ -89,7 +89,6 @@ _RESEAL_PASSES = 5
 _RESEAL_PARALLEL = 8
 _MAX_ANSWER = 2 * 1024 * 1024
 _MAX_TRANSPORT = 64 * 1024
-_T = TypeVar("_T")
 
 
 # ----------------------------------------------------------------------- the key record
@@ -174,9 +173,6 @@ class _Registry:
 
     def lock(self, gateway_id: str) -> asyncio.Lock:
         return self.locks.setdefault(gateway_id, asyncio.Lock())
-
-    def spawn(self, coro: Coroutine[Any, Any, _T], name: str) -> asyncio.Task[_T]:
-        return self.tasks.spawn(coro, name)
 
 
 def _registry(app_state: Any) -> _Registry:
@@ -303,7 +299,7 @@ async def start(
             await session.commit()
         log.info("rotation.started", gateway_id=gateway_id, key_version=key_version)
     # Shielded: an admin whose request times out does not stop the rotation half-way.
-    task = registry.spawn(advance(app_state, gateway_id), f"rotate-{gateway_id}")
+    task = registry.tasks.spawn(advance(app_state, gateway_id), f"rotate-{gateway_id}")
     return await asyncio.shield(task)
 
 
@@ -593,7 +589,7 @@ async def _complete(app_state: Any, gateway_id: str, r: Rotation) -> None:
     r.phase = "complete"
     r.completed_at = now.isoformat()
     log.info("rotation.complete", gateway_id=gateway_id, key_version=r.key_version)
-    _registry(app_state).spawn(
+    _registry(app_state).tasks.spawn(
         _retire_later(app_state, gateway_id, r.key_version), f"retire-{gateway_id}"
     )
 
@@ -641,7 +637,7 @@ async def after_handshake(app_state: Any, live: LiveTunnel) -> None:
     Returns at once: the work (handing over a key the member missed, resuming a rotation
     that waited for a member, telling it to retire old keys) needs the tunnel running.
     """
-    _registry(app_state).spawn(_member_online(app_state, live), f"online-{live.member_id}")
+    _registry(app_state).tasks.spawn(_member_online(app_state, live), f"online-{live.member_id}")
 
 
 async def _member_online(app_state: Any, live: LiveTunnel) -> None:

@@ -35,10 +35,6 @@ class Background:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def tasks(self) -> list[asyncio.Task[Any]]:
-        """The tasks not done yet."""
-        return list(self._tasks)
-
     async def drain(self) -> None:
         """Wait until every task is done, those the waited-for ones start included; their
         failures are theirs to log, not raised here."""

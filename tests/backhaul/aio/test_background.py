@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 import pytest
 
@@ -18,12 +19,11 @@ async def test_a_task_is_kept_until_done_and_returned() -> None:
         await release.wait()
         return 7
 
-    task = background.spawn(work(), "work")
-    del task
+    task = weakref.ref(background.spawn(work(), "work"))
     gc.collect()  # the loop's own reference is weak: only the set keeps it
     assert len(background) == 1
-    (kept,) = background.tasks()
-    assert kept.get_name() == "work"
+    kept = task()
+    assert kept is not None and kept.get_name() == "work"
     release.set()
     assert await kept == 7
     assert len(background) == 0
