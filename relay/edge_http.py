@@ -116,7 +116,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._expect_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_timer()
+        self._close_timer()
         super().connection_lost(exc)
         # References back to this object make it a cycle with what it holds: the timer's
         # callback, and the ``on_response`` of the request cycle, of the direct body's cycle
@@ -125,8 +125,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # seldom makes, and this one holds the connection's TLS object and its 256 KiB read
         # buffer. Nothing asks for them after the connection is lost (a task still answering
         # holds its own request cycle), so they are let go here, and the connection is freed
-        # as soon as its last task ends.
-        self._timer.close()
+        # as soon as its last task ends (hence _close_timer above).
         self.cycle = None  # type: ignore[assignment]
         self.direct_body = None
         self.pipeline.clear()
@@ -148,8 +147,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # The connection becomes a tunnel: the WebSocket protocol writes to the transport
         # itself, held back by nothing. This object is done with; its timer and its parser
         # would keep it alive in cycles (see connection_lost).
-        self._stop_timer()
-        self._timer.close()
+        self._close_timer()
         transport = self.transport
         if isinstance(transport, CoalescingTransport):
             transport.flush()
@@ -179,9 +177,10 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._deadline_is_head = head
         self._timer.ensure(deadline)
 
-    def _stop_timer(self) -> None:
+    def _close_timer(self) -> None:
+        """No deadline from now on, and the timer lets go of this object (SharedTimer.close)."""
         self._deadline = None
-        self._timer.cancel()
+        self._timer.close()
 
     def _due(self, now: float) -> float | None:
         """The timer fired: settle the deadline if it has passed (SharedTimer)."""
