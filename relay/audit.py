@@ -27,11 +27,9 @@ import structlog
 from fastapi import Request
 from fastapi.responses import Response
 from sqlalchemy import insert, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from starlette.types import Message, Receive, Scope, Send
 
-from backhaul import compact_json
 from backhaul.aio.background import Background
 from relay.headers import request_header
 from relay.identity import Principal
@@ -122,25 +120,34 @@ async def _flush_soon(engine: AsyncEngine) -> None:
 
 #: The columns of a batch row, in the table's order.
 _COLUMNS = tuple(column.name for column in AuditEvent.__table__.columns)
-#: SQLite takes a whole batch as one statement over one JSON array (its json_each): the event
-#: loop encodes the rows in C instead of SQLAlchemy preparing each one, and the database
-#: thread binds one parameter and runs one step for the batch instead of taking the
-#: interpreter lock back once per row. Five alternating pairs of ``bench/profile.py``: the
-#: relay's event loop 0.153 -> 0.144 ms per small invoke (bench/PROFILE.md, "Invoke below
-#: ASGI, and where the relay's CPU goes").
-_SQLITE_BATCH = (
-    f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) SELECT "  # noqa: S608 - column names
-    + ", ".join(f"json_extract(value, '$[{index}]')" for index in range(len(_COLUMNS)))
-    + " FROM json_each(?)"
-)
-#: False once this SQLite turned out to have no JSON functions (built without them).
-_sqlite_json = True
+#: SQLite takes a batch as multi-row ``INSERT ... VALUES (...), (...)`` statements of up to
+#: this many rows, each prepared once per size and then taken from the statement cache: the
+#: database thread binds a statement's parameters in one call and runs one step for its
+#: rows. 64 rows of 12 columns stay under the 999 parameters of SQLite before 3.32.
+#: ``OR FAIL``: a statement that cannot abort half-way needs no statement journal, which
+#: SQLite otherwise writes for every statement after a transaction's first (a duplicate id
+#: still fails the batch, whose transaction is then rolled back whole). bench/PROFILE.md,
+#: "The audit row", has what this replaced (one statement over a JSON array) and the
+#: figures.
+_SQLITE_ROWS = 64
+_ROW_SQL = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+#: The statement for ``n`` rows, made once per size.
+_sqlite_inserts: dict[int, str] = {}
+
+
+def _sqlite_insert(rows: int) -> str:
+    statement = _sqlite_inserts.get(rows)
+    if statement is None:
+        statement = _sqlite_inserts[rows] = (
+            f"INSERT OR FAIL INTO audit_events ({', '.join(_COLUMNS)}) VALUES "  # noqa: S608
+            + ", ".join([_ROW_SQL] * rows)
+        )
+    return statement
 
 
 async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """Insert a batch of rows: one JSON statement on SQLite, ``executemany`` elsewhere."""
-    global _sqlite_json
-    if conn.dialect.name != "sqlite" or not _sqlite_json:
+    """Insert a batch of rows: multi-row statements on SQLite, ``executemany`` elsewhere."""
+    if conn.dialect.name != "sqlite":
         await conn.execute(insert(AuditEvent), rows)
         return
     # The values the ORM would store, so that reads through it see the same rows.
@@ -153,17 +160,10 @@ async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         )
         for column in AuditEvent.__table__.columns
     ]
-    payload = compact_json.dumps(
-        [[_bound(row.get(name), bind) for name, bind in columns] for row in rows]
-    )
-    try:
-        await conn.exec_driver_sql(_SQLITE_BATCH, (payload,))
-    except OperationalError as exc:
-        if "json" not in str(exc.orig).lower():
-            raise
-        log.warning("audit.sqlite_without_json", error=str(exc.orig))
-        _sqlite_json = False
-        await conn.execute(insert(AuditEvent), rows)
+    for first in range(0, len(rows), _SQLITE_ROWS):
+        chunk = rows[first : first + _SQLITE_ROWS]
+        values = [_bound(row.get(name), bind) for row in chunk for name, bind in columns]
+        await conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(values))
 
 
 def _sqlite_time(value: Any) -> str:

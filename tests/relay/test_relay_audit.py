@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from relay import audit
 from relay.store.db import make_engine
@@ -42,10 +41,10 @@ async def test_records_arriving_during_a_write_wait_for_the_next_batch(
     batches: list[int] = []
 
     def count(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
-        if statement.startswith("INSERT INTO audit_events"):
-            # SQLite gets a batch as one JSON array (audit._insert), other databases as
-            # one executemany.
-            batches.append(len(params) if many else len(json.loads(params[0])))
+        if statement.startswith("INSERT") and " INTO audit_events " in statement:
+            # SQLite gets a batch of up to audit._SQLITE_ROWS rows as one multi-row
+            # statement (audit._insert), other databases as one executemany.
+            batches.append(len(params) if many else len(params) // len(audit._COLUMNS))
 
     event.listen(engine.sync_engine, "before_cursor_execute", count)
     monkeypatch.setattr(audit, "FLUSH_DELAY", 0.05)
@@ -108,7 +107,7 @@ async def _stored(engine: Any) -> list[tuple[Any, ...]]:
 
 
 async def test_sqlite_batch_stores_what_the_orm_would(tmp_path: Path) -> None:
-    """The one-statement SQLite batch and SQLAlchemy's own insert store the same rows."""
+    """The multi-row SQLite statements and SQLAlchemy's own insert store the same rows."""
     found: dict[str, list[tuple[Any, ...]]] = {}
     for way in ("batch", "core"):
         engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / way}.db")
@@ -127,28 +126,44 @@ async def test_sqlite_batch_stores_what_the_orm_would(tmp_path: Path) -> None:
     assert found["batch"][0][-1].endswith('caf\u00e9 "quoted" \\ back')
 
 
-async def test_sqlite_without_json_functions_falls_back_to_executemany(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(
-        audit, "_SQLITE_BATCH", audit._SQLITE_BATCH.replace("json_each", "json_nope")
-    )
-    monkeypatch.setattr(audit, "_sqlite_json", True)
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+async def test_a_sqlite_batch_longer_than_one_statement_is_stored_whole(tmp_path: Path) -> None:
+    """Rows beyond one multi-row statement go out in more of them, the last one shorter."""
+    rows = [
+        dict(ROWS[index % 2], id=f"aud_{index:04d}", bytes_out=index)
+        for index in range(2 * audit._SQLITE_ROWS + 5)
+    ]
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'long.db'}")
     try:
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
-        for _ in range(2):  # the second batch goes straight to executemany
-            async with engine.begin() as conn:
-                await audit._insert(
-                    conn, [dict(r, id=r["id"] + secrets.token_hex(2)) for r in ROWS]
+            await audit._insert(conn, rows)
+        async with engine.connect() as conn:
+            stored = (
+                await conn.execute(
+                    select(AuditEvent.id, AuditEvent.bytes_out).order_by(AuditEvent.id)
                 )
+            ).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(row) for row in stored] == [(r["id"], r["bytes_out"]) for r in rows]
+
+
+async def test_a_sqlite_batch_with_a_duplicate_id_is_not_stored_at_all(tmp_path: Path) -> None:
+    """OR FAIL keeps the rows before a failing one, but the batch's transaction goes whole."""
+    rows = [dict(ROWS[0], id=f"aud_{index:04d}") for index in range(audit._SQLITE_ROWS + 3)]
+    rows.append(dict(ROWS[0], id="aud_0001"))
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'dup.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await audit._insert(conn, rows)
         async with engine.connect() as conn:
             written = await conn.scalar(select(func.count()).select_from(AuditEvent))
     finally:
         await engine.dispose()
-    assert written == 4
-    assert audit._sqlite_json is False
+    assert written == 0
 
 
 async def test_postgresql_batch_is_the_orm_insert(postgres_url: str) -> None:
