@@ -123,14 +123,14 @@ _COLUMNS = tuple(column.name for column in AuditEvent.__table__.columns)
 #: SQLite takes a batch as multi-row ``INSERT ... VALUES (...), (...)`` statements of up to
 #: this many rows, each prepared once per size and then taken from the statement cache: the
 #: database thread binds a statement's parameters in one call and runs one step for its
-#: rows. 64 rows of 12 columns stay under the 999 parameters of SQLite before 3.32.
+#: rows. 64 rows at most, and no more parameters than the 999 of SQLite before 3.32.
 #: ``OR FAIL``: a statement that cannot abort half-way needs no statement journal, which
 #: SQLite otherwise writes for every statement after a transaction's first (a duplicate id
 #: still fails the batch, whose transaction is then rolled back whole). Against the one
 #: statement over a JSON array this replaced, which parsed each row's array once per column:
 #: the database thread 0.003 against 0.004-0.005 ms per small invoke (bench/PROFILE.md, "The
 #: audit row, again").
-_SQLITE_ROWS = 64
+_SQLITE_ROWS = min(64, 999 // len(_COLUMNS))
 _ROW_SQL = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
 #: The statement for ``n`` rows, made once per size.
 _sqlite_inserts: dict[int, str] = {}
