@@ -105,3 +105,20 @@ def test_the_limit_is_the_smaller_of_websockets_two() -> None:
     assert limit_of(100, None) == 100
     assert limit_of(None, 50) == 50
     assert limit_of(100, 50) == 50
+
+
+def test_a_masked_message_is_unmasked_by_websockets_own_python_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without websockets' C extension, its Python ``apply_mask`` takes the payload's view."""
+    from websockets.utils import apply_mask
+
+    from backhaul.aio import wssplit
+
+    monkeypatch.setattr(wssplit, "apply_mask", apply_mask)
+    blobs = [b"", b"abc", os.urandom(70_000)]
+    owner = Owner()
+    splitter = FrameSplitter(True, 2**20, owner.message, owner.frame)
+    splitter.feed(b"".join(frame(0x2, blob, masked=True) for blob in blobs))
+    assert owner.messages == blobs
+    assert all(type(message) is bytes for message in owner.messages)
