@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import random
 import time
@@ -132,18 +133,15 @@ _COLUMNS = tuple(column.name for column in AuditEvent.__table__.columns)
 #: audit row, again").
 _SQLITE_ROWS = min(64, 999 // len(_COLUMNS))
 _ROW_SQL = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
-#: The statement for ``n`` rows, made once per size.
-_sqlite_inserts: dict[int, str] = {}
 
 
+@functools.cache
 def _sqlite_insert(rows: int) -> str:
-    statement = _sqlite_inserts.get(rows)
-    if statement is None:
-        statement = _sqlite_inserts[rows] = (
-            f"INSERT OR FAIL INTO audit_events ({', '.join(_COLUMNS)}) VALUES "  # noqa: S608
-            + ", ".join([_ROW_SQL] * rows)
-        )
-    return statement
+    """The statement for ``rows`` rows, made once per size."""
+    return (
+        f"INSERT OR FAIL INTO audit_events ({', '.join(_COLUMNS)}) VALUES "  # noqa: S608
+        + ", ".join([_ROW_SQL] * rows)
+    )
 
 
 async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
