@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from fastapi import Request
 from fastapi.responses import Response
-from sqlalchemy import insert, select
+from sqlalchemy import Dialect, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from starlette.types import Message, Receive, Scope, Send
 
@@ -84,15 +84,16 @@ async def write(engine: AsyncEngine, **fields: Any) -> None:
 #: Invoke records wait this long to be written together: one transaction for many invokes
 #: instead of one per invoke (the audit row was the most expensive step of a small request).
 FLUSH_DELAY = 0.1
-_batches: dict[AsyncEngine, list[dict[str, Any]]] = {}
+#: A row of ``audit_events`` in the table's column order (:data:`_COLUMNS`).
+Row = tuple[Any, ...]
+_batches: dict[AsyncEngine, list[Row]] = {}
 _flushers: dict[AsyncEngine, asyncio.Task[None]] = {}
 
 
-def _later(engine: AsyncEngine, **fields: Any) -> asyncio.Task[None]:
-    """Queue an invoke record; the returned task finishes once it is written."""
-    # The clock read here rather than through utcnow(): an interpreted call per invoke.
-    at = dt.datetime.now(dt.UTC)
-    _batches.setdefault(engine, []).append({"id": new_event_id(), "at": at, **fields})
+def _later(engine: AsyncEngine, row: Row) -> asyncio.Task[None]:
+    """Queue an invoke record (:func:`invoke_row`); the returned task finishes once it is
+    written."""
+    _batches.setdefault(engine, []).append(row)
     task = _flushers.get(engine)
     if task is None or task.done():
         task = _flushers[engine] = _pending.spawn(_flush_soon(engine))
@@ -121,6 +122,53 @@ async def _flush_soon(engine: AsyncEngine) -> None:
 
 #: The columns of a batch row, in the table's order.
 _COLUMNS = tuple(column.name for column in AuditEvent.__table__.columns)
+#: The order :func:`invoke_row` builds its tuples in.
+_ROW_COLUMNS = (
+    "id",
+    "at",
+    "actor_id",
+    "action",
+    "object_type",
+    "object_id",
+    "subject_id",
+    "result",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "detail",
+)
+if _COLUMNS != _ROW_COLUMNS:  # the model changed: invoke_row must follow it
+    raise RuntimeError(f"audit_events columns are {_COLUMNS}, invoke_row builds {_ROW_COLUMNS}")
+
+
+def invoke_row(
+    actor_id: str,
+    object_id: str,
+    detail: str,
+    result: str,
+    status: int,
+    bytes_in: int | None,
+    bytes_out: int,
+) -> Row:
+    """An invoke's record as the row it is stored as: a tuple in column order, not a dict
+    of fields to be taken apart again column by column when the batch is written."""
+    # The clock read here rather than through utcnow(): an interpreted call per invoke.
+    return (
+        new_event_id(),
+        dt.datetime.now(dt.UTC),
+        actor_id,
+        INVOKE,
+        "connection",
+        object_id,
+        None,
+        result,
+        status,
+        bytes_in,
+        bytes_out,
+        detail,
+    )
+
+
 #: SQLite takes a batch as multi-row ``INSERT ... VALUES (...), (...)`` statements of up to
 #: this many rows, each prepared once per size and then taken from the statement cache: the
 #: database thread binds a statement's parameters in one call and runs one step for its
@@ -144,25 +192,41 @@ def _sqlite_insert(rows: int) -> str:
     )
 
 
-async def _insert(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+async def _insert(conn: AsyncConnection, rows: list[Row]) -> None:
     """Insert a batch of rows: multi-row statements on SQLite, ``executemany`` elsewhere."""
     if conn.dialect.name != "sqlite":
-        await conn.execute(insert(AuditEvent), rows)
-        return
-    # The values the ORM would store, so that reads through it see the same rows.
-    columns = [
-        (
-            column.name,
-            _sqlite_time
-            if isinstance(column.type, UTCDateTime)
-            else column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect),
+        await conn.execute(
+            insert(AuditEvent), [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
         )
-        for column in AuditEvent.__table__.columns
-    ]
+        return
+    binds = _sqlite_binds(conn.dialect)
     for first in range(0, len(rows), _SQLITE_ROWS):
         chunk = rows[first : first + _SQLITE_ROWS]
-        values = [_bound(row.get(name), bind) for row in chunk for name, bind in columns]
+        values: list[Any] = []
+        for row in chunk:
+            if binds:
+                bound = list(row)
+                for index, bind in binds:
+                    value = bound[index]
+                    if value is not None:
+                        bound[index] = bind(value)
+                values.extend(bound)
+            else:
+                values.extend(row)
         await conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(values))
+
+
+@functools.cache
+def _sqlite_binds(dialect: Dialect) -> tuple[tuple[int, Callable[[Any], Any]], ...]:
+    """The columns whose values SQLite gets converted (by position), and how: the values the
+    ORM would store, so that reads through it see the same rows. Only the time, as it is."""
+    binds: list[tuple[int, Callable[[Any], Any]]] = []
+    for index, column in enumerate(AuditEvent.__table__.columns):
+        if isinstance(column.type, UTCDateTime):
+            binds.append((index, _sqlite_time))
+        elif (bind := column.type.dialect_impl(dialect).bind_processor(dialect)) is not None:
+            binds.append((index, bind))
+    return tuple(binds)
 
 
 def _sqlite_time(value: Any) -> str:
@@ -173,10 +237,6 @@ def _sqlite_time(value: Any) -> str:
     if when.tzinfo is not dt.UTC and when.utcoffset() is not None:
         when = when.astimezone(dt.UTC)
     return when.isoformat(" ", "microseconds")[:26]
-
-
-def _bound(value: Any, bind: Callable[[Any], Any] | None) -> Any:
-    return value if bind is None or value is None else bind(value)
 
 
 async def drain() -> None:
@@ -210,14 +270,8 @@ def track_invoke(
     request: Request, user: Principal, connection_id: str, response: Response
 ) -> Response:
     """Record the invoke once its response body has gone out (or broken off)."""
-    fields: dict[str, Any] = {
-        "actor_id": user.id,
-        "action": INVOKE,
-        "object_type": "connection",
-        "object_id": connection_id,
-        "detail": f"{request.method} {request.scope['path']}"[:500],
-    }
-    return AuditedResponse(request, response, fields)
+    detail = f"{request.method} {request.scope['path']}"[:500]
+    return AuditedResponse(request, response, user.id, connection_id, detail)
 
 
 class AuditedResponse(Response):
@@ -229,13 +283,17 @@ class AuditedResponse(Response):
     delivered response, not an aborted one.
     """
 
-    def __init__(self, request: Request, inner: Response, fields: dict[str, Any]) -> None:
+    def __init__(
+        self, request: Request, inner: Response, actor_id: str, object_id: str, detail: str
+    ) -> None:
         self.inner = inner
         self.status_code = inner.status_code
         self.background = inner.background
         self.raw_headers = inner.raw_headers
         self._request = request
-        self._fields = fields
+        self._actor_id = actor_id
+        self._object_id = object_id
+        self._detail = detail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = self.inner.status_code
@@ -279,11 +337,9 @@ class AuditedResponse(Response):
         # (drain). Waiting here held every request's task for the batch delay.
         _later(
             self._request.app.state.engine,
-            **self._fields,
-            status=status,
-            result=result,
-            bytes_in=bytes_in,
-            bytes_out=sent,
+            invoke_row(
+                self._actor_id, self._object_id, self._detail, result, status, bytes_in, sent
+            ),
         )
 
 

@@ -18,18 +18,7 @@ from relay.store.models import AuditEvent, Base
 
 
 def _record(engine: Any, index: int) -> None:
-    audit._later(
-        engine,
-        actor_id="usr_1",
-        action=audit.INVOKE,
-        object_type="connection",
-        object_id="cxn_1",
-        detail=f"GET /x/{index}",
-        status=200,
-        result="ok",
-        bytes_in=None,
-        bytes_out=10,
-    )
+    audit._later(engine, audit.invoke_row("usr_1", "cxn_1", f"GET /x/{index}", "ok", 200, None, 10))
 
 
 async def test_records_arriving_during_a_write_wait_for_the_next_batch(
@@ -67,7 +56,7 @@ async def test_records_arriving_during_a_write_wait_for_the_next_batch(
     assert len(batches) <= elapsed / 0.05 + 1, (elapsed, batches)
 
 
-ROWS: list[dict[str, Any]] = [
+FIELDS: list[dict[str, Any]] = [
     {
         "id": "aud_1",
         "at": dt.datetime(2026, 12, 4, 13, 1, 2, 345678, tzinfo=dt.UTC),
@@ -99,6 +88,13 @@ ROWS: list[dict[str, Any]] = [
 ]
 
 
+def _row(fields: dict[str, Any]) -> audit.Row:
+    return tuple(fields[name] for name in audit._COLUMNS)
+
+
+ROWS = [_row(fields) for fields in FIELDS]
+
+
 async def _stored(engine: Any) -> list[tuple[Any, ...]]:
     async with engine.connect() as conn:
         raw = (await conn.exec_driver_sql("SELECT * FROM audit_events ORDER BY id")).all()
@@ -118,7 +114,7 @@ async def test_sqlite_batch_stores_what_the_orm_would(tmp_path: Path) -> None:
                 if way == "batch":
                     await audit._insert(conn, ROWS)
                 else:
-                    await conn.execute(insert(AuditEvent), ROWS)
+                    await conn.execute(insert(AuditEvent), FIELDS)
             found[way] = await _stored(engine)
         finally:
             await engine.dispose()
@@ -128,10 +124,11 @@ async def test_sqlite_batch_stores_what_the_orm_would(tmp_path: Path) -> None:
 
 async def test_a_sqlite_batch_longer_than_one_statement_is_stored_whole(tmp_path: Path) -> None:
     """Rows beyond one multi-row statement go out in more of them, the last one shorter."""
-    rows = [
-        dict(ROWS[index % 2], id=f"aud_{index:04d}", bytes_out=index)
+    fields = [
+        dict(FIELDS[index % 2], id=f"aud_{index:04d}", bytes_out=index)
         for index in range(2 * audit._SQLITE_ROWS + 5)
     ]
+    rows = [_row(one) for one in fields]
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'long.db'}")
     try:
         async with engine.begin() as conn:
@@ -145,13 +142,13 @@ async def test_a_sqlite_batch_longer_than_one_statement_is_stored_whole(tmp_path
             ).all()
     finally:
         await engine.dispose()
-    assert [tuple(row) for row in stored] == [(r["id"], r["bytes_out"]) for r in rows]
+    assert [tuple(row) for row in stored] == [(f["id"], f["bytes_out"]) for f in fields]
 
 
 async def test_a_sqlite_batch_with_a_duplicate_id_is_not_stored_at_all(tmp_path: Path) -> None:
     """OR FAIL keeps the rows before a failing one, but the batch's transaction goes whole."""
-    rows = [dict(ROWS[0], id=f"aud_{index:04d}") for index in range(audit._SQLITE_ROWS + 3)]
-    rows.append(dict(ROWS[0], id="aud_0001"))
+    rows = [_row(dict(FIELDS[0], id=f"aud_{i:04d}")) for i in range(audit._SQLITE_ROWS + 3)]
+    rows.append(_row(dict(FIELDS[0], id="aud_0001")))
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'dup.db'}")
     try:
         async with engine.begin() as conn:
@@ -197,3 +194,24 @@ def test_sqlite_batch_times_are_stored_as_sqlalchemy_stores_them(value: dt.datet
     sqlalchemy_bind = column.type.dialect_impl(dialect).bind_processor(dialect)
     assert sqlalchemy_bind is not None
     assert audit._sqlite_time(value) == sqlalchemy_bind(value)
+
+
+def test_an_invoke_row_is_in_the_table_column_order() -> None:
+    """invoke_row builds tuples by position: each value lands in the column it names."""
+    row = audit.invoke_row("usr_1", "cxn_1", "GET /x", "ok", 200, 5, 1024)
+    named = dict(zip(audit._COLUMNS, row, strict=True))
+    assert named["id"].startswith("aud_")
+    assert isinstance(named["at"], dt.datetime)
+    assert named["at"].tzinfo is dt.UTC
+    assert {k: v for k, v in named.items() if k not in ("id", "at")} == {
+        "actor_id": "usr_1",
+        "action": audit.INVOKE,
+        "object_type": "connection",
+        "object_id": "cxn_1",
+        "subject_id": None,
+        "result": "ok",
+        "status": 200,
+        "bytes_in": 5,
+        "bytes_out": 1024,
+        "detail": "GET /x",
+    }
