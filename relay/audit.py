@@ -58,7 +58,12 @@ _ID_RANDOM = random.Random(os.urandom(16))
 
 
 def new_event_id() -> str:
-    return f"aud_{time.time_ns():019d}{_ID_RANDOM.getrandbits(32):08x}"
+    return _event_id(time.time_ns())
+
+
+def _event_id(ns: int) -> str:
+    """The id of an event at ``ns`` nanoseconds since the epoch."""
+    return f"aud_{ns:019d}{_ID_RANDOM.getrandbits(32):08x}"
 
 
 def add(session: AsyncSession, **fields: Any) -> AuditEvent:
@@ -86,14 +91,13 @@ async def write(engine: AsyncEngine, **fields: Any) -> None:
 FLUSH_DELAY = 0.1
 #: A row of ``audit_events`` in the table's column order (:data:`_COLUMNS`).
 Row = tuple[Any, ...]
-_batches: dict[AsyncEngine, list[Row]] = {}
+_batches: dict[AsyncEngine, list[Invoked]] = {}
 _flushers: dict[AsyncEngine, asyncio.Task[None]] = {}
 
 
-def _later(engine: AsyncEngine, row: Row) -> asyncio.Task[None]:
-    """Queue an invoke record (:func:`invoke_row`); the returned task finishes once it is
-    written."""
-    _batches.setdefault(engine, []).append(row)
+def _later(engine: AsyncEngine, invoked: Invoked) -> asyncio.Task[None]:
+    """Queue an invoke record; the returned task finishes once it is written."""
+    _batches.setdefault(engine, []).append(invoked)
     task = _flushers.get(engine)
     if task is None or task.done():
         task = _flushers[engine] = _pending.spawn(_flush_soon(engine))
@@ -110,9 +114,10 @@ async def _flush_soon(engine: AsyncEngine) -> None:
     """
     while True:
         await asyncio.sleep(FLUSH_DELAY)
-        rows = _batches.pop(engine, None)
-        if not rows:
+        invoked = _batches.pop(engine, None)
+        if not invoked:
             return
+        rows = [invoke_row(one) for one in invoked]
         try:
             async with engine.begin() as conn:
                 await _insert(conn, rows)
@@ -141,21 +146,22 @@ if _COLUMNS != _ROW_COLUMNS:  # the model changed: invoke_row must follow it
     raise RuntimeError(f"audit_events columns are {_COLUMNS}, invoke_row builds {_ROW_COLUMNS}")
 
 
-def invoke_row(
-    actor_id: str,
-    object_id: str,
-    detail: str,
-    result: str,
-    status: int,
-    bytes_in: int | None,
-    bytes_out: int,
-) -> Row:
+#: What an answered invoke leaves in the queue: ``(time_ns, actor_id, object_id, detail,
+#: result, status, bytes_in, bytes_out)``. Its id and time are made when its batch is
+#: written (:func:`invoke_row`), not in the request: at one client the relay's work after
+#: the answer has gone out still holds the core that the caller's next request waits for.
+Invoked = tuple[int, str, str, str, str, int, int | None, int]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def invoke_row(invoked: Invoked) -> Row:
     """An invoke's record as the row it is stored as: a tuple in column order, not a dict
-    of fields to be taken apart again column by column when the batch is written."""
-    # The clock read here rather than through utcnow(): an interpreted call per invoke.
+    of fields to be taken apart again column by column."""
+    ns, actor_id, object_id, detail, result, status, bytes_in, bytes_out = invoked
     return (
-        new_event_id(),
-        dt.datetime.now(dt.UTC),
+        _event_id(ns),
+        _EPOCH + dt.timedelta(microseconds=ns // 1000),
         actor_id,
         INVOKE,
         "connection",
@@ -244,8 +250,8 @@ async def drain() -> None:
     await _pending.drain()
 
 
-def _declared_length(request: Request) -> int | None:
-    value = request_header(request.scope, b"content-length")
+def _declared_length(scope: Scope) -> int | None:
+    value = request_header(scope, b"content-length")
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
@@ -327,18 +333,26 @@ class AuditedResponse(Response):
         """Queue the invoke's row: ``sent`` body bytes of ``declared``, ``finished`` when the
         body's end went out (also called by :class:`relay.edge.DirectReply`, which counts
         them itself)."""
-        head = self._request.method == "HEAD" and started
+        scope = self._request.scope
+        head = scope["method"] == "HEAD" and started
         complete = finished or head or (declared is not None and sent >= declared)
         result = "aborted"
         if complete:
             result = "ok" if status < 400 else "error"
-        bytes_in = self._request.scope.get(BYTES_IN_KEY, _declared_length(self._request))
+        bytes_in = scope[BYTES_IN_KEY] if BYTES_IN_KEY in scope else _declared_length(scope)
         # Not awaited: the row goes out with the next batch, and shutdown waits for it
         # (drain). Waiting here held every request's task for the batch delay.
         _later(
             self._request.app.state.engine,
-            invoke_row(
-                self._actor_id, self._object_id, self._detail, result, status, bytes_in, sent
+            (
+                time.time_ns(),
+                self._actor_id,
+                self._object_id,
+                self._detail,
+                result,
+                status,
+                bytes_in,
+                sent,
             ),
         )
 

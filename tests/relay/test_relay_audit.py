@@ -18,7 +18,7 @@ from relay.store.models import AuditEvent, Base
 
 
 def _record(engine: Any, index: int) -> None:
-    audit._later(engine, audit.invoke_row("usr_1", "cxn_1", f"GET /x/{index}", "ok", 200, None, 10))
+    audit._later(engine, (time.time_ns(), "usr_1", "cxn_1", f"GET /x/{index}", "ok", 200, None, 10))
 
 
 async def test_records_arriving_during_a_write_wait_for_the_next_batch(
@@ -197,11 +197,14 @@ def test_sqlite_batch_times_are_stored_as_sqlalchemy_stores_them(value: dt.datet
 
 
 def test_an_invoke_row_is_in_the_table_column_order() -> None:
-    """invoke_row builds tuples by position: each value lands in the column it names."""
-    row = audit.invoke_row("usr_1", "cxn_1", "GET /x", "ok", 200, 5, 1024)
+    """invoke_row builds tuples by position: each value lands in the column it names; the id
+    and the time are the queued record's moment."""
+    ns = 1_764_948_079_178_743_912
+    row = audit.invoke_row((ns, "usr_1", "cxn_1", "GET /x", "ok", 200, 5, 1024))
     named = dict(zip(audit._COLUMNS, row, strict=True))
-    assert named["id"].startswith("aud_")
-    assert isinstance(named["at"], dt.datetime)
+    assert named["id"].startswith(f"aud_{ns:019d}")
+    assert len(named["id"]) == len(audit.new_event_id())
+    assert named["at"] == dt.datetime(2025, 12, 5, 15, 21, 19, 178743, tzinfo=dt.UTC)
     assert named["at"].tzinfo is dt.UTC
     assert {k: v for k, v in named.items() if k not in ("id", "at")} == {
         "actor_id": "usr_1",
