@@ -91,6 +91,12 @@ async def write(engine: AsyncEngine, **fields: Any) -> None:
 FLUSH_DELAY = 0.1
 #: A row of ``audit_events`` in the table's column order (:data:`_COLUMNS`).
 Row = tuple[Any, ...]
+#: What an answered invoke leaves in the queue: ``(time_ns, actor_id, object_id, detail,
+#: result, status, bytes_in, bytes_out)``. Its id and time are made when its batch is
+#: written (:func:`invoke_row`), not in the request: at one client the relay's work after
+#: the answer has gone out still holds the core that the caller's next request waits for.
+Invoked = tuple[int, str, str, str, str, int, int | None, int]
+
 _batches: dict[AsyncEngine, list[Invoked]] = {}
 _flushers: dict[AsyncEngine, asyncio.Task[None]] = {}
 
@@ -145,12 +151,6 @@ _ROW_COLUMNS = (
 if _COLUMNS != _ROW_COLUMNS:  # the model changed: invoke_row must follow it
     raise RuntimeError(f"audit_events columns are {_COLUMNS}, invoke_row builds {_ROW_COLUMNS}")
 
-
-#: What an answered invoke leaves in the queue: ``(time_ns, actor_id, object_id, detail,
-#: result, status, bytes_in, bytes_out)``. Its id and time are made when its batch is
-#: written (:func:`invoke_row`), not in the request: at one client the relay's work after
-#: the answer has gone out still holds the core that the caller's next request waits for.
-Invoked = tuple[int, str, str, str, str, int, int | None, int]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
