@@ -210,15 +210,12 @@ async def _insert(conn: AsyncConnection, rows: list[Row]) -> None:
         chunk = rows[first : first + _SQLITE_ROWS]
         values: list[Any] = []
         for row in chunk:
-            if binds:
-                bound = list(row)
-                for index, bind in binds:
-                    value = bound[index]
-                    if value is not None:
-                        bound[index] = bind(value)
-                values.extend(bound)
-            else:
-                values.extend(row)
+            bound = list(row)
+            for index, bind in binds:
+                value = bound[index]
+                if value is not None:
+                    bound[index] = bind(value)
+            values.extend(bound)
         await conn.exec_driver_sql(_sqlite_insert(len(chunk)), tuple(values))
 
 
