@@ -234,7 +234,7 @@ class AuthSpec:
     def _parse(value: object, problems: _Problems) -> AuthSpec | None:
         if value is _MISSING:
             return None
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):  # dict: no ABC check
             problems.add("auth", "Input should be a valid dictionary or instance of AuthSpec")
             return None
         before = len(problems.found)
@@ -344,7 +344,7 @@ class RequestHead:
                 payload = json.loads(payload)
             except (ValueError, UnicodeDecodeError):
                 raise BadRequestHead("request head is not valid JSON") from None
-        if not isinstance(payload, Mapping):
+        if type(payload) is not dict and not isinstance(payload, Mapping):
             raise BadRequestHead("request head must be a JSON object")
         head = _parse_head(payload, problems := _Problems())
         if head is None:

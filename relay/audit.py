@@ -97,16 +97,23 @@ Row = tuple[Any, ...]
 #: the answer has gone out still holds the core that the caller's next request waits for.
 Invoked = tuple[int, str, str, str, str, int, int | None, int]
 
-_batches: dict[AsyncEngine, list[Invoked]] = {}
-_flushers: dict[AsyncEngine, asyncio.Task[None]] = {}
+#: Keyed by ``id(engine)``: an AsyncEngine's own hash is Python code, run twice per invoke.
+#: A batch exists only while its flusher, which holds the engine, runs; a finished flusher
+#: left under an id that a later engine reuses is ``done()`` and replaced.
+_batches: dict[int, list[Invoked]] = {}
+_flushers: dict[int, asyncio.Task[None]] = {}
 
 
 def _later(engine: AsyncEngine, invoked: Invoked) -> asyncio.Task[None]:
     """Queue an invoke record; the returned task finishes once it is written."""
-    _batches.setdefault(engine, []).append(invoked)
-    task = _flushers.get(engine)
+    key = id(engine)
+    batch = _batches.get(key)
+    if batch is None:
+        batch = _batches[key] = []
+    batch.append(invoked)
+    task = _flushers.get(key)
     if task is None or task.done():
-        task = _flushers[engine] = _pending.spawn(_flush_soon(engine))
+        task = _flushers[key] = _pending.spawn(_flush_soon(engine))
     return task
 
 
@@ -120,7 +127,7 @@ async def _flush_soon(engine: AsyncEngine) -> None:
     """
     while True:
         await asyncio.sleep(FLUSH_DELAY)
-        invoked = _batches.pop(engine, None)
+        invoked = _batches.pop(id(engine), None)
         if not invoked:
             return
         rows = [invoke_row(one) for one in invoked]
@@ -256,7 +263,7 @@ async def invoke_refused(
     request: Request, user: Principal, connection_id: str, status: int, detail: str
 ) -> None:
     await write(
-        request.app.state.engine,
+        request.scope["app"].state.engine,
         actor_id=user.id,
         action=INVOKE,
         object_type="connection",
@@ -273,7 +280,7 @@ def track_invoke(
     request: Request, user: Principal, connection_id: str, response: Response
 ) -> Response:
     """Record the invoke once its response body has gone out (or broken off)."""
-    detail = f"{request.method} {request.scope['path']}"[:500]
+    detail = f"{request.scope['method']} {request.scope['path']}"[:500]
     return AuditedResponse(request, response, user.id, connection_id, detail)
 
 
@@ -340,7 +347,7 @@ class AuditedResponse(Response):
         # Not awaited: the row goes out with the next batch, and shutdown waits for it
         # (drain). Waiting here held every request's task for the batch delay.
         _later(
-            self._request.app.state.engine,
+            self._request.scope["app"].state.engine,
             (
                 time.time_ns(),
                 self._actor_id,

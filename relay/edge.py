@@ -41,7 +41,7 @@ from relay.activity import INVOKE_PATH, Outcome
 from relay.audit import AuditedResponse
 from relay.coalesce import CoalescingTransport
 from relay.fastpath import RelayApp, finish, is_invoke, respond
-from relay.limits import url_length
+from relay.headers import url_length
 from relay.problems import problem
 
 log = structlog.get_logger("backhaul.relay.invoke")

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import invoke, tunnel
 from relay.activity import INVOKE_PATH, Activity, Outcome
+from relay.callers import cached_caller
 from relay.headers import bearer_token
 from relay.identity import authenticate
 from relay.limits import HandshakeGate, RequestLimits
@@ -118,7 +119,11 @@ async def _answer_invoke(scope: Scope, receive: Receive, send: Send) -> None:
 async def respond(request: Request, connection_id: str) -> Response:
     """The invoke's answer for the caller the bearer token names, a problem included."""
     try:
-        user = await authenticate(request, bearer_token(request.scope))
+        token = bearer_token(request.scope)
+        # A token seen before is known without a coroutine of relay.identity's.
+        user = cached_caller(token, request.scope["app"].state.engine)
+        if user is None:
+            user = await authenticate(request, token)
         return await invoke.invoke(connection_id, request, user)
     except ProblemError as exc:
         return exc.response()

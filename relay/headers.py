@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import MutableHeaders
 
 from backhaul.headers import HOP_BY_HOP
@@ -19,6 +18,7 @@ __all__ = [
     "request_header",
     "request_header_items",
     "response_headers",
+    "url_length",
 ]
 
 
@@ -46,14 +46,21 @@ def request_header_items(scope: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(key.decode("latin-1"), value.decode("latin-1")) for key, value in scope["headers"]]
 
 
+def url_length(scope: Mapping[str, Any]) -> int:
+    """The request target's bytes as ``max_url_bytes`` counts them: raw path and query."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return len(raw) + len(scope.get("query_string", b""))
+
+
 def bearer_token(scope: Mapping[str, Any]) -> str | None:
     """The token of the first ``Authorization`` field when its scheme is Bearer, as FastAPI's
     security helpers read it; None for another scheme or no field."""
     value = request_header(scope, b"authorization")
     if value is None:
         return None
-    scheme, token = get_authorization_scheme_param(value)
-    return token if scheme.lower() == "bearer" else None
+    # fastapi.security.utils.get_authorization_scheme_param, here in compiled code.
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def response_headers(

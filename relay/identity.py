@@ -11,34 +11,30 @@ Bearer handling follows RFC 6750: a missing or bad token is 401 with ``WWW-Authe
 from __future__ import annotations
 
 import functools
-import hashlib
 import secrets
-import time
-from dataclasses import dataclass
 from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backhaul.aio.background import Background
-from relay.cache import ReadCache
+# The cached half, per request, lives in relay.callers (compiled); its names stay here too.
+from relay.callers import ADMIN as ADMIN
+from relay.callers import API_TOKEN_PREFIX as API_TOKEN_PREFIX
+from relay.callers import TOKENS as _TOKENS
+from relay.callers import Principal as Principal
+from relay.callers import drain as drain
+from relay.callers import hash_token as hash_token
+from relay.callers import note_use as _note_use
 from relay.problems import ProblemError
 from relay.store import queries
 from relay.store.db import sessions
-from relay.store.models import utcnow
 
 log = structlog.get_logger("backhaul.relay.identity")
 
-API_TOKEN_PREFIX = "bh_"  # noqa: S105 - a prefix, not a secret
 ENROLLMENT_TOKEN_PREFIX = "bhe_"  # noqa: S105
-ADMIN = "admin"
 USER = "user"
 ROLES = (ADMIN, USER)
-#: ``last_used_at`` is written at most this often per token and relay process, in the
-#: background, to keep requests read-only.
-TOUCH_SECONDS = 60.0
 
 _bearer = HTTPBearer(auto_error=False, description="An API token (bh_…)")
 
@@ -49,23 +45,6 @@ def new_api_token() -> str:
 
 def new_enrollment_token() -> str:
     return ENROLLMENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The authenticated caller, detached from any database session."""
-
-    id: str
-    name: str
-    role: str
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == ADMIN
 
 
 def unauthorized(detail: str) -> ProblemError:
@@ -108,46 +87,6 @@ async def _load_token(request: Request, digest: str) -> tuple[Principal, str]:
         raise unauthorized("invalid, revoked or deleted-user token")
     user, api_token = found
     return Principal(id=user.id, name=user.name, role=user.role), api_token.id
-
-
-#: Token hash → (caller, token id); any write to the store invalidates it.
-_TOKENS = ReadCache()
-#: Token hash → when (monotonic clock) this process last wrote, or set out to write, its use.
-_TOUCHED: dict[str, float] = {}
-_TOUCHED_MAX = 10_000
-_touches = Background()
-
-
-def _note_use(engine: AsyncEngine, digest: str, token_id: str) -> None:
-    """Record a token's use in ``last_used_at``, at most once per :data:`TOUCH_SECONDS`.
-
-    In the background, and not through an ORM session: the request does not wait for a
-    write, and the write does not count as a store change (relay.cache), which would drop
-    every cached token and connection. Had the request waited, every caller of a busy token
-    would have found it due at the same moment, once a minute, and each opened a database
-    session for the same write (the connection pool's overflow, a thread per connection).
-    """
-    now = time.monotonic()
-    last = _TOUCHED.get(digest)
-    if last is not None and now - last < TOUCH_SECONDS:
-        return
-    if len(_TOUCHED) >= _TOUCHED_MAX:
-        _TOUCHED.clear()
-    _TOUCHED[digest] = now
-    _touches.spawn(_touch(engine, token_id))
-
-
-async def drain() -> None:
-    """Wait for the tokens' use still being written (before the engine is disposed)."""
-    await _touches.drain()
-
-
-async def _touch(engine: AsyncEngine, token_id: str) -> None:
-    try:
-        async with engine.begin() as conn:
-            await queries.touch_api_token(conn, token_id, utcnow())
-    except Exception as exc:  # bookkeeping: the request it records has been served
-        log.warning("token.touch_failed", token_id=token_id, error=str(exc))
 
 
 async def require_admin(user: Annotated[Principal, Depends(current_user)]) -> Principal:

@@ -92,11 +92,13 @@ def _sub_path(request: Request, connection_id: str) -> str:
     if _FORBIDDEN_RAW.search(tail):
         raise ProblemError(400, "Bad request", "encoded slashes, backslashes and NUL are refused")
     text = tail.decode("latin-1")
-    once = unquote(text)
+    # unquote() is Python code; without a "%" it returns its argument as it is.
+    once = unquote(text) if "%" in text else text
     for segment in once.split("/"):
-        if segment in (".", "..") or unquote(segment) in (".", ".."):
+        if segment in (".", "..") or ("%" in segment and unquote(segment) in (".", "..")):
             raise ProblemError(400, "Bad request", "the path may not climb above the base URL")
-    if "%2e" in once.lower() or "%2f" in once.lower():
+    lowered = once.lower()
+    if "%2e" in lowered or "%2f" in lowered:
         raise ProblemError(400, "Bad request", "doubly encoded path segments are refused")
     return text
 
@@ -114,12 +116,12 @@ async def _target(
         _TARGETS,
         (connection_id, user_id, is_admin),
         lambda session: queries.invoke_target(session, connection_id, user_id, is_admin),
-        request.app.state.db,
+        request.scope["app"].state.db,
     )
 
 
 def _deadline(request: Request) -> float:
-    config = request.app.state.config
+    config = request.scope["app"].state.config
     maximum = float(config.invoke_timeout_max_seconds)
     default = min(float(config.invoke_timeout_seconds), maximum)
     raw = request_header(request.scope, _TIMEOUT_FIELD)
@@ -180,7 +182,7 @@ async def _invoke(
         headers = _forward_headers(request)
         return await online.invoke(request, target, plan, sub_path, headers, deadline, started)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    parts = plan.rewrite(request.method, sub_path, query, _forward_headers(request))
+    parts = plan.rewrite(request.scope["method"], sub_path, query, _forward_headers(request))
     # The request's own fields, then the connection's, which are the same on every invoke:
     # encoded once (about 1.8 KiB, most of it the sealed blob), and sent once per
     # tunnel while the agent keeps them in a head slot (Connection.open_stream).
@@ -215,14 +217,14 @@ async def _through_gateway(
     requests move to another member, a lost member's GET/HEAD is retried once, and with no
     member here the request is forwarded to the relay instance that has one."""
     assert target.gateway_id is not None
-    hub: Hub = request.app.state.hub
+    hub: Hub = request.scope["app"].state.hub
     has_body = _has_body(request)
     # A small body is read first, so a request refused by a draining member can be replayed
     # on another one: that is what makes a rolling restart lose nothing.
     buffered = await _small_body(request) if has_body else None
     replayable = not has_body or buffered is not None
     thresholds = Thresholds(target.cpu_threshold, target.memory_threshold)
-    idempotent = request.method in ("GET", "HEAD") and not has_body
+    idempotent = request.scope["method"] in ("GET", "HEAD") and not has_body
     tried: set[str] = set()
     retried = False
     lost: ProblemError | None = None
@@ -262,7 +264,7 @@ async def _forward_elsewhere(
     request: Request, target: InvokeTarget, thresholds: Thresholds
 ) -> Response | None:
     """No member here: stream the request to an instance that holds one (scale-out)."""
-    registry: Registry = request.app.state.registry
+    registry: Registry = request.scope["app"].state.registry
     gateway_id = target.gateway_id
     if not registry.shared or gateway_id is None:
         return None
@@ -273,7 +275,9 @@ async def _forward_elsewhere(
         member = choose(candidates, target.load_balancing, thresholds, gateway_id, _REMOTE_ROTATION)
         assert member is not None
         try:
-            return await forward(request.app.state.peers, member, request, registry.instance_id)
+            return await forward(
+                request.scope["app"].state.peers, member, request, registry.instance_id
+            )
         except ForwardFailed as exc:
             log.warning("invoke.forward_failed", instance_id=member.instance_id, error=str(exc))
             registry.mark_dead(member.instance_id)
@@ -320,7 +324,7 @@ async def _exchange(
     headers = raw_response_headers(
         ((str(k), str(v)) for k, v in response_head.get("headers", [])), relocate=relocate
     )
-    return TunnelResponse(stream, pump, request.method == "HEAD", status, headers)
+    return TunnelResponse(stream, pump, request.scope["method"] == "HEAD", status, headers)
 
 
 #: (target, plan) → the OPEN head's connection fields, a JSON object encoded. The entry keeps

@@ -51,7 +51,7 @@ from backhaul.wire import Settings
 from backhaul.wire.frames import FrameType
 from relay import metrics
 from relay.config import RelayConfig
-from relay.headers import bearer_token
+from relay.headers import bearer_token, url_length
 from relay.problems import MEDIA_TYPE, ProblemError, problem
 
 log = structlog.get_logger("backhaul.relay.limits")
@@ -123,6 +123,8 @@ class Limits:
         self.per_connection = RateLimiter(
             config.rate_limit_per_connection, config.rate_limit_per_connection_burst
         )
+        #: Either limiter is on (both are off unless configured).
+        self.active = self.per_token.enabled or self.per_connection.enabled
 
 
 def _too_many(what: str, wait: float) -> ProblemError:
@@ -146,8 +148,8 @@ def admit(request: Request, connection_id: str) -> None:
 
     Called once the caller is authenticated and allowed to use the connection.
     """
-    limits: Limits | None = getattr(request.app.state, "limits", None)
-    if limits is None:
+    limits: Limits | None = getattr(request.scope["app"].state, "limits", None)
+    if limits is None or not limits.active:
         return
     # Both limits are off unless configured: no token is hashed for a limiter that is off.
     token = _token_key(request) if limits.per_token.enabled else ""
@@ -226,12 +228,6 @@ class RequestLimits:
         if exceeded and not started:
             log.info("limits.body_too_large", path=scope["path"], limit=self.max_body)
             await _body_refusal(self.max_body)(scope, receive, send)
-
-
-def url_length(scope: Scope) -> int:
-    """The request target's bytes as ``max_url_bytes`` counts them: raw path and query."""
-    raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    return len(raw) + len(scope.get("query_string", b""))
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -96,7 +96,10 @@ _PLANS = ReadCache()
 async def for_target(request: Request, target: InvokeTarget) -> Plan:
     """:func:`load`, cached like the invoke target until the store next changes."""
     return await lookup(
-        _PLANS, target.connection_id, lambda session: load(session, target), request.app.state.db
+        _PLANS,
+        target.connection_id,
+        lambda session: load(session, target),
+        request.scope["app"].state.db,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -35,13 +35,21 @@ log = structlog.get_logger("backhaul.relay.tunnel")
 TUNNEL_PATH = "/v1/tunnel"
 
 
+async def _tunnel_over(data: bytes) -> None:
+    raise TransportClosed("tunnel over")
+
+
 class StarletteTransport:
     """A Starlette WebSocket as a :class:`backhaul.aio.tunnel.MessageTransport`."""
 
     def __init__(self, ws: WebSocket) -> None:
         #: None once :meth:`release` has let go of the connection.
         self.ws: WebSocket | None = ws
-        self._send_message: Callable[[bytes], Awaitable[None]] | None = None
+        #: Sends one binary message: through the ASGI WebSocket, or once :meth:`accelerate`
+        #: finds the protocol's own ``send_message`` (compiled), that itself, without an
+        #: interpreted coroutine of this class per message. The tunnel's flush turns what it
+        #: raises (``ClientDisconnected``, an OSError) into TransportClosed.
+        self.send: Callable[[bytes], Coroutine[Any, Any, None]] = self._send_asgi
         self._push_to: Callable[[Callable[[bytes], bool]], bool] | None = None
 
     def accelerate(self) -> None:
@@ -49,7 +57,11 @@ class StarletteTransport:
         WebSocket protocol when the server offers that (relay.wsprotocol), and received
         ones may come straight from it (:meth:`push_to`)."""
         extensions = self.ws.scope.get("extensions", {}) if self.ws is not None else {}
-        self._send_message = extensions.get(SEND_MESSAGE)
+        send_message: Callable[[bytes], Coroutine[Any, Any, None]] | None = extensions.get(
+            SEND_MESSAGE
+        )
+        if send_message is not None:
+            self.send = send_message
         self._push_to = extensions.get(PUSH_TO)
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
@@ -71,14 +83,11 @@ class StarletteTransport:
             raise TransportClosed("agent sent a text message")
         return bytes(data)
 
-    async def send(self, data: bytes) -> None:
+    async def _send_asgi(self, data: bytes) -> None:
+        if self.ws is None:
+            raise TransportClosed("tunnel over")
         try:
-            if self._send_message is not None:
-                await self._send_message(data)
-            elif self.ws is not None:
-                await self.ws.send_bytes(data)
-            else:
-                raise TransportClosed("tunnel over")
+            await self.ws.send_bytes(data)
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             raise TransportClosed("agent disconnected") from exc
 
@@ -92,7 +101,7 @@ class StarletteTransport:
         """Let go of the connection once the tunnel is over: the tunnel's own objects refer
         to each other (its streams, its timer), and through this transport they would keep
         the connection, its TLS object and buffers, until a full collection."""
-        self._send_message = None
+        self.send = _tunnel_over  # not a method of its own: that would refer back to it
         self._push_to = None
         self.ws = None
 

@@ -20,6 +20,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from backhaul.aio.waitflag import WaitFlag
 from backhaul.aio.wsframes import binary_frame
 from backhaul.aio.wsreader import install
 from backhaul.aio.wssplit import FrameSplitter, limit_of
@@ -38,6 +39,10 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install(self.conn)
+        # Checked before every message: asyncio.Event's interface without its interpreted
+        # code (uvicorn made it set; pause_writing and resume_writing move it as before).
+        self.writable = WaitFlag()  # type: ignore[assignment]
+        self.writable.set()
         self._feed: Callable[[bytes], bool] | None = None
         #: The opening handshake's request has not been read yet.
         self._before_head = True
@@ -152,5 +157,5 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.writable.is_set():
             await self.writable.wait()
         if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:
-            raise ClientDisconnected()
+            raise ClientDisconnected("agent disconnected")
         self.transport.writelines(binary_frame(data, masked=False))

@@ -63,9 +63,9 @@ def _is_log_exception(node: ast.AST) -> bool:
     )
 
 
-#: Dataclasses of the compiled modules made once per tunnel, connection or error, whose
-#: generated ``__init__`` costs nothing that matters.
-MADE_RARELY = frozenset({"Settings", "LiveTunnel", "ErrorEvent", "Plan"})
+#: Dataclasses of the compiled modules made once per tunnel, connection, error or token
+#: lookup, whose generated ``__init__`` costs nothing that matters.
+MADE_RARELY = frozenset({"Settings", "LiveTunnel", "ErrorEvent", "Plan", "Principal"})
 
 
 def _generates_init(cls: ast.ClassDef) -> bool:

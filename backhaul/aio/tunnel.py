@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from backhaul.aio.deadlines import SharedTimer
+from backhaul.aio.writelock import WriteLock
 from backhaul.wire import (
     CLOSE_CODE_BASE,
     Connection,
@@ -315,11 +316,13 @@ class Tunnel:
         self.last_received = time.monotonic()
         self._streams: dict[int, TunnelStream] = {}
         self._blocked: set[TunnelStream] = set()
-        self._write_lock = asyncio.Lock()
+        self._write_lock = WriteLock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
-        #: Set whenever a stream finishes, so drain() can wait without polling.
+        #: Set when a stream finishes while drain() waits, so it can wait without polling.
         self._changed = asyncio.Event()
+        #: drain() calls waiting on _changed (an Event's set is Python code: skipped when 0).
+        self._draining = 0
         #: A flush task for frames that pushed messages queued is on its way (see feed).
         self._flush_pending = False
         #: Pushed messages waiting in the loop's queue of callbacks to be handled (see feed).
@@ -352,14 +355,16 @@ class Tunnel:
         A flush with nothing queued still waits for a write in progress, which may be
         carrying its frames.
         """
+        lock = self._write_lock
         if not self.conn.has_data_to_send:
-            if self._write_lock.locked():
-                async with self._write_lock:
-                    pass
+            if lock.locked():
+                await lock.acquire()
+                lock.release()
             return
         if self.conn.batching and self._others_in_flight(stream):
             await asyncio.sleep(0)
-        async with self._write_lock:
+        await lock.acquire()
+        try:
             for message in self.conn.messages_to_send():
                 if self.closed:
                     raise TransportClosed(self.close_reason)
@@ -369,6 +374,8 @@ class Tunnel:
                     raise
                 except Exception as exc:
                     raise TransportClosed(str(exc)) from exc
+        finally:
+            lock.release()
 
     def _others_in_flight(self, stream: TunnelStream | None) -> bool:
         """Whether a stream other than ``stream`` (the one flushing, if any) is in flight:
@@ -530,9 +537,13 @@ class Tunnel:
         """Wait until no stream is open (or ``grace`` seconds pass); True when drained."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                while self._streams and not self.closed:
-                    self._changed.clear()
-                    await self._changed.wait()
+                self._draining += 1
+                try:
+                    while self._streams and not self.closed:
+                        self._changed.clear()
+                        await self._changed.wait()
+                finally:
+                    self._draining -= 1
         return not self._streams
 
     # -- internals
@@ -550,7 +561,7 @@ class Tunnel:
                 stream._chunks.put_nowait(_END)
                 if not self.conn.is_active(event.stream_id):
                     self._streams.pop(event.stream_id, None)
-                    self._changed.set()
+                    self._stream_gone()
         elif isinstance(event, WindowUpdated):
             self._wake(event.stream_id)
         elif isinstance(event, ResponseReceived):
@@ -575,7 +586,7 @@ class Tunnel:
             if stream is not None:
                 stream._fail(StreamError(event.code, event.reason))
                 self._blocked.discard(stream)
-                self._changed.set()
+                self._stream_gone()
         elif isinstance(event, PongReceived):
             self.rtt_ms = max(0.0, (time.monotonic_ns() - event.opaque) / 1e6)
         elif isinstance(event, GoAwayReceived):
@@ -599,12 +610,17 @@ class Tunnel:
         finally:
             if self._streams.get(stream.id) is stream and not self.conn.is_active(stream.id):
                 self._streams.pop(stream.id, None)
+            self._stream_gone()
+
+    def _stream_gone(self) -> None:
+        """A stream finished: wake drain(), if it waits."""
+        if self._draining:
             self._changed.set()
 
     def _forget_if_done(self, stream: TunnelStream) -> None:
         if not self.conn.is_active(stream.id) and self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
-            self._changed.set()
+            self._stream_gone()
 
     def _wake(self, stream_id: int) -> None:
         if stream_id == 0:

@@ -12,6 +12,10 @@ from backhaul.wire.flow import ReceiveWindow, SendWindow
 
 
 class StreamState(Enum):
+    # Members are singletons compared by identity, so identity hashing agrees with equality;
+    # Enum's own __hash__ is a Python method, and every transition hashes two members.
+    __hash__ = object.__hash__
+
     OPEN = "open"
     HALF_CLOSED_LOCAL = "half-closed (local)"
     HALF_CLOSED_REMOTE = "half-closed (remote)"
@@ -19,6 +23,8 @@ class StreamState(Enum):
 
 
 class StreamInput(Enum):
+    __hash__ = object.__hash__
+
     SEND_END = "send end"
     RECV_END = "receive end"
 

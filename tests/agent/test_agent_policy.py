@@ -346,3 +346,27 @@ def test_accepted_urls_mean_the_same_to_httpx(url: str) -> None:
     original = httpx.URL(url)
     assert original.host.rstrip(".") == target.host
     assert ".." not in target.path.split("/")
+
+
+def test_allowed_under_is_the_static_rules_and_the_base_url_together() -> None:
+    """The executor's common case in one remembered lookup: a target a static rule allows,
+    under the connection's base URL. Anything else is None, left to the full checks that
+    name the reason, and is not remembered."""
+    prefix = policy({"prefix": "https://api.internal:8443/v1/"})
+    base = "https://api.internal:8443/v1/"
+    found = prefix.allowed_under("https://api.internal:8443/v1/users?q=1", base)
+    assert found == normalize_url("https://api.internal:8443/v1/users?q=1")
+    assert prefix.allowed_under("https://api.internal:8443/v1/users?q=1", base) is found
+    # Allowed, but outside this connection's base URL: another API on an allowed host.
+    assert prefix.allowed_under("https://api.internal:8443/v1/users", base + "admin/") is None
+    # Under the base URL, but no rule allows it.
+    assert (
+        prefix.allowed_under("https://api.internal:8443/v2/x", "https://api.internal:8443/") is None
+    )
+    assert prefix.allowed_under("https://api.internal:8443/v1/x", "not a url") is None
+    assert prefix.allowed_under("https://api.internal:8443/v1/%2e%2e/x", base) is None
+    # A CIDR entry allows a host name only after DNS: not here.
+    by_cidr = policy({"cidr": "127.0.0.0/8", "ports": [8080]})
+    assert by_cidr.allowed_under("http://localhost:8080/x", "http://localhost:8080/") is None
+    assert by_cidr.allowed_under("http://127.0.0.1:8080/x", "http://127.0.0.1:8080/")
+    assert len(prefix._under) == 1 and len(by_cidr._under) == 1

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import event, select
 
+from relay import callers as caller_cache
 from relay import identity
 from relay.cache import GENERATION
 from relay.store.models import ApiToken
@@ -133,7 +134,7 @@ async def test_a_busy_tokens_use_is_written_once_in_the_background_and_keeps_the
     event.listen(pool, "checkout", checkout)
     generation = GENERATION.value
     digest = identity.hash_token(token)
-    identity._TOUCHED[digest] -= identity.TOUCH_SECONDS  # a minute on
+    caller_cache.TOUCHED[digest] -= caller_cache.TOUCH_SECONDS  # a minute on
     try:
         callers = await asyncio.gather(*(identity.authenticate(request, token) for _ in range(50)))
         await identity.drain()
@@ -146,4 +147,25 @@ async def test_a_busy_tokens_use_is_written_once_in_the_background_and_keeps_the
     assert second is not None and second > first
 
     await asyncio.gather(*(identity.authenticate(request, token) for _ in range(5)))
-    assert len(identity._touches) == 0  # not again within the minute
+    assert len(caller_cache.touches) == 0  # not again within the minute
+
+
+async def test_the_cached_caller_is_the_authenticated_one_and_nothing_else_is_known(
+    relay: Relay,
+) -> None:
+    """relay.callers answers the invoke path for a token already authenticated; anything
+    else (no token, another scheme's text, an unknown token, a token whose cache a store
+    change dropped) is None, left to relay.identity.authenticate and its 401s."""
+    engine = relay.app.state.engine
+    token = relay.admin_token
+    request: Any = SimpleNamespace(app=relay.app)
+    for unknown in (None, "", "garbage", "bh_nope"):
+        assert caller_cache.cached_caller(unknown, engine) is None
+    GENERATION.bump(notify=False)  # as after a write to the store: the cache is stale
+    assert caller_cache.cached_caller(token, engine) is None
+    authenticated = await identity.authenticate(request, token)
+    assert caller_cache.cached_caller(token, engine) == authenticated
+    assert authenticated.id == relay.admin_id and authenticated.is_admin
+    GENERATION.bump(notify=False)
+    assert caller_cache.cached_caller(token, engine) is None
+    await identity.drain()
