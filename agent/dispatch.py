@@ -106,7 +106,7 @@ class Dispatcher:
         finally:
             if upstream is not None:
                 await upstream.aclose()
-            _REQUESTS(metrics.outcome_of(outcome)).inc()
+            _REQUESTS("ok" if outcome is None else metrics.outcome_of(outcome)).inc()
             _SECONDS.observe(time.monotonic() - started)
 
     def _open(self, head: RequestHead) -> dict[str, object]:

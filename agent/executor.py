@@ -32,13 +32,12 @@ propagates unchanged.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import http.cookiejar
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import h11
 import httpx
@@ -112,77 +111,35 @@ def _map_error(exc: httpx.HTTPError, target: NormalizedURL, phase: str) -> Agent
     return UpstreamError(f"{where} broke HTTP while {phase}: {_reason(exc)}")
 
 
-class UpstreamResponse(abc.ABC):
+class UpstreamResponse(Protocol):
     """The internal API's response: status and headers now, the body as it arrives.
 
     ``headers`` are lower-case names with hop-by-hop fields removed; ``bytes_received`` counts
-    the body bytes read so far.
+    the body bytes read so far. Two classes have this shape: :class:`agent.upstream.Response`,
+    the lean client's, returned as it is (compiled: no wrapper's interpreted methods on each
+    request), and :class:`_HttpxResponse`.
     """
 
     status: int
     headers: list[tuple[str, str]]
 
     @property
-    @abc.abstractmethod
     def bytes_received(self) -> int: ...
 
-    @abc.abstractmethod
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body exactly as sent (content codings intact), chunk by chunk."""
-
-    @abc.abstractmethod
-    async def aclose(self) -> None: ...
+        ...
 
     async def next_chunk(self) -> bytes | None:
         """The next body chunk, or None at the end (:meth:`aiter_bytes`, one at a time)."""
-        chunks = self._chunks
-        if chunks is None:
-            chunks = self._chunks = aiter(self.aiter_bytes())
-        return await anext(chunks, None)
-
-    _chunks: AsyncIterator[bytes] | None = None
+        ...
 
     @property
     def body_ready(self) -> bool:
         """True when the first body chunk (or the body's end) can be read without waiting."""
-        return False
+        ...
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-class _LeanResponse(UpstreamResponse):
-    """A response read by :mod:`agent.upstream`, which raises agent errors itself."""
-
-    def __init__(self, response: upstream.Response) -> None:
-        self._response = response
-        self.status = response.status
-        self.headers = _strip(response.headers, _HOST)  # strip_hop_by_hop, one call less
-
-    @property
-    def bytes_received(self) -> int:
-        return self._response.bytes_received
-
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_bytes()
-
-    async def next_chunk(self) -> bytes | None:
-        body = self._body
-        if body is None:
-            body = self._body = self._response.aiter_bytes()
-        return await body.next_piece()
-
-    _body: upstream.ResponseBody | None = None
-
-    @property
-    def body_ready(self) -> bool:
-        return self._response.body_ready
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
+    async def aclose(self) -> None: ...
 
 
 class _HttpxResponse(UpstreamResponse):
@@ -208,6 +165,18 @@ class _HttpxResponse(UpstreamResponse):
     @property
     def bytes_received(self) -> int:
         return self._received
+
+    @property
+    def body_ready(self) -> bool:
+        return False
+
+    async def next_chunk(self) -> bytes | None:
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = aiter(self.aiter_bytes())
+        return await anext(chunks, None)
+
+    _chunks: AsyncIterator[bytes] | None = None
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         if self._response.is_stream_consumed:
@@ -440,7 +409,8 @@ class Executor:
                             f"{allowed.display()} did not answer within the "
                             f"{head.timeout_ms} ms deadline"
                         ) from None
-                    return _LeanResponse(reply)
+                    reply.headers = _strip(reply.headers, _HOST)
+                    return reply
         # What comes before the lean client is bounded here: a DNS check of the target and the
         # request body's first chunk.
         try:
@@ -463,7 +433,8 @@ class Executor:
                         timeout=deadline,
                         query=applied.query,
                     )
-                    return _LeanResponse(reply)
+                    reply.headers = _strip(reply.headers, _HOST)
+                    return reply
                 # httpx from here on: its URL, byte headers and timeouts.
                 url = target.display() + (f"?{applied.query}" if applied.query else "")
                 raw_headers = [

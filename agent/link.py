@@ -33,7 +33,7 @@ from agent.state import AgentState
 from backhaul import handshake
 from backhaul.aio.tunnel import TransportClosed, Tunnel, TunnelStream
 from backhaul.aio.wsframes import binary_frame
-from backhaul.aio.wsreader import install
+from backhaul.aio.wsreader import install, is_open
 from backhaul.aio.wssplit import FrameSplitter, limit_of
 from backhaul.keys import fingerprint
 from backhaul.version import SUBPROTOCOL, __version__
@@ -108,7 +108,7 @@ class TunnelClientConnection(ClientConnection):
         return (
             feed is not None
             and self.protocol.current_size is None
-            and self.protocol.state is State.OPEN
+            and is_open(self.protocol)
             and not self._queued()
             and feed(payload)
         )
@@ -117,7 +117,7 @@ class TunnelClientConnection(ClientConnection):
         """Any other frame, or what follows the splitter's end, parsed by websockets."""
         super().data_received(raw)
         protocol = self.protocol
-        return protocol.state is State.OPEN and protocol.parser_exc is None
+        return is_open(protocol) and protocol.parser_exc is None
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """Hand binary messages to ``feed`` as they are parsed, instead of to the queue that
@@ -154,12 +154,20 @@ class TunnelClientConnection(ClientConnection):
         buffer: a bulk message leaves as its header and its masked payload. Anything but an
         open connection takes ``send``, which raises as websockets does.
         """
-        if self.protocol.state is not State.OPEN or self.send_in_progress is not None:
+        if not self.write_message(data):
             await self.send(data)
             return
-        self.transport.writelines(binary_frame(data, masked=True))
         if self.paused:
             await self.drain()
+
+    def write_message(self, data: bytes) -> bool:
+        """:meth:`send_message`'s own part: ``data`` framed and handed to the transport
+        while the connection is open and no fragmented send is under way; False otherwise,
+        with nothing written."""
+        if not is_open(self.protocol) or self.send_in_progress is not None:
+            return False
+        self.transport.writelines(binary_frame(data, masked=True))
+        return True
 
 
 class WebSocketTransport:
@@ -167,7 +175,7 @@ class WebSocketTransport:
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
-        self._send = ws.send_message if isinstance(ws, TunnelClientConnection) else ws.send
+        self._write = ws.write_message if isinstance(ws, TunnelClientConnection) else None
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """``backhaul.aio.tunnel.MessageTransport``'s push, when the connection offers it."""
@@ -184,8 +192,14 @@ class WebSocketTransport:
         return message
 
     async def send(self, data: bytes) -> None:
+        """What :meth:`TunnelClientConnection.send_message` does, in one coroutine, not two."""
+        ws = self.ws
         try:
-            await self._send(data)
+            if self._write is not None and self._write(data):
+                if ws.paused:
+                    await ws.drain()
+            else:
+                await ws.send(data)
         except ConnectionClosed as exc:
             raise _closed(exc) from exc
 

@@ -644,7 +644,7 @@ class Response:
     connection back; closing early closes the connection instead.
     """
 
-    __slots__ = ("_conn", "_timeout", "bytes_received", "headers", "status")
+    __slots__ = ("_body", "_conn", "_timeout", "bytes_received", "headers", "status")
 
     def __init__(self, conn: _Connection, timeout: float) -> None:
         self._conn: _Connection | None = conn
@@ -652,6 +652,7 @@ class Response:
         self.status = conn._status
         self.headers = conn._headers
         self.bytes_received = 0
+        self._body: ResponseBody | None = None
 
     @property
     def body_ready(self) -> bool:
@@ -663,6 +664,14 @@ class Response:
     def aiter_bytes(self) -> ResponseBody:
         """The body as it arrives, minus the transfer coding, content codings intact."""
         return ResponseBody(self)
+
+    async def next_chunk(self) -> bytes | None:
+        """The body's next piece, None at its end: :meth:`aiter_bytes` read one at a time
+        (``agent.executor.UpstreamResponse``)."""
+        body = self._body
+        if body is None:
+            body = self._body = ResponseBody(self)
+        return await body.next_piece()
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -797,7 +806,7 @@ class Client:
             origin = self._origins[key] = _Origin(url, self._limit, self._context)
         query = url.query if query is None else query
         target = f"{url.path}?{query}" if query else url.path
-        where = url.display()
+        where = origin.display + url.path  # url.display(), without its interpreted frames
         first: bytes | memoryview | None = None
         if body is not None:
             first = await anext(body, None)

@@ -19,6 +19,8 @@ from typing import Any
 
 #: Writes from this size on are not held back; held-back writes go out once they add up to it.
 DIRECT_WRITE = 64 * 1024
+#: Held-back writes adding up to less than this leave joined in one buffer.
+JOIN_BELOW = 16 * 1024
 
 
 class CoalescingTransport:
@@ -55,12 +57,17 @@ class CoalescingTransport:
         pending = self._pending
         if not pending:
             return
+        size = self._pending_size
         self._pending = []
         self._pending_size = 0
         if self.transport.is_closing():
             return
         if len(pending) == 1:
             self.transport.write(pending[0])
+        elif size < JOIN_BELOW:
+            # One buffer, so one TLS record: a TLS transport makes a record of every buffer
+            # it is handed, and the head and body of a small answer fit in one.
+            self.transport.write(b"".join(pending))
         else:
             self.transport.writelines(pending)
 

@@ -18,11 +18,10 @@ from typing import Any
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
-from websockets.protocol import State
 
 from backhaul.aio.waitflag import WaitFlag
 from backhaul.aio.wsframes import binary_frame
-from backhaul.aio.wsreader import install
+from backhaul.aio.wsreader import install, is_open
 from backhaul.aio.wssplit import FrameSplitter, limit_of
 
 #: The scope extension under which a tunnel connection offers :meth:`send_message`.
@@ -91,7 +90,7 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         Frame websockets would build; declined while websockets holds part of a message or
         the connection is not open."""
         conn = self.conn
-        if conn.current_size is not None or conn.state is not State.OPEN:
+        if conn.current_size is not None or not is_open(conn):
             return False
         self.curr_msg_data_type = "bytes"
         self.frames = [payload]
@@ -102,7 +101,7 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         """Any other frame, or what follows the splitter's end, parsed by websockets."""
         super().data_received(raw)
         conn = self.conn
-        return conn.state is State.OPEN and conn.parser_exc is None
+        return is_open(conn) and conn.parser_exc is None
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
         """Hand binary messages to ``feed`` from now on, if none wait in the queue."""
@@ -156,6 +155,6 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
         OSError) once the connection is closing or gone, as ``send`` does."""
         if not self.writable.is_set():
             await self.writable.wait()
-        if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:
+        if self.disconnected or self.close_sent or not is_open(self.conn):
             raise ClientDisconnected("agent disconnected")
         self.transport.writelines(binary_frame(data, masked=False))

@@ -20,7 +20,7 @@ import collections
 from collections.abc import Generator
 from typing import Any
 
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
 from websockets.streams import StreamReader
 
 
@@ -167,3 +167,13 @@ def install(protocol: Protocol) -> None:
     protocol.parser = protocol.parse()
     next(protocol.parser)
     old.close()
+
+
+def is_open(protocol: Protocol) -> bool:
+    """``protocol.state is State.OPEN``, read without the property's interpreted frame.
+
+    Both ends ask it of every tunnel message. The state is the protocol's ``_state`` in the
+    websockets releases pyproject.toml allows; tests/backhaul/aio/test_wsreader.py holds them
+    to it.
+    """
+    return protocol._state is State.OPEN

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from relay.coalesce import DIRECT_WRITE, CoalescingTransport
+from relay.coalesce import DIRECT_WRITE, JOIN_BELOW, CoalescingTransport
 
 
 class _Recorder:
@@ -50,9 +50,19 @@ async def test_a_head_and_a_body_leave_in_one_write_at_the_end_of_the_iteration(
     assert recorder.calls == []
     assert transport.get_write_buffer_size() == len(b"HTTP/1.1 200 OK\r\n\r\nhello")
     await asyncio.sleep(0)
-    assert recorder.calls == [("writelines", [b"HTTP/1.1 200 OK\r\n\r\n", b"hello"])]
+    # Joined: a TLS transport makes one record of each buffer it is handed.
+    assert recorder.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\nhello")]
     await asyncio.sleep(0)
     assert len(recorder.calls) == 1  # nothing is sent twice
+
+
+async def test_held_back_writes_from_the_join_limit_on_leave_as_they_are() -> None:
+    transport, recorder = _wrap()
+    body = b"x" * JOIN_BELOW
+    transport.write(b"head")
+    transport.write(body)
+    await asyncio.sleep(0)
+    assert recorder.calls == [("writelines", [b"head", body])]
 
 
 async def test_a_large_write_goes_straight_through_after_what_was_held_back() -> None:

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 from websockets.uri import parse_uri
 
-from backhaul.aio.wsreader import ChunkReader, install
+from backhaul.aio.wsreader import ChunkReader, install, is_open
 
 
 def run(gen: Generator[None, None, Any]) -> Any:
@@ -202,3 +203,29 @@ def test_install_refuses_a_protocol_that_already_has_data() -> None:
     install(fresh)
     assert isinstance(fresh.reader, ChunkReader)
     assert not isinstance(fresh.reader, StreamReader)
+
+
+def test_is_open_reads_the_state_websockets_reports() -> None:
+    """is_open reads the protocol's state attribute directly: it must be the one the state
+    property returns, in every state a connection goes through."""
+    client = ClientProtocol(parse_uri("ws://relay.example/v1/tunnel"))
+    server = ServerProtocol()
+    seen = []
+    for protocol in (client, server):
+        assert is_open(protocol) is (protocol.state is State.OPEN)
+    client.send_request(client.connect())
+    server.receive_data(client.data_to_send()[0])
+    [handshake] = server.events_received()
+    server.send_response(server.accept(handshake))
+    client.receive_data(b"".join(server.data_to_send()))
+    for protocol in (client, server):
+        seen.append(protocol.state)
+        assert is_open(protocol) is (protocol.state is State.OPEN) is True
+    client.send_close(1000)
+    for protocol in (client, server):
+        seen.append(protocol.state)
+        assert is_open(protocol) is (protocol.state is State.OPEN)
+    assert State.CLOSING in seen
+    for state in State:
+        server.state = state
+        assert is_open(server) is (state is State.OPEN)
