@@ -62,8 +62,10 @@ COMPILED = [
     "relay/plan.py",
     "relay/request_parts.py",
     "relay/wsprotocol.py",
+    "agent/auth.py",
     "agent/dispatch.py",
     "agent/head.py",
+    "agent/leanpath.py",
     "agent/upstream.py",
 ]
 

@@ -34,13 +34,19 @@ from agent.head import AuthSpec, valid_field_value
 __all__ = ["AppliedAuth", "apply_credentials"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AppliedAuth:
     """The request pieces after credentials are applied."""
 
     query: str
     headers: list[tuple[str, str]]
     auth: httpx.Auth | None
+
+    def __init__(self, query: str, headers: list[tuple[str, str]], auth: httpx.Auth | None) -> None:
+        # Written out: mypyc compiles this one (setup.py), not the one dataclass generates.
+        object.__setattr__(self, "query", query)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "auth", auth)
 
 
 def _field(credentials: Mapping[str, Any], name: str, scheme: str, connection_id: str) -> str:

@@ -70,9 +70,13 @@ class Dispatcher:
         try:
             head = RequestHead.parse(stream.head or {})
             credentials = self._open(head)
-            upstream = await self.executor.start(
-                head, credentials, stream.iter_body(), has_body=stream.has_body
-            )
+            lean = self.executor.lean_path
+            if lean is not None and not stream.has_body:  # the common case, compiled
+                upstream = await lean.start(head, credentials)
+            if upstream is None:
+                upstream = await self.executor.start(
+                    head, credentials, stream.iter_body(), has_body=stream.has_body
+                )
             # When the body (or its first part) is already here, the RESPONSE waits for it
             # and both leave in one flush; otherwise the caller gets the head at once.
             await stream.send_response(

@@ -54,6 +54,7 @@ from agent.errors import (
     UpstreamUnreachable,
 )
 from agent.head import RequestHead
+from agent.leanpath import HOST, REQUEST_DROP, USER_AGENT, LeanPath, with_user_agent
 from agent.policy import NormalizedURL, Policy, is_under, normalize_url
 from agent.tickets import apply_environment as apply_kerberos_environment
 from agent.upstream import reason as _reason
@@ -61,15 +62,12 @@ from agent.winpool import WindowsPool
 from backhaul.headers import HOP_BY_HOP as _HOP_BY_HOP
 from backhaul.headers import strip_hop_by_hop as _strip
 from backhaul.tallies import Tally
-from backhaul.version import __version__
 
 __all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_hop_by_hop"]
 
 #: RFC 9110 §7.6.1 connection-specific fields, plus Host (httpx sets it from the URL).
 HOP_BY_HOP = _HOP_BY_HOP | {"host"}
-#: The caller's own credentials never reach the internal API.
-_CALLER_SECRETS = frozenset({"authorization", "cookie"})
-_USER_AGENT = f"backhaul-agent/{__version__}"
+_USER_AGENT = USER_AGENT
 _BYTES_UP = Tally(metrics.BYTES.labels("up"))
 
 
@@ -80,18 +78,10 @@ def strip_hop_by_hop(
     return _strip(headers, extra | _HOST if extra else _HOST)
 
 
-_HOST = frozenset({"host"})
+_HOST = HOST
 #: Dropped from the caller's request beside the hop-by-hop fields: a constant, so that
 #: :func:`backhaul.headers.strip_hop_by_hop` makes its union with them once.
-_REQUEST_DROP = _CALLER_SECRETS | _HOST
-
-
-def _with_user_agent(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``headers``, with Backhaul's ``User-Agent`` when the caller sent none."""
-    for name, _ in headers:
-        if name.lower() == "user-agent":
-            return headers
-    return [*headers, ("User-Agent", _USER_AGENT)]
+_REQUEST_DROP = REQUEST_DROP
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:
@@ -287,12 +277,15 @@ class Executor:
         self._turn = itertools.cycle(self._clients)
         # An injected transport stands for the network in unit tests: then httpx does it all.
         self._lean: upstream.Client | None = None
+        #: The lean client's common case, compiled; the dispatcher tries it before start().
+        self.lean_path: LeanPath | None = None
         if transport is None:
             self._lean = upstream.Client(
                 ssl_context=_lean_ssl_context(config),
                 connect_timeout=up.connect_timeout_seconds,
                 max_connections=up.max_connections,
             )
+            self.lean_path = LeanPath(self._lean, self.policy)
         # Windows auth has its own connections, one credential per connection (agent.winpool).
         apply_kerberos_environment(config.kerberos)
         self._windows = WindowsPool(
@@ -379,38 +372,11 @@ class Executor:
         target: NormalizedURL | None = None
         release: Callable[[], Awaitable[None]] | None = None
         lean = self._lean
-        if lean is not None and not has_body and head.auth.type != "windows":
-            # The common case, when the static rules allow the target under the connection's
-            # base URL (Policy.allowed_under) and there is no request body: nothing waits
-            # before the lean client, which holds every wait of its own to the deadline. No
-            # timeout scope (its timer costs more than the rest of this method's own work),
-            # no DNS check, and no interpreted call that the general path below adds.
-            allowed = self.policy.allowed_under(head.url, head.base_url)
-            if allowed is not None:
-                applied = apply_credentials(
-                    head.auth,
-                    credentials,
-                    allowed.query,
-                    _strip(list(head.headers), _REQUEST_DROP),
-                    head.connection_id,
-                )
-                if applied.auth is None:
-                    try:
-                        reply = await lean.request(
-                            head.method,
-                            allowed,
-                            _with_user_agent(applied.headers),
-                            None,
-                            timeout=deadline,
-                            query=applied.query,
-                        )
-                    except TimeoutError:
-                        raise UpstreamTimeout(
-                            f"{allowed.display()} did not answer within the "
-                            f"{head.timeout_ms} ms deadline"
-                        ) from None
-                    reply.headers = _strip(reply.headers, _HOST)
-                    return reply
+        if self.lean_path is not None and not has_body:
+            # The common case (agent.leanpath), which the dispatcher tries first itself.
+            reply = await self.lean_path.start(head, credentials)
+            if reply is not None:
+                return reply
         # What comes before the lean client is bounded here: a DNS check of the target and the
         # request body's first chunk.
         try:
@@ -428,7 +394,7 @@ class Executor:
                     reply = await lean.request(
                         head.method,
                         target,
-                        _with_user_agent(applied.headers),
+                        with_user_agent(applied.headers),
                         aiter(content) if content is not None else None,
                         timeout=deadline,
                         query=applied.query,

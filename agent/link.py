@@ -105,13 +105,13 @@ class TunnelClientConnection(ClientConnection):
         """A whole binary message for the feed, if it pushes and nothing waits ahead of
         the message in websockets' queue; declined otherwise (websockets queues it)."""
         feed = self._feed
-        return (
-            feed is not None
-            and self.protocol.current_size is None
-            and is_open(self.protocol)
-            and not self._queued()
-            and feed(payload)
-        )
+        if feed is None:
+            return False
+        protocol = self.protocol
+        if protocol.current_size is not None or not is_open(protocol):
+            return False
+        recv = getattr(self, "recv_messages", None)  # as _queued(), without its call
+        return not (recv and recv.frames.queue) and feed(payload)
 
     def _frame(self, raw: bytes) -> bool:
         """Any other frame, or what follows the splitter's end, parsed by websockets."""
