@@ -472,9 +472,9 @@ def measure_wrk(target: Target, s: Settings, result: Result) -> None:
 def measure_small_requests(
     targets: dict[str, Target], results: dict[str, Result], s: Settings
 ) -> None:
-    """:func:`measure_wrk`, ``s.wrk_rounds`` times, the paths taking turns as the transfers
-    do; each figure of a path is the median of its rounds, and the rounds' requests/s are
-    kept for the report."""
+    """:func:`measure_wrk` and :func:`measure_one_client`, ``s.wrk_rounds`` times, the paths
+    taking turns as the transfers do; each figure of a path is the median of its rounds, and
+    the rounds' requests/s and one-client p50s are kept for the report."""
     rounds: dict[str, list[dict[str, float]]] = {path: [] for path in targets}
     for round_ in range(s.wrk_rounds):
         for path, target in targets.items():
@@ -485,16 +485,32 @@ def measure_small_requests(
                 log(f"{target.name}: wrk failed: {exc}")
                 results[path].notes.append(f"wrk: {exc}")
                 continue
+            log(f"{target.name}: wrk -c{s.wrk_connections}: {one.values.get('rps', 0):,.0f} req/s")
+            try:
+                measure_one_client(target, s, one)
+            except Exception as exc:
+                log(f"{target.name}: wrk -c1 failed: {exc}")
+                one.notes.append(f"wrk -c1: {exc}")
             results[path].notes += one.notes
             rounds[path].append(one.values)
-            log(f"{target.name}: wrk -c{s.wrk_connections}: {one.values.get('rps', 0):,.0f} req/s")
         log(f"small requests round {round_ + 1} of {s.wrk_rounds}")
     for path, measured in rounds.items():
         result = results[path]
         result.runs["rps"] = [values["rps"] for values in measured if "rps" in values]
+        result.runs["wrk1_p50"] = [v["wrk1_p50"] for v in measured if "wrk1_p50" in v]
         for key in sorted({key for values in measured for key in values}):
             found = [values[key] for values in measured if key in values]
             result.values[key] = statistics.median(found)
+
+
+def measure_one_client(target: Target, s: Settings, result: Result) -> None:
+    """wrk at one client (``wrk1_p50``, ``wrk1_p99``): taken in the rounds of
+    :func:`measure_small_requests`, the paths taking turns, because a slow spell of a shared
+    machine that falls on one path's single run moves its p50 by more than the code does."""
+    out = run_wrk(target, 1, 1, s.sweep_seconds)
+    for pct, ms in wrk_percentiles(out).items():
+        result.values[f"wrk1_p{pct}"] = ms
+    result.notes += [f"wrk -c1: {problem}" for problem in wrk_problems(out)]
 
 
 def measure_sweep(target: Target, s: Settings, result: Result) -> None:
@@ -1296,6 +1312,19 @@ def render(
             f"The rows measured under wrk at {s.wrk_connections} connections (requests/s, its"
             f" latency, and the CPU budget below) are the median of {s.wrk_rounds} runs per"
             " path, the paths taking turns (requests/s, in order): " + "; ".join(rounds) + ".",
+            "",
+        ]
+    one_client = [
+        f"{LABELS[path]} " + " / ".join(f"{p50:.3f}" for p50 in r.runs["wrk1_p50"])
+        for path in PATHS
+        if (r := results.get(path)) is not None and r.runs.get("wrk1_p50")
+    ]
+    if one_client and s.wrk_rounds > 1:
+        out += [
+            f"The `wrk -c1` rows are the median of {s.wrk_rounds} runs per path too, one"
+            " after each path's 64-client run (p50 in ms, in order): "
+            + "; ".join(one_client)
+            + ".",
             "",
         ]
     runs = [
