@@ -1259,6 +1259,15 @@ def machine_info(load_at_start: str, build: str = "python") -> dict[str, str]:
     }
 
 
+def _listed_runs(results: dict[str, Result | None], key: str, pattern: str) -> list[str]:
+    """Each path's runs of the measurement ``key``, in order: "<path> a / b / c"."""
+    return [
+        f"{LABELS[path]} " + " / ".join(pattern.format(value) for value in r.runs[key])
+        for path in PATHS
+        if (r := results.get(path)) is not None and r.runs.get(key)
+    ]
+
+
 def render(
     results: dict[str, Result | None],
     s: Settings,
@@ -1302,11 +1311,7 @@ def render(
         "throughput rows, worse for latency rows.",
         "",
     ]
-    rounds = [
-        f"{LABELS[path]} " + " / ".join(f"{rate:,.0f}" for rate in r.runs["rps"])
-        for path in PATHS
-        if (r := results.get(path)) is not None and r.runs.get("rps")
-    ]
+    rounds = _listed_runs(results, "rps", "{:,.0f}")
     if rounds and s.wrk_rounds > 1:
         out += [
             f"The rows measured under wrk at {s.wrk_connections} connections (requests/s, its"
@@ -1314,11 +1319,7 @@ def render(
             " path, the paths taking turns (requests/s, in order): " + "; ".join(rounds) + ".",
             "",
         ]
-    one_client = [
-        f"{LABELS[path]} " + " / ".join(f"{p50:.3f}" for p50 in r.runs["wrk1_p50"])
-        for path in PATHS
-        if (r := results.get(path)) is not None and r.runs.get("wrk1_p50")
-    ]
+    one_client = _listed_runs(results, "wrk1_p50", "{:.3f}")
     if one_client and s.wrk_rounds > 1:
         out += [
             f"The `wrk -c1` rows are the median of {s.wrk_rounds} runs per path too, one"
