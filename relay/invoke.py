@@ -176,9 +176,9 @@ async def _invoke(
     sub_path = _sub_path(request, connection_id)
     deadline = _deadline(request)
     target = await _target(request, connection_id, user_id, is_admin)
-    rate_limits = getattr(request.scope["app"].state, "limits", None)
-    if rate_limits is not None and rate_limits.active:  # both are off unless configured
-        limits.admit(request, target.connection_id)  # 429 past a rate limit
+    rate_limits: limits.Limits | None = getattr(request.scope["app"].state, "limits", None)
+    if rate_limits is not None and rate_limits.active:
+        rate_limits.admit(request, target.connection_id)  # 429 past a rate limit
     plan = await invoke_plan.for_target(request, target)
     if target.gateway_id is None:
         headers = _forward_headers(request)

@@ -123,8 +123,23 @@ class Limits:
         self.per_connection = RateLimiter(
             config.rate_limit_per_connection, config.rate_limit_per_connection_burst
         )
-        #: Either limiter is on (both are off unless configured).
+        #: Either limiter is on (both are off unless configured): else :meth:`admit` is not
+        #: called at all.
         self.active = self.per_token.enabled or self.per_connection.enabled
+
+    def admit(self, request: Request, connection_id: str) -> None:
+        """Spend one request of the caller's token and of the connection; 429 when either is
+        out. Called once the caller is authenticated and allowed to use the connection."""
+        # No token is hashed for a limiter that is off.
+        token = _token_key(request) if self.per_token.enabled else ""
+        if token and (wait := self.per_token.wait(token)):
+            log.info("limits.token_rate", connection_id=connection_id, retry_after=round(wait, 3))
+            raise _too_many("API token", wait)
+        if self.per_connection.enabled and (wait := self.per_connection.wait(connection_id)):
+            log.info(
+                "limits.connection_rate", connection_id=connection_id, retry_after=round(wait, 3)
+            )
+            raise _too_many("connection", wait)
 
 
 def _too_many(what: str, wait: float) -> ProblemError:
@@ -141,24 +156,6 @@ def _token_key(request: Request) -> str:
     token = bearer_token(request.scope)
     # A hash, so that no token sits in memory longer than its request needs it.
     return hashlib.sha256(token.encode()).hexdigest() if token is not None else ""
-
-
-def admit(request: Request, connection_id: str) -> None:
-    """Spend one request of the caller's token and of the connection; 429 when either is out.
-
-    Called once the caller is authenticated and allowed to use the connection.
-    """
-    limits: Limits | None = getattr(request.scope["app"].state, "limits", None)
-    if limits is None or not limits.active:
-        return
-    # Both limits are off unless configured: no token is hashed for a limiter that is off.
-    token = _token_key(request) if limits.per_token.enabled else ""
-    if token and (wait := limits.per_token.wait(token)):
-        log.info("limits.token_rate", connection_id=connection_id, retry_after=round(wait, 3))
-        raise _too_many("API token", wait)
-    if limits.per_connection.enabled and (wait := limits.per_connection.wait(connection_id)):
-        log.info("limits.connection_rate", connection_id=connection_id, retry_after=round(wait, 3))
-        raise _too_many("connection", wait)
 
 
 # ---------------------------------------------------------------------------- URLs and bodies
