@@ -74,7 +74,7 @@ class Dispatcher:
             if lean is not None and not stream.has_body:  # the common case, compiled
                 upstream = await lean.start(head, credentials)
             if upstream is None:
-                upstream = await self.executor.start(
+                upstream = await self.executor.start_general(
                     head, credentials, stream.iter_body(), has_body=stream.has_body
                 )
             # When the body (or its first part) is already here, the RESPONSE waits for it

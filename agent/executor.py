@@ -54,7 +54,7 @@ from agent.errors import (
     UpstreamUnreachable,
 )
 from agent.head import RequestHead
-from agent.leanpath import HOST, REQUEST_DROP, USER_AGENT, LeanPath, with_user_agent
+from agent.leanpath import HOST, REQUEST_DROP, USER_AGENT, LeanPath
 from agent.policy import NormalizedURL, Policy, is_under, normalize_url
 from agent.tickets import apply_environment as apply_kerberos_environment
 from agent.upstream import reason as _reason
@@ -67,7 +67,6 @@ __all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_h
 
 #: RFC 9110 §7.6.1 connection-specific fields, plus Host (httpx sets it from the URL).
 HOP_BY_HOP = _HOP_BY_HOP | {"host"}
-_USER_AGENT = USER_AGENT
 _BYTES_UP = Tally(metrics.BYTES.labels("up"))
 
 
@@ -75,13 +74,7 @@ def strip_hop_by_hop(
     headers: list[tuple[str, str]], extra: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields (and Host, which httpx sets from the URL) plus ``extra``."""
-    return _strip(headers, extra | _HOST if extra else _HOST)
-
-
-_HOST = HOST
-#: Dropped from the caller's request beside the hop-by-hop fields: a constant, so that
-#: :func:`backhaul.headers.strip_hop_by_hop` makes its union with them once.
-_REQUEST_DROP = REQUEST_DROP
+    return _strip(headers, extra | HOST if extra else HOST)
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:
@@ -277,7 +270,8 @@ class Executor:
         self._turn = itertools.cycle(self._clients)
         # An injected transport stands for the network in unit tests: then httpx does it all.
         self._lean: upstream.Client | None = None
-        #: The lean client's common case, compiled; the dispatcher tries it before start().
+        #: The lean client's common case, compiled: start() tries it first, as the dispatcher
+        #: does before start_general().
         self.lean_path: LeanPath | None = None
         if transport is None:
             self._lean = upstream.Client(
@@ -318,7 +312,7 @@ class Executor:
         # the API compress a body the caller cannot decode, since bodies pass through raw).
         for name in list(client.headers):
             del client.headers[name]
-        client.headers["user-agent"] = _USER_AGENT
+        client.headers["user-agent"] = USER_AGENT
         return client
 
     async def aclose(self) -> None:
@@ -367,22 +361,33 @@ class Executor:
         connect, waiting); while the body streams it is the longest silence allowed between
         two reads. ``has_body`` False says ``body`` ends at once.
         """
+        if self.lean_path is not None and not has_body:
+            reply = await self.lean_path.start(head, credentials)  # the common case
+            if reply is not None:
+                return reply
+        return await self.start_general(head, credentials, body, has_body=has_body)
+
+    async def start_general(
+        self,
+        head: RequestHead,
+        credentials: Mapping[str, Any],
+        body: AsyncIterator[bytes | memoryview],
+        *,
+        has_body: bool = True,
+    ) -> UpstreamResponse:
+        """:meth:`start` without trying :attr:`lean_path` first: for the dispatcher, which
+        tried it already (in compiled code, without this method's frames)."""
         deadline = head.timeout_seconds
         up = self.config.upstream
         target: NormalizedURL | None = None
         release: Callable[[], Awaitable[None]] | None = None
-        lean = self._lean
-        if self.lean_path is not None and not has_body:
-            # The common case (agent.leanpath), which the dispatcher tries first itself.
-            reply = await self.lean_path.start(head, credentials)
-            if reply is not None:
-                return reply
+        lean = self.lean_path
         # What comes before the lean client is bounded here: a DNS check of the target and the
         # request body's first chunk.
         try:
             async with asyncio.timeout(deadline):
                 target = await self.check_target(head)
-                headers = _strip(list(head.headers), _REQUEST_DROP)
+                headers = _strip(list(head.headers), REQUEST_DROP)
                 applied = apply_credentials(
                     head.auth, credentials, target.query, headers, head.connection_id
                 )
@@ -391,16 +396,9 @@ class Executor:
                 if first is not None:
                     content = _CountingBody(first, body)
                 if head.auth.type != "windows" and applied.auth is None and lean is not None:
-                    reply = await lean.request(
-                        head.method,
-                        target,
-                        with_user_agent(applied.headers),
-                        aiter(content) if content is not None else None,
-                        timeout=deadline,
-                        query=applied.query,
+                    return await lean.send(
+                        head, target, applied, aiter(content) if content is not None else None
                     )
-                    reply.headers = _strip(reply.headers, _HOST)
-                    return reply
                 # httpx from here on: its URL, byte headers and timeouts.
                 url = target.display() + (f"?{applied.query}" if applied.query else "")
                 raw_headers = [

@@ -17,13 +17,13 @@ and the credentials applied last.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from agent.auth import apply_credentials
+from agent.auth import AppliedAuth, apply_credentials
 from agent.errors import UpstreamTimeout
 from agent.head import RequestHead
-from agent.policy import Policy
+from agent.policy import NormalizedURL, Policy
 from agent.upstream import Client, Response
 from backhaul.headers import strip_hop_by_hop
 from backhaul.version import __version__
@@ -69,12 +69,24 @@ class LeanPath:
         )
         if applied.auth is not None:
             return None
+        return await self.send(head, target, applied, None)
+
+    async def send(
+        self,
+        head: RequestHead,
+        target: NormalizedURL,
+        applied: AppliedAuth,
+        body: AsyncIterator[bytes | memoryview] | None,
+    ) -> Response:
+        """``head`` to an allowed ``target`` with the credentials ``applied`` (and ``body``,
+        if any) through the lean client: the response once its head is in, its headers
+        without hop-by-hop fields. The executor's general path sends this way too."""
         try:
             reply = await self.client.request(
                 head.method,
                 target,
                 with_user_agent(applied.headers),
-                None,
+                body,
                 timeout=head.timeout_seconds,
                 query=applied.query,
             )
