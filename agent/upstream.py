@@ -671,9 +671,13 @@ class Response:
         body = self._body
         if body is None:
             body = self._body = ResponseBody(self)
-        return await body.next_piece()
+        piece = await body.next_piece()
+        if piece is None:
+            self._body = None  # the two refer to each other: a cycle only the collector frees
+        return piece
 
     async def aclose(self) -> None:
+        self._body = None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.release()

@@ -16,7 +16,7 @@ from agent.config import AgentConfig
 from agent.errors import BadRequestHead, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agent.executor import Executor, RequestHead
 from agent.policy import NormalizedURL, normalize_url
-from agent.upstream import RAW_BODY_MIN, READ_HIGH_WATER, Client, Response
+from agent.upstream import RAW_BODY_MIN, READ_HIGH_WATER, Client, Response, ResponseBody
 from agent.upstream import _Connection as upstream_connection
 from backhaul import sampleapi
 from relay.tls import generate_dev_certificate
@@ -180,6 +180,30 @@ async def test_connections_the_server_closed_are_freed_without_the_cyclic_collec
             await read_all(response)
         await wait_until_freed(upstream_connection)
         assert client.opened == 3
+        await client.aclose()
+
+
+@pytest.mark.parametrize("early_close", [False, True])
+async def test_a_response_read_with_next_chunk_is_freed_without_the_cyclic_collector(
+    api: int, early_close: bool
+) -> None:
+    """The response and its body reader refer to each other while the body is read; left
+    so, every request's pair waited for the collector, which then ran every few hundred
+    requests. Reading to the end, or closing early, must undo it."""
+    with collector_off():
+        client = Client()
+        for _ in range(3):
+            path = "/bytes/1048576" if early_close else "/small"
+            response = await client.request("GET", url(api, path), [], timeout=5)
+            if early_close:
+                assert await response.next_chunk()
+                await response.aclose()  # before the end: closes the connection
+            else:
+                while await response.next_chunk() is not None:
+                    pass
+                await response.aclose()
+            del response
+        await wait_until_freed(Response, ResponseBody)
         await client.aclose()
 
 
