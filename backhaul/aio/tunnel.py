@@ -96,6 +96,15 @@ class _OneIteration:
 
 _ONE_ITERATION = _OneIteration()
 
+#: A flush that finds this many frames queued writes them at once instead of waiting out the
+#: loop iteration for more. Waiting made the OPENs of every request that arrived together
+#: (or the answers of every stream that finished together) one write: at 64 clients the
+#: requests then moved through the relay, the agent and the API as one convoy, one process
+#: at a time, and the machine's cores stood idle 17 % of the time. In batches of 16 the next
+#: process starts on the first ones while this one queues the rest (idle 10 %); below 16,
+#: the extra writes cost more than they gain (bench/PROFILE.md, "Convoys").
+BATCH_LEAVES_AT = 16
+
 
 class _Inbox:
     """A stream's received items (body chunks, then the end or an error), read by one task.
@@ -364,8 +373,8 @@ class Tunnel:
         frames leave without a loop iteration's wait (a stream's RESPONSE and its DATA are
         queued before their one flush). A stream that has sent its end is no longer in
         flight, so the first of two answers finished together waits for the second.
-        A flush with nothing queued still waits for a write in progress, which may be
-        carrying its frames.
+        Nor does it wait once :data:`BATCH_LEAVES_AT` frames are queued. A flush with
+        nothing queued still waits for a write in progress, which may be carrying its frames.
         """
         lock = self._write_lock
         if not self.conn.has_data_to_send:
@@ -373,7 +382,8 @@ class Tunnel:
                 await lock.acquire()
                 lock.release()
             return
-        if self.conn.batching and self._others_in_flight(stream):
+        conn = self.conn
+        if conn.batching and conn.queued < BATCH_LEAVES_AT and self._others_in_flight(stream):
             await _ONE_ITERATION
         await lock.acquire()
         try:

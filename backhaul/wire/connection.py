@@ -214,6 +214,11 @@ class Connection:
         return bool(self._out)
 
     @property
+    def queued(self) -> int:
+        """How many frames are waiting to be sent."""
+        return len(self._out)
+
+    @property
     def batching(self) -> bool:
         """True when what is queued could still join a BATCH: the peer takes them and the
         newest frame is a small one (a bulk DATA frame leaves alone anyway)."""

@@ -17,7 +17,13 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from backhaul import handshake
-from backhaul.aio.tunnel import StreamError, TransportClosed, Tunnel, TunnelStream
+from backhaul.aio.tunnel import (
+    BATCH_LEAVES_AT,
+    StreamError,
+    TransportClosed,
+    Tunnel,
+    TunnelStream,
+)
 from backhaul.keys import public_key_text, verify_signature
 from backhaul.version import SUBPROTOCOL
 from backhaul.wire import (
@@ -998,3 +1004,28 @@ async def test_two_answers_finished_together_leave_in_one_message() -> None:
         proceed.set()
         await asyncio.gather(*(stream.response() for stream in streams))
         assert relay_end.pushed + relay_end.inbox.qsize() - before == 1
+
+
+async def test_answers_finished_together_leave_in_batches_of_batch_leaves_at() -> None:
+    """Frames queued in one loop iteration leave together, but a flush that finds
+    BATCH_LEAVES_AT of them queued writes at once: the peer starts on those while the rest
+    are queued. Of forty answers finished together the first 16 leave at once; the other 24
+    are queued while that write is under way (this test's transport yields in ``send``) and
+    leave in the next: two messages, where waiting out the iteration made one."""
+    proceed = asyncio.Event()
+
+    async def handler(stream: TunnelStream) -> None:
+        await proceed.wait()
+        await stream.send_response({"status": 200}, end_stream=True)
+
+    count = 2 * BATCH_LEAVES_AT + 8
+    async with tunnel_pair(handler, pushing=True) as pair, asyncio.timeout(5):
+        relay_end = pair.link.ends[0]
+        assert isinstance(relay_end, PushingTransport)
+        await asyncio.sleep(0.05)  # the keepalives' first PING and PONG
+        streams = [await pair.relay.open_stream({}, end_stream=True) for _ in range(count)]
+        await asyncio.sleep(0.05)  # every handler waits
+        before = relay_end.pushed + relay_end.inbox.qsize()
+        proceed.set()
+        await asyncio.gather(*(stream.response() for stream in streams))
+        assert relay_end.pushed + relay_end.inbox.qsize() - before == 2
