@@ -61,6 +61,7 @@ from agent.upstream import reason as _reason
 from agent.winpool import WindowsPool
 from backhaul.headers import HOP_BY_HOP as _HOP_BY_HOP
 from backhaul.headers import strip_hop_by_hop as _strip
+from backhaul.sslobject import direct_records
 from backhaul.tallies import Tally
 
 __all__ = ["HOP_BY_HOP", "Executor", "RequestHead", "UpstreamResponse", "strip_hop_by_hop"]
@@ -242,7 +243,7 @@ def _lean_ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     # Offer HTTP/1.1 only (RFC 7301), as httpx does without HTTP/2.
     ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return direct_records(ctx)
 
 
 _POOL_SHARDS = 8

@@ -36,6 +36,7 @@ from backhaul.aio.wsframes import binary_frame
 from backhaul.aio.wsreader import install, is_open
 from backhaul.aio.wssplit import FrameSplitter, limit_of
 from backhaul.keys import fingerprint
+from backhaul.sslobject import direct_records
 from backhaul.version import SUBPROTOCOL, __version__
 from backhaul.wire import Connection, ErrorCode, HelloReceived, Role, Settings, WelcomeReceived
 
@@ -221,7 +222,7 @@ def _closed(exc: ConnectionClosed) -> TransportClosed:
 def ssl_context(cfg: AgentConfig) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    return direct_records(ctx)
 
 
 def check_pin(ws: ClientConnection, pinned: str | None) -> None:

@@ -43,6 +43,7 @@ import httpx
 import structlog
 import uvicorn
 
+from backhaul.sslobject import direct_records
 from relay import limits
 from relay.config import RelayConfig
 from relay.tls import TLSFiles
@@ -63,9 +64,18 @@ BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
 
 
+class _Config(uvicorn.Config):
+    """Uvicorn's settings, with TLS objects that hand each record straight to OpenSSL."""
+
+    def load(self) -> None:
+        super().load()
+        if self.ssl is not None:
+            direct_records(self.ssl)
+
+
 def server_config(app: Any, config: RelayConfig, files: TLSFiles) -> uvicorn.Config:
     """Uvicorn's settings for the relay, the same for a single process and for a worker."""
-    return uvicorn.Config(
+    return _Config(
         app,
         host=config.host,
         port=config.port,

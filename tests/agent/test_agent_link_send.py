@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from agent.config import AgentConfig
 from agent.link import TunnelClientConnection, WebSocketTransport
 from backhaul.aio.tunnel import TransportClosed
 from backhaul.aio.wsreader import ChunkReader
@@ -101,3 +102,17 @@ async def test_pushed_messages_reach_the_feed_and_a_fragmented_one_keeps_its_pla
         assert await transport.recv() == b"refused"
         await ws.send(b"done")
         assert fed == [b"one"]
+
+
+def test_the_tunnels_and_the_apis_tls_objects_hand_records_straight_to_openssl(
+    make_config: Callable[..., AgentConfig],
+) -> None:
+    """The link's context (to the relay) and the lean client's (to an https API)."""
+    from agent.executor import _lean_ssl_context
+    from agent.link import ssl_context
+    from backhaul.sslobject import DirectSSLObject
+
+    for verify in (True, False):
+        cfg = make_config(upstream={"verify": verify})
+        assert ssl_context(cfg).sslobject_class is DirectSSLObject
+        assert _lean_ssl_context(cfg).sslobject_class is DirectSSLObject

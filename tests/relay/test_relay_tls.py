@@ -44,3 +44,14 @@ def test_resolve_refuses_missing_files(tmp_path: Path) -> None:
     )
     with pytest.raises(TLSSetupError, match="tls_cert"):
         resolve(config)
+
+
+def test_the_relays_tls_objects_hand_records_straight_to_openssl(tmp_path: Path) -> None:
+    from backhaul.sslobject import DirectSSLObject
+    from relay.workers import server_config
+
+    config = RelayConfig(dev=True, data_dir=tmp_path)
+    server = server_config(object(), config, resolve(config))
+    server.load()
+    assert server.ssl is not None
+    assert server.ssl.sslobject_class is DirectSSLObject
