@@ -101,8 +101,9 @@ _ONE_ITERATION = _OneIteration()
 #: (or the answers of every stream that finished together) one write: at 64 clients the
 #: requests then moved through the relay, the agent and the API as one convoy, one process
 #: at a time, and the machine's cores stood idle 17 % of the time. In batches of 16 the next
-#: process starts on the first ones while this one queues the rest (idle 10 %); below 16,
-#: the extra writes cost more than they gain (bench/PROFILE.md, "Convoys").
+#: process starts on the first ones while this one queues the rest (idle 10 %). At 4 the
+#: extra writes cost more than they gained, 8 fell between, and 32 did no better than 16
+#: (bench/PROFILE.md, "Convoys").
 BATCH_LEAVES_AT = 16
 
 
