@@ -39,6 +39,7 @@ from backhaul.keys import fingerprint
 from backhaul.sslobject import direct_records
 from backhaul.version import SUBPROTOCOL, __version__
 from backhaul.wire import Connection, ErrorCode, HelloReceived, Role, Settings, WelcomeReceived
+from backhaul.wire.frames import BulkMessage
 
 log = structlog.get_logger("backhaul.agent.link")
 
@@ -147,7 +148,7 @@ class TunnelClientConnection(ClientConnection):
         """Frames wait in websockets' message queue (a message, or part of one)."""
         return bool(getattr(self, "recv_messages", None) and self.recv_messages.frames.queue)
 
-    async def send_message(self, data: bytes) -> None:
+    async def send_message(self, data: bytes | BulkMessage) -> None:
         """One binary message, framed and masked here and handed to the transport.
 
         What ``send`` does for a message while the connection is open, without its context
@@ -156,12 +157,12 @@ class TunnelClientConnection(ClientConnection):
         open connection takes ``send``, which raises as websockets does.
         """
         if not self.write_message(data):
-            await self.send(data)
+            await self.send(data if type(data) is bytes else _joined(data))
             return
         if self.paused:
             await self.drain()
 
-    def write_message(self, data: bytes) -> bool:
+    def write_message(self, data: bytes | BulkMessage) -> bool:
         """:meth:`send_message`'s own part: ``data`` framed and handed to the transport
         while the connection is open and no fragmented send is under way; False otherwise,
         with nothing written."""
@@ -192,21 +193,31 @@ class WebSocketTransport:
             raise TransportClosed("relay sent a text message")
         return message
 
-    async def send(self, data: bytes) -> None:
-        """What :meth:`TunnelClientConnection.send_message` does, in one coroutine, not two."""
+    async def send(self, data: bytes | BulkMessage) -> None:
+        """What :meth:`TunnelClientConnection.send_message` does, in one coroutine, not two.
+        A bulk DATA message (:meth:`send_bulk`) is framed in its two parts."""
         ws = self.ws
         try:
             if self._write is not None and self._write(data):
                 if ws.paused:
                     await ws.drain()
             else:
-                await ws.send(data)
+                await ws.send(data if type(data) is bytes else _joined(data))
         except ConnectionClosed as exc:
             raise _closed(exc) from exc
+
+    async def send_bulk(self, message: BulkMessage) -> None:
+        """A bulk DATA message, written in its two parts (MessageTransport)."""
+        await self.send(message)
 
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
+
+
+def _joined(message: bytes | BulkMessage) -> bytes:
+    assert isinstance(message, BulkMessage)
+    return message.join()
 
 
 def _closed(exc: ConnectionClosed) -> TransportClosed:

@@ -23,6 +23,7 @@ from backhaul.aio.tunnel import TransportClosed, Tunnel
 from backhaul.keys import verify_signature
 from backhaul.version import SUBPROTOCOL
 from backhaul.wire import CLOSE_CODE_BASE, Connection, ErrorCode, HelloReceived, Role
+from backhaul.wire.frames import BulkMessage
 from relay import metrics, probe, rotation
 from relay.hub import Hub, LiveTunnel
 from relay.registry import Registry
@@ -50,6 +51,9 @@ class StarletteTransport:
         #: interpreted coroutine of this class per message. The tunnel's flush turns what it
         #: raises (``ClientDisconnected``, an OSError) into TransportClosed.
         self.send: Callable[[bytes], Coroutine[Any, Any, None]] = self._send_asgi
+        #: The protocol's ``send_message`` once :meth:`accelerate` finds it: it takes a bulk
+        #: DATA message in its two parts (:meth:`send_bulk`).
+        self._send_message: Callable[[bytes | BulkMessage], Coroutine[Any, Any, None]] | None = None
         self._push_to: Callable[[Callable[[bytes], bool]], bool] | None = None
 
     def accelerate(self) -> None:
@@ -57,11 +61,12 @@ class StarletteTransport:
         WebSocket protocol when the server offers that (relay.wsprotocol), and received
         ones may come straight from it (:meth:`push_to`)."""
         extensions = self.ws.scope.get("extensions", {}) if self.ws is not None else {}
-        send_message: Callable[[bytes], Coroutine[Any, Any, None]] | None = extensions.get(
-            SEND_MESSAGE
+        send_message: Callable[[bytes | BulkMessage], Coroutine[Any, Any, None]] | None = (
+            extensions.get(SEND_MESSAGE)
         )
         if send_message is not None:
             self.send = send_message
+            self._send_message = send_message
         self._push_to = extensions.get(PUSH_TO)
 
     def push_to(self, feed: Callable[[bytes], bool]) -> bool:
@@ -83,6 +88,14 @@ class StarletteTransport:
             raise TransportClosed("agent sent a text message")
         return bytes(data)
 
+    async def send_bulk(self, message: BulkMessage) -> None:
+        """A bulk DATA message: its two parts straight to the protocol when it takes them."""
+        send_message = self._send_message
+        if send_message is not None:
+            await send_message(message)
+        else:
+            await self.send(message.join())
+
     async def _send_asgi(self, data: bytes) -> None:
         if self.ws is None:
             raise TransportClosed("tunnel over")
@@ -102,6 +115,7 @@ class StarletteTransport:
         to each other (its streams, its timer), and through this transport they would keep
         the connection, its TLS object and buffers, until a full collection."""
         self.send = _tunnel_over  # not a method of its own: that would refer back to it
+        self._send_message = None
         self._push_to = None
         self.ws = None
 

@@ -23,6 +23,7 @@ from backhaul.aio.waitflag import WaitFlag
 from backhaul.aio.wsframes import binary_frame
 from backhaul.aio.wsreader import install, is_open
 from backhaul.aio.wssplit import FrameSplitter, limit_of
+from backhaul.wire.frames import BulkMessage
 
 #: The scope extension under which a tunnel connection offers :meth:`send_message`.
 SEND_MESSAGE = "backhaul.send_message"
@@ -150,9 +151,10 @@ class TunnelWebSocketProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][SEND_MESSAGE] = self.send_message
             scope["extensions"][PUSH_TO] = self.push_to
 
-    async def send_message(self, data: bytes) -> None:
-        """One binary message straight to the transport; raises ClientDisconnected (an
-        OSError) once the connection is closing or gone, as ``send`` does."""
+    async def send_message(self, data: bytes | BulkMessage) -> None:
+        """One binary message straight to the transport (a bulk DATA message in its two
+        parts, not joined); raises ClientDisconnected (an OSError) once the connection is
+        closing or gone, as ``send`` does."""
         if not self.writable.is_set():
             await self.writable.wait()
         if self.disconnected or self.close_sent or not is_open(self.conn):

@@ -42,6 +42,7 @@ from backhaul.wire import (
     UnknownFrameReceived,
     WindowUpdated,
 )
+from backhaul.wire.frames import BulkMessage
 
 #: Called each time a stream's writer has to wait for flow-control credit (metrics count it).
 STALL_HOOKS: list[Callable[[], None]] = []
@@ -64,6 +65,10 @@ class MessageTransport(Protocol):
     ``recv`` (which still reports the close) only when ``feed`` returns False; say whether it
     started doing so (not while messages wait in its queue). :meth:`Tunnel.run` asks until
     it does.
+
+    It may also offer ``send_bulk(message)``, which writes a
+    :class:`backhaul.wire.frames.BulkMessage` (a bulk DATA message as its frame header and
+    its payload) without joining the two; a transport without it is sent the joined bytes.
     """
 
     async def recv(self) -> bytes: ...
@@ -392,13 +397,25 @@ class Tunnel:
                 if self.closed:
                     raise TransportClosed(self.close_reason)
                 try:
-                    await self.transport.send(message)
+                    if isinstance(message, BulkMessage):
+                        await self._send_bulk(message)
+                    else:
+                        await self.transport.send(message)
                 except TransportClosed:
                     raise
                 except Exception as exc:
                     raise TransportClosed(str(exc)) from exc
         finally:
             lock.release()
+
+    async def _send_bulk(self, message: BulkMessage) -> None:
+        send_bulk: Callable[[BulkMessage], Awaitable[None]] | None = getattr(
+            self.transport, "send_bulk", None
+        )
+        if send_bulk is not None:
+            await send_bulk(message)
+        else:
+            await self.transport.send(message.join())
 
     def _others_in_flight(self, stream: TunnelStream | None) -> bool:
         """Whether a stream other than ``stream`` (the one flushing, if any) is in flight:

@@ -9,6 +9,8 @@ import os
 import struct
 from collections import deque
 
+from backhaul.wire.frames import BulkMessage
+
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # a build of websockets without its C extension
@@ -43,11 +45,17 @@ def mask_key() -> bytes:
         return _keys.popleft()
 
 
-def binary_frame(data: bytes, masked: bool) -> tuple[bytes, ...]:
+def binary_frame(
+    data: bytes | BulkMessage, masked: bool
+) -> tuple[bytes, ...] | tuple[bytes, bytes | memoryview]:
     """One final binary frame carrying ``data``, as one or two buffers to write in order.
 
-    ``masked`` for a client's frame, with a fresh key from :func:`mask_key` (§5.3).
+    ``masked`` for a client's frame, with a fresh key from :func:`mask_key` (§5.3). A
+    :class:`BulkMessage` is framed in place: its payload is the second buffer, not copied
+    behind its header (masked, it is copied once anyway, by the mask).
     """
+    if isinstance(data, BulkMessage):
+        return _bulk_frame(data, masked)
     size = len(data)
     bit = _MASKED if masked else 0
     if size < 126:
@@ -63,3 +71,21 @@ def binary_frame(data: bytes, masked: bool) -> tuple[bytes, ...]:
     if size < JOIN_BELOW:
         return (head + data,)
     return head, data
+
+
+def _bulk_frame(message: BulkMessage, masked: bool) -> tuple[bytes, bytes | memoryview]:
+    """:func:`binary_frame` of a message in two parts: the WebSocket header with the frame
+    header, then the payload. Masked, each part takes the key where the message's bytes
+    before it leave off: byte ``i`` of the message is masked with byte ``i % 4`` of the key
+    (§5.3), so the payload's key is rotated by the frame header's length."""
+    inner, payload = message.head, message.payload
+    size = len(inner) + len(payload)
+    if size < 65536:
+        head = _MEDIUM.pack(_FIN_BINARY, (_MASKED if masked else 0) | 126, size)
+    else:
+        head = _LONG.pack(_FIN_BINARY, (_MASKED if masked else 0) | 127, size)
+    if not masked:
+        return head + inner, payload
+    key = mask_key()
+    shift = len(inner) % 4
+    return head + key + apply_mask(inner, key), apply_mask(payload, key[shift:] + key[:shift])

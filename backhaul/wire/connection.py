@@ -87,7 +87,7 @@ class Connection:
         self.phase = Phase.HANDSHAKE
         self._hello_sent = False
         self._hello_received = False
-        self._out: list[bytes] = []
+        self._out: list[f.Message] = []
         self._streams: dict[int, Stream] = {}
         self._next_stream_id = 1
         self._last_peer_stream_id = 0
@@ -207,7 +207,7 @@ class Connection:
     def data_to_send(self) -> list[bytes]:
         """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""
         out, self._out = self._out, []
-        return out
+        return [m if type(m) is bytes else _joined(m) for m in out]
 
     @property
     def has_data_to_send(self) -> bool:
@@ -229,20 +229,25 @@ class Connection:
             and len(self._out[-1]) <= f.BATCH_MAX_ENTRY
         )
 
-    def messages_to_send(self) -> list[bytes]:
+    def messages_to_send(self) -> list[f.Message]:
         """Like :meth:`data_to_send`, with runs of small frames packed into BATCH messages
-        when the peer announced ``batch_frames``. Order is kept: a large frame (bulk DATA)
-        ends the run before it and goes alone; handshake frames are never batched."""
-        out = self.data_to_send()
+        when the peer announced ``batch_frames``, and bulk DATA messages left in two parts
+        (:class:`frames.BulkMessage`). Order is kept: a large frame (bulk DATA) ends the run
+        before it and goes alone; handshake frames are never batched."""
+        out, self._out = self._out, []
         limit = self.peer.batch_frames
         if len(out) < 2 or not limit or self.phase is not Phase.OPEN:
             return out
         budget = self.peer.max_message - f.HEADER_SIZE
-        messages: list[bytes] = []
+        messages: list[f.Message] = []
         run: list[bytes] = []
         size = 0
         for message in out:
-            if len(message) > f.BATCH_MAX_ENTRY or message[0] in _NEVER_BATCHED:
+            if (
+                type(message) is not bytes  # a BulkMessage
+                or len(message) > f.BATCH_MAX_ENTRY
+                or message[0] in _NEVER_BATCHED
+            ):
                 _close_run(run, messages)
                 run, size = [], 0
                 messages.append(message)
@@ -359,7 +364,7 @@ class Connection:
         if self._prompt and self._yields(stream):
             flags |= f.PROMPT_CREDIT_BIT
             stream.prompt_end = stream.sent
-        self._out.append(f.encode(f.FrameType.DATA, stream_id, data, flags))
+        self._out.append(f.encode_data(stream_id, data, flags))
         if end_stream:
             self._send_end_transition(stream)
 
@@ -669,7 +674,12 @@ class Connection:
 _NEVER_BATCHED = frozenset({int(f.FrameType.HELLO), int(f.FrameType.WELCOME)})
 
 
-def _close_run(run: list[bytes], messages: list[bytes]) -> None:
+def _joined(message: f.Message) -> bytes:
+    assert isinstance(message, f.BulkMessage)
+    return message.join()
+
+
+def _close_run(run: list[bytes], messages: list[f.Message]) -> None:
     if len(run) == 1:
         messages.append(run[0])
     elif run:

@@ -9,7 +9,8 @@ Layout (network byte order)::
 The WebSocket message carries the length (RFC 6455 §5.2), so the header does not. Control
 payloads (HELLO, WELCOME, OPEN, RESPONSE, NOTICE) are UTF-8 JSON objects; fixed-size payloads
 (WINDOW, PING, PONG, RESET, GOAWAY) are packed integers. DATA payloads are raw bytes and are
-never copied more than once on the way out.
+never copied more than once on the way out: a bulk one is not copied at all, but kept
+beside its header as a :class:`BulkMessage`.
 
 Decoding is total: any byte string either yields a :class:`Frame` or raises
 :class:`RemoteProtocolError` with a code — nothing else escapes, and nothing is allocated
@@ -115,6 +116,43 @@ def encode(
     ftype: FrameType, stream_id: int, payload: bytes | memoryview = b"", flags: int = 0
 ) -> bytes:
     return HEADER.pack(ftype, flags, stream_id) + payload
+
+
+#: DATA payloads from this size on are not copied behind their header (:class:`BulkMessage`).
+#: Above BATCH_MAX_ENTRY, so a bulk message is never one that a BATCH could take.
+BULK_FROM = 16 * 1024 + 1
+
+
+class BulkMessage:
+    """A bulk DATA message as its frame header and its payload, not joined: a transport
+    that writes buffers in order writes both, and the payload (up to the window, often
+    256 KiB) is not copied into a new message on its way out. :meth:`join` is the message
+    as one ``bytes``, for a transport that takes nothing else."""
+
+    __slots__ = ("head", "payload")
+
+    def __init__(self, head: bytes, payload: bytes | memoryview) -> None:
+        self.head = head
+        self.payload = payload
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.payload)
+
+    def join(self) -> bytes:
+        return self.head + self.payload
+
+
+#: What the connection queues to send: a message, or a bulk DATA message in two parts.
+Message = bytes | BulkMessage
+
+
+def encode_data(stream_id: int, payload: bytes | memoryview, flags: int) -> Message:
+    """A DATA frame; a bulk payload of immutable bytes stays where it is (BulkMessage)."""
+    if len(payload) >= BULK_FROM and (
+        type(payload) is bytes or (isinstance(payload, memoryview) and type(payload.obj) is bytes)
+    ):
+        return BulkMessage(HEADER.pack(_DATA, flags, stream_id), payload)
+    return HEADER.pack(_DATA, flags, stream_id) + payload
 
 
 def encode_json(ftype: FrameType, stream_id: int, obj: dict[str, Any], flags: int = 0) -> bytes:

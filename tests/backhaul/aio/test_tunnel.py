@@ -313,6 +313,34 @@ async def test_multi_mib_bodies_both_ways(settings: Settings | None, pushing: bo
     assert await stream.read() == b""  # the end stays the end
 
 
+def _taking_bulk(end: MemoryTransport, seen: list[tuple[int, int]]) -> None:
+    """Give ``end`` a ``send_bulk`` that records each bulk message and sends it joined."""
+
+    async def send_bulk(message: f.BulkMessage) -> None:
+        seen.append((end.side, len(message.payload)))
+        await end.send(message.join())
+
+    setattr(end, "send_bulk", send_bulk)
+
+
+async def test_bulk_data_reaches_a_transport_that_takes_it_in_two_parts() -> None:
+    upload = pattern(3 * MiB + 5, seed=3)
+    seen: list[tuple[int, int]] = []
+    async with tunnel_pair(echo_digest) as pair:
+        for end in pair.link.ends:
+            _taking_bulk(end, seen)
+        async with asyncio.timeout(20):
+            stream = await pair.relay.open_stream({"reply": 2 * MiB + 1})
+            await stream.write(upload)
+            await stream.end()
+            head = await stream.response()
+            body = await read_all(stream)
+    assert head["sha256"] == hashlib.sha256(upload).hexdigest()
+    assert body == pattern(2 * MiB + 1, seed=2 * MiB + 1)
+    assert {side for side, _ in seen} == {0, 1}  # the upload's and the download's
+    assert all(size >= f.BULK_FROM for _, size in seen)
+
+
 async def test_request_without_body() -> None:
     seen: list[bool] = []
 

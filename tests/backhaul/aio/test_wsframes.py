@@ -13,6 +13,7 @@ from websockets.uri import parse_uri
 
 from backhaul.aio import wsframes
 from backhaul.aio.wsframes import JOIN_BELOW, KEYS_PER_DRAW, binary_frame, mask_key
+from backhaul.wire.frames import BulkMessage
 
 
 def _opened(protocol: ServerProtocol | ClientProtocol) -> ServerProtocol | ClientProtocol:
@@ -79,3 +80,31 @@ def test_a_forked_child_draws_keys_of_its_own() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert left_in_child == b"0"
+
+
+@pytest.mark.parametrize("size", [16 * 1024 + 1, 65_535 - 6, 65_535 - 5, 256 * 1024])
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_bulk_message_parses_back_to_its_header_and_payload(size: int, masked: bool) -> None:
+    head = b"\x05\x01\x00\x00\x00\x07"  # a DATA frame's header: 6 bytes, not a multiple of 4
+    payload = os.urandom(size)
+    pieces = binary_frame(BulkMessage(head, payload), masked)
+    assert len(pieces) == 2
+    if not masked:
+        assert pieces[1] is payload  # written as it is, not copied behind the header
+    reader = _opened(ServerProtocol() if masked else ClientProtocol(parse_uri("ws://relay/")))
+    reader.receive_data(b"".join(pieces))
+    assert reader.parser_exc is None
+    [frame] = reader.events_received()
+    assert isinstance(frame, Frame)
+    assert (frame.opcode, frame.fin, bytes(frame.data)) == (Opcode.BINARY, True, head + payload)
+
+
+def test_a_bulk_payload_that_is_a_view_is_masked_from_the_view() -> None:
+    whole = os.urandom(70_000)
+    view = memoryview(whole)[3:65_000]
+    head = b"\x05\x00\x00\x00\x00\x01"
+    reader = _opened(ServerProtocol())
+    reader.receive_data(b"".join(binary_frame(BulkMessage(head, view), True)))
+    [frame] = reader.events_received()
+    assert isinstance(frame, Frame)
+    assert bytes(frame.data) == head + whole[3:65_000]
