@@ -55,6 +55,7 @@ def test_in_any_chunking_messages_and_other_frames_come_out_whole_and_in_order(
             pos += step
         assert owner.messages == blobs
         assert owner.frames == others
+        assert all(type(m) is bytes for m in owner.messages + owner.frames)
         assert splitter.pending == [] and not splitter.done
 
 
@@ -64,6 +65,35 @@ def test_a_declined_message_goes_to_websockets_whole() -> None:
     raw = frame(0x2, b"declined") + frame(0x2, b"too")
     splitter.feed(raw)
     assert owner.frames == [frame(0x2, b"declined"), frame(0x2, b"too")]
+
+
+def test_a_message_in_many_reads_is_cut_from_them_and_what_follows_is_split_as_usual() -> None:
+    owner = Owner()
+    splitter = FrameSplitter(False, None, owner.message, owner.frame)
+    message = os.urandom(256 * 1024)
+    raw = frame(0x2, message)
+    ping, following = frame(0x9, b"ping"), frame(0x2, b"following")
+    reads = [raw[i : i + 16_384] for i in range(0, len(raw), 16_384)]
+    for read in reads[:-1]:
+        splitter.feed(read)
+    splitter.feed(reads[-1] + ping + frame(0x2, b"short") + following[:4])
+    assert owner.messages == [message, b"short"]
+    assert owner.frames == [ping]
+    assert all(type(m) is bytes for m in owner.messages + owner.frames)
+    assert splitter.pending_size == 4
+    splitter.feed(following[4:])
+    assert owner.messages[-1] == b"following" and splitter.pending == []
+
+
+def test_a_declined_message_in_many_reads_goes_to_websockets_whole() -> None:
+    owner = Owner(taking=False)
+    splitter = FrameSplitter(False, None, owner.message, owner.frame)
+    raw = frame(0x2, os.urandom(100_000))
+    after = frame(0x2, b"after")
+    splitter.feed(raw[:30_000])
+    splitter.feed(raw[30_000:] + after)
+    assert owner.frames == [raw, after]
+    assert all(type(f) is bytes for f in owner.frames)
 
 
 def test_after_a_close_everything_goes_to_websockets_as_it_comes() -> None:
