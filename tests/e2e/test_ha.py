@@ -155,4 +155,29 @@ def test_rolling_restart_loses_no_request(cluster: Cluster) -> None:
         for w in workers:
             w.join(30)
     assert counts[0] > 50
-    assert failures == []
+    assert failures == [], _notable_lines(stack, ("relay", "a", "b"))
+
+
+def _notable_lines(stack: DevStack, names: tuple[str, ...]) -> str:
+    """What each process logged above the info level, or about a stream that did not end
+    well: enough to tell from a failed run which side cut an answer short."""
+    marks = (
+        '"level": "warning"',
+        '"level": "error"',
+        "cancel",
+        "crash",
+        "reset",
+        "refused",
+        "drain",
+        "goaway",
+        "retry",
+    )
+    report = []
+    for name in names:
+        lines = [
+            line
+            for line in stack.log_text(name).splitlines()
+            if any(mark in line.lower() for mark in marks)
+        ]
+        report.append(f"--- {name}\n" + "\n".join(lines[-40:]))
+    return "\n".join(report)
