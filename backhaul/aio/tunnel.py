@@ -203,9 +203,15 @@ class TunnelStream:
             self._chunks.put_nowait(item)
             raise item
         data: bytes | memoryview = item
-        # The chunk is handed to the application: its credit goes back to the peer.
+        # The chunk is handed to the application: its credit goes back to the peer. A tunnel
+        # that closed once the chunk was here (the agent drained and left) has no use for
+        # the credit, and the chunk is the application's all the same: losing it cut short
+        # an answer that had arrived whole.
         self.tunnel.conn.acknowledge(self.id, len(data))
-        await self.tunnel.flush(self)
+        try:
+            await self.tunnel.flush(self)
+        except TransportClosed:
+            pass
         return data
 
     @property

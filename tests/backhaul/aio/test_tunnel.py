@@ -593,6 +593,41 @@ async def test_reset_without_reading_returns_the_tunnel_credit() -> None:
 # ---------------------------------------------------------------- transport failures
 
 
+async def test_an_answer_that_arrived_whole_is_read_whole_though_its_credit_cannot_go_back() -> (
+    None
+):
+    """The agent answered in full and its connection went before the relay read the answer
+    (a drained agent leaving): the credit each read returns has nowhere to go, and the
+    chunks are the caller's all the same. A failed credit write once cut such an answer
+    short after its head."""
+    # Within both windows, so it all arrives unread; over half the tunnel's, so reading it
+    # returns tunnel credit.
+    settings = Settings(stream_window=512 * 1024, tunnel_window=256 * 1024, max_data=16 * 1024)
+    body = pattern(200 * 1024, seed=7)
+
+    async def handler(stream: TunnelStream) -> None:
+        await stream.send_response({"status": 200})
+        await stream.write(body, end=True)
+
+    async with tunnel_pair(handler, relay_settings=settings, agent_settings=settings) as pair:
+        async with asyncio.timeout(5):
+            stream = await pair.relay.open_stream({"op": "get"}, end_stream=True)
+            await stream.response()
+            while pair.relay.conn.is_active(stream.id):
+                await asyncio.sleep(0.001)  # until the whole answer is here, END included
+            relay_end = pair.link.ends[0]
+
+            calls: list[int] = []
+
+            async def gone(data: bytes) -> None:
+                calls.append(len(data))
+                raise TransportClosed("agent disconnected")
+
+            setattr(relay_end, "send", gone)  # the connection went; the tunnel has not seen it
+            assert await read_all(stream) == body
+            assert calls  # a credit write was tried, and failed
+
+
 async def test_transport_closed_mid_stream_fails_every_stream() -> None:
     started = asyncio.Event()
     handler_errors: list[BaseException] = []
