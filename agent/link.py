@@ -157,7 +157,7 @@ class TunnelClientConnection(ClientConnection):
         open connection takes ``send``, which raises as websockets does.
         """
         if not self.write_message(data):
-            await self.send(data if type(data) is bytes else _joined(data))
+            await self.send(data.join() if isinstance(data, BulkMessage) else data)
             return
         if self.paused:
             await self.drain()
@@ -202,7 +202,7 @@ class WebSocketTransport:
                 if ws.paused:
                     await ws.drain()
             else:
-                await ws.send(data if type(data) is bytes else _joined(data))
+                await ws.send(data.join() if isinstance(data, BulkMessage) else data)
         except ConnectionClosed as exc:
             raise _closed(exc) from exc
 
@@ -213,11 +213,6 @@ class WebSocketTransport:
     async def close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
-
-
-def _joined(message: bytes | BulkMessage) -> bytes:
-    assert isinstance(message, BulkMessage)
-    return message.join()
 
 
 def _closed(exc: ConnectionClosed) -> TransportClosed:

@@ -207,7 +207,7 @@ class Connection:
     def data_to_send(self) -> list[bytes]:
         """The WebSocket messages to write, in order, one frame each; the buffer is emptied."""
         out, self._out = self._out, []
-        return [m if type(m) is bytes else _joined(m) for m in out]
+        return [m.join() if isinstance(m, f.BulkMessage) else m for m in out]
 
     @property
     def has_data_to_send(self) -> bool:
@@ -672,11 +672,6 @@ class Connection:
 
 
 _NEVER_BATCHED = frozenset({int(f.FrameType.HELLO), int(f.FrameType.WELCOME)})
-
-
-def _joined(message: f.Message) -> bytes:
-    assert isinstance(message, f.BulkMessage)
-    return message.join()
 
 
 def _close_run(run: list[bytes], messages: list[f.Message]) -> None:

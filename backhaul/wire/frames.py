@@ -148,11 +148,12 @@ Message = bytes | BulkMessage
 
 def encode_data(stream_id: int, payload: bytes | memoryview, flags: int) -> Message:
     """A DATA frame; a bulk payload of immutable bytes stays where it is (BulkMessage)."""
+    head = HEADER.pack(_DATA, flags, stream_id)
     if len(payload) >= BULK_FROM and (
         type(payload) is bytes or (isinstance(payload, memoryview) and type(payload.obj) is bytes)
     ):
-        return BulkMessage(HEADER.pack(_DATA, flags, stream_id), payload)
-    return HEADER.pack(_DATA, flags, stream_id) + payload
+        return BulkMessage(head, payload)
+    return head + payload
 
 
 def encode_json(ftype: FrameType, stream_id: int, obj: dict[str, Any], flags: int = 0) -> bytes:
