@@ -194,6 +194,7 @@ def _table(doc: dict[str, Any]) -> Table:
         ("rtt", None if doc.get("rtt_ms") is None else f"{doc['rtt_ms']:.1f} ms"),
         ("connected since", doc.get("connected_since")),
         ("uptime", _duration(doc.get("uptime_seconds"))),
+        ("tunnels", doc.get("tunnels")),
         ("in flight", doc.get("inflight")),
         ("requests", f"{doc.get('total', 0)} total, {doc.get('failed', 0)} failed"),
         ("reconnects", doc.get("reconnects")),

@@ -65,6 +65,9 @@ class TunnelConfig(_Section):
     max_concurrent_streams: int = Field(default=256, ge=1, le=65535)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     load_report_seconds: float = Field(default=5.0, gt=0)
+    #: Hold a tunnel to each worker process of a relay that runs several (agent.spread), so
+    #: that no request has to be forwarded between them. False: one tunnel only.
+    per_worker: bool = True
     #: The source address of the tunnel's connection (to the relay, or to the proxy when one
     #: is used), for a multi-homed server whose firewall lets only one interface out. None:
     #: the system's choice.

@@ -38,10 +38,23 @@ from backhaul.aio.wssplit import FrameSplitter, limit_of
 from backhaul.keys import fingerprint
 from backhaul.sslobject import direct_records
 from backhaul.version import SUBPROTOCOL, __version__
-from backhaul.wire import Connection, ErrorCode, HelloReceived, Role, Settings, WelcomeReceived
+from backhaul.wire import (
+    CLOSE_CODE_BASE,
+    Connection,
+    ErrorCode,
+    HelloReceived,
+    Role,
+    Settings,
+    WelcomeReceived,
+)
 from backhaul.wire.frames import BulkMessage
 
 log = structlog.get_logger("backhaul.agent.link")
+
+#: First pause before an additional tunnel tries again after reaching a taken worker.
+ADDITIONAL_RETRY_SECONDS = 0.2
+#: Most tunnels the agent holds to one relay address, whatever WELCOME says.
+MAX_WORKERS = 64
 
 
 class LinkRefused(Exception):
@@ -257,6 +270,7 @@ class Link:
         state: AgentState,
         on_stream: Callable[[TunnelStream], Awaitable[None]],
         settings: Settings | None = None,
+        additional: bool = False,
     ) -> None:
         self.cfg = cfg
         self.key = signing_key
@@ -265,6 +279,11 @@ class Link:
         self.settings = settings or Settings(max_streams=cfg.tunnel.max_concurrent_streams)
         self._ssl: tuple[object, ssl.SSLContext] | None = None
         self._served = False
+        #: One more tunnel of this member, to another worker of the relay (agent.spread).
+        self.additional = additional
+        #: Told the relay's worker count by each WELCOME (set by the service; not on an
+        #: additional link).
+        self.on_workers: Callable[[str, int], None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect to the relays in order of preference; back off once all have failed."""
@@ -309,6 +328,41 @@ class Link:
             log.info("link.reconnecting", in_seconds=round(delay, 2))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
+                    await stop.wait()
+
+    async def run_additional(self, url: str, stop: asyncio.Event) -> None:
+        """Keep one additional tunnel to ``url`` open until ``stop`` is set. A relay worker
+        that holds one of this member's tunnels already turns it away, and it tries again
+        soon (the kernel gives each new connection to any of the workers), backing off the
+        longer the more often that happens in a row."""
+        tunnel_cfg = self.cfg.tunnel
+        self.state.relay = url
+        delays = backoff(ADDITIONAL_RETRY_SECONDS, tunnel_cfg.backoff_max_seconds)
+        while not stop.is_set():
+            self._served = False
+            try:
+                await self._connect_and_serve(url, stop)
+            except LinkRefused as refused:  # the primary link reports it and stops the agent
+                self.state.last_error = str(refused)
+                return
+            except TransportClosed as closed:
+                if closed.code == CLOSE_CODE_BASE + ErrorCode.ALREADY_CONNECTED:
+                    log.debug("link.worker_taken", relay=url)
+                elif not should_retry(closed.code):
+                    return
+                else:
+                    self._failed(url, f"tunnel closed: {closed.reason or 'connection lost'}")
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as broken:
+                self._failed(url, _describe(broken))
+            except handshake.HandshakeRefused as turned_down:
+                self._failed(url, f"handshake failed: {turned_down.reason}")
+            if stop.is_set():
+                break
+            if self._served:
+                delays = backoff(ADDITIONAL_RETRY_SECONDS, tunnel_cfg.backoff_max_seconds)
+            self.state.reconnects += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(next(delays)):
                     await stop.wait()
 
     def _failed(self, url: str, reason: str) -> None:
@@ -372,6 +426,7 @@ class Link:
                 self.cfg.member_id,
                 self.cfg.gateway_id,
                 socket.gethostname(),
+                additional=self.additional,
             )
         )
         await tunnel.flush()
@@ -387,7 +442,14 @@ class Link:
         state.session_id = str(welcome.get("session_id", ""))
         state.connected_since = dt.datetime.now(dt.UTC)
         state.last_error = None
-        log.info("link.connected", relay=state.relay, session_id=state.session_id)
+        log.info(
+            "link.connected",
+            relay=state.relay,
+            session_id=state.session_id,
+            **({"additional": True} if self.additional else {}),
+        )
+        if self.on_workers is not None:
+            self.on_workers(state.relay, _workers(welcome))
         runner = asyncio.create_task(tunnel.run())
         reporter = asyncio.create_task(report_load(tunnel, self.cfg.tunnel.load_report_seconds))
         stopper = asyncio.create_task(stop.wait())
@@ -416,6 +478,14 @@ class Link:
         if not drained:
             log.warning("link.drain_timeout", abandoned=tunnel.inflight)
         await tunnel.close(ErrorCode.NO_ERROR, "agent shut down")
+
+
+def _workers(welcome: dict[str, Any]) -> int:
+    """The relay's worker processes on this address, from WELCOME (1 when not said)."""
+    workers = welcome.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        return 1
+    return min(workers, MAX_WORKERS)
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ from agent.dispatch import Dispatcher
 from agent.executor import Executor
 from agent.keyring import Keyring
 from agent.link import Link, LinkRefused
+from agent.spread import Spread
 from agent.state import AgentState
 from agent.status import StatusServer
 from backhaul import gc_tuning, malloc_tuning
@@ -54,11 +55,20 @@ async def run(cfg: AgentConfig, stop: asyncio.Event | None = None) -> None:
             status_socket=str(cfg.status.socket),
             build=build(),
         )
+        link = Link(cfg, signing_key, state, dispatcher.handle)
+        spread = Spread(
+            lambda lane: Link(cfg, signing_key, lane, dispatcher.handle, additional=True),
+            state,
+            stop,
+        )
+        if cfg.tunnel.per_worker:
+            link.on_workers = spread.want
         try:
-            await Link(cfg, signing_key, state, dispatcher.handle).run(stop)
+            await link.run(stop)
         except LinkRefused as exc:
             log.error("agent.refused", reason=str(exc))
             raise
         finally:
+            await spread.close()
             await status.aclose()
             log.info("agent.stopped")

@@ -29,6 +29,9 @@ class AgentState:
     reconnects: int = 0
     last_error: str | None = None
     draining: bool = False
+    #: The additional tunnels' own states, one per relay worker beyond the first
+    #: (agent.spread); their streams are counted in ``total`` and ``failed`` here.
+    additional: list[AgentState] = field(default_factory=list)
 
     def bind_metrics(self) -> None:
         """Point the tunnel gauges at this state, so /metrics and /status never disagree."""
@@ -56,7 +59,9 @@ class AgentState:
             "connected_since": self.connected_since.isoformat()
             if tunnel and self.connected_since
             else None,
-            "inflight": tunnel.inflight if tunnel else 0,
+            "inflight": (tunnel.inflight if tunnel else 0)
+            + sum(lane.tunnel.inflight for lane in self.additional if lane.tunnel is not None),
+            "tunnels": int(self.connected) + sum(lane.connected for lane in self.additional),
             "total": self.total,
             "failed": self.failed,
             "last_error": self.last_error,

@@ -14,7 +14,11 @@ Status document (``StatusDocument``)::
     {"connected": bool, "relay": str, "session_id": str | null, "member_id": str,
      "gateway_id": str, "rtt_ms": float | null, "uptime_seconds": float,
      "connected_since": "2025-01-01T12:00:00+00:00" | null, "inflight": int, "total": int,
-     "failed": int, "last_error": str | null, "version": str, "reconnects": int}
+     "failed": int, "last_error": str | null, "version": str, "reconnects": int,
+     "draining": bool, "tunnels": int}
+
+``tunnels`` counts the open tunnels: one, plus one per further worker process of the relay
+(``agent.spread``); ``inflight`` sums their streams.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class StatusDocument(TypedDict):
     version: str
     reconnects: int
     draining: bool
+    tunnels: int
 
 
 class StatusServer:

@@ -6,8 +6,12 @@
    "hostname", "signature"}``: the member's Ed25519 signature over the transcript below.
    ``"probe": true`` marks ``backhaul-agent diagnose``: the relay checks the proof and sends
    WELCOME as usual but never routes to that connection (the running agent keeps its tunnel).
-3. relay → agent WELCOME ``{"session_id", "member_id", "ping_interval"}``, or a close with
-   ``4000 + ErrorCode.UNAUTHORIZED`` before any stream exists.
+   ``"additional": true`` marks one more tunnel of a member that has one already, opened to
+   reach another worker process of the relay (``agent.spread``): it never replaces a tunnel.
+3. relay → agent WELCOME ``{"session_id", "member_id", "ping_interval"}``, plus
+   ``"workers": N`` when N worker processes of the relay serve this address, or a close with
+   ``4000 + ErrorCode.UNAUTHORIZED`` before any stream exists (``4000 +
+   ErrorCode.ALREADY_CONNECTED`` for an additional tunnel that reached a worker holding one).
 
 The transcript binds the challenge to the member and gateway ids and to the protocol
 version, so a signature can't be replayed on another connection or for another member.
@@ -70,6 +74,7 @@ def agent_hello(
     gateway_id: str,
     hostname: str,
     probe: bool = False,
+    additional: bool = False,
 ) -> dict[str, Any]:
     """Answer the relay's HELLO; raises HandshakeRefused if we share no version."""
     versions = relay.get("versions")
@@ -79,7 +84,7 @@ def agent_hello(
         )
     challenge = _challenge(relay)
     signature = key.sign(transcript(challenge, member_id, gateway_id, PROTOCOL_VERSION))
-    hello = {
+    hello: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "member_id": member_id,
         "gateway_id": gateway_id,
@@ -87,7 +92,11 @@ def agent_hello(
         "hostname": hostname,
         "signature": b64e(signature),
     }
-    return {**hello, "probe": True} if probe else hello
+    if probe:
+        hello["probe"] = True
+    if additional:
+        hello["additional"] = True
+    return hello
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ class AgentClaim:
     hostname: str
     signature: bytes
     probe: bool = False
+    additional: bool = False
 
 
 def parse_agent_hello(payload: dict[str, Any]) -> AgentClaim:
@@ -132,6 +142,7 @@ def parse_agent_hello(payload: dict[str, Any]) -> AgentClaim:
         fields["hostname"],
         signature,
         payload.get("probe") is True,
+        payload.get("additional") is True,
     )
 
 

@@ -1,7 +1,10 @@
 """Cluster benchmark: one gateway with one member and with two, failover time after a
-member is killed, and requests lost during a rolling restart.
+member is killed, and requests lost during a rolling restart; then one relay machine with one
+worker process and with two (``serve --workers 2``, the Redis registry), the agent holding a
+tunnel to each worker or, for comparison, one tunnel that the other worker forwards to.
 
-    .venv/bin/python bench/cluster.py [--seconds 10] [--output bench/CLUSTER-RESULTS.md]
+    .venv/bin/python bench/cluster.py [--seconds 10] [--rounds 2] [--redis-url URL]
+        [--output bench/CLUSTER-RESULTS.md]
 
 Everything runs on loopback with real relay and agent processes (``backhaul.devstack``);
 throughput is measured with wrk (``bash bench/setup.sh`` installs it).
@@ -16,6 +19,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from backhaul.devstack import DevStack
 
@@ -50,9 +55,93 @@ def wrk(url: str, token: str, seconds: int) -> float:
     return float(match.group(1))
 
 
+#: The relay's worker configurations, in the order each round runs them:
+#: (label, serve arguments, the agent's [tunnel] per_worker).
+WORKER_SETUPS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("1 worker", (), True),
+    ("2 workers, a tunnel to each", ("--workers", "2"), True),
+    ("2 workers, one tunnel (half forwarded)", ("--workers", "2"), False),
+)
+
+
+def relay_cpu(pid: int) -> float:
+    """CPU seconds of the relay process and its worker processes."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def one_setup(
+    root: Path, label: str, extra: tuple[str, ...], per_worker: bool, redis: str, seconds: int
+) -> tuple[float, float]:
+    """Requests/s of wrk -c64 through one relay set up as ``extra`` says, and the cores the
+    relay's processes used meanwhile (CPU seconds over wall seconds)."""
+    args = [*extra, "--redis-url", redis] if extra else []
+    with DevStack(Path(tempfile.mkdtemp(dir=root)), env=FAST) as stack:
+        stack.start_relay(extra=args)
+        token = stack.create_admin()
+        api = stack.start_api()
+        gateway, agent_dir = stack.enroll(name="agent", allow=[api])
+        stack.set_agent_config(agent_dir, tunnel={"per_worker": per_worker})
+        stack.start_agent(agent_dir)
+        want = 2 if extra and per_worker else 1
+        deadline = time.monotonic() + 30
+        while stack.agent_status(agent_dir).get("tunnels") != want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{label}: the agent did not reach {want} tunnels")
+            time.sleep(0.1)
+        cid = stack.connection(gateway, api)
+        url = f"{stack.relay_url}/v1/connections/{cid}/invoke/small"
+        wrk(url, token, 2)  # warm up: every worker's caches, the agent's pool
+        pid = stack.procs["relay"].pid
+        cpu, wall = relay_cpu(pid), time.monotonic()
+        rate = wrk(url, token, seconds)
+        cores = (relay_cpu(pid) - cpu) / (time.monotonic() - wall)
+    return rate, cores
+
+
+def workers_rows(root: Path, redis: str, seconds: int, rounds: int) -> list[tuple[str, str]]:
+    """Each configuration ``rounds`` times, taking turns; the medians, and every round."""
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in WORKER_SETUPS}
+    cores: dict[str, list[float]] = {label: [] for label, _, _ in WORKER_SETUPS}
+    for _ in range(rounds):
+        for label, extra, per_worker in WORKER_SETUPS:
+            rate, used = one_setup(root, label, extra, per_worker, redis, seconds)
+            rates[label].append(rate)
+            cores[label].append(used)
+    rows = []
+    for label, _, _ in WORKER_SETUPS:
+        each = " / ".join(f"{r:,.0f}" for r in rates[label])
+        rows.append(
+            (
+                f"Requests/s, relay with {label} (wrk -c64, 1 KiB; rounds: {each})",
+                f"{statistics.median(rates[label]):,.0f}",
+            )
+        )
+        rows.append((f"Cores the relay used, {label}", f"{statistics.median(cores[label]):.2f}"))
+    one = statistics.median(rates[WORKER_SETUPS[0][0]])
+    spread = statistics.median(rates[WORKER_SETUPS[1][0]])
+    forwarded = statistics.median(rates[WORKER_SETUPS[2][0]])
+    rows.append(("Two workers / one, a tunnel to each", f"{spread / one:.2f}x"))
+    rows.append(("Two workers / one, one tunnel", f"{forwarded / one:.2f}x"))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the worker setups")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/6",
+        help="the registry of the worker setups (a database number of their own)",
+    )
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).with_name("CLUSTER-RESULTS.md")
     )
@@ -129,6 +218,14 @@ def main() -> int:
                     f"{count[0]:,} / {len(failures)}",
                 )
             )
+        try:
+            import redis
+
+            redis.Redis.from_url(args.redis_url).ping()
+        except Exception as exc:
+            rows.append(("Worker processes", f"not measured: no Redis at {args.redis_url} ({exc})"))
+        else:
+            rows += workers_rows(root, args.redis_url, args.seconds, args.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cpu = next(
@@ -143,7 +240,7 @@ def main() -> int:
         "# Cluster benchmark",
         "",
         "```",
-        f".venv/bin/python bench/cluster.py --seconds {args.seconds}",
+        f".venv/bin/python bench/cluster.py --seconds {args.seconds} --rounds {args.rounds}",
         "```",
         "",
         "| Measurement | Result |",

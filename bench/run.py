@@ -1579,7 +1579,14 @@ def run_others(quick: bool, output: Path) -> bool:
     extra: dict[str, list[str]] = {
         # winauth.py rewrites its own section of the same report.
         "winauth.py": ["--quick", "--output", str(output)] if quick else ["--output", str(output)],
-        "cluster.py": ["--seconds", "3", "--output", str(out_dir / "CLUSTER-RESULTS-quick.md")]
+        "cluster.py": [
+            "--seconds",
+            "3",
+            "--rounds",
+            "1",
+            "--output",
+            str(out_dir / "CLUSTER-RESULTS-quick.md"),
+        ]
         if quick
         else [],
         "scale.py": [

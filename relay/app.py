@@ -158,6 +158,8 @@ def create_app(config: RelayConfig) -> FastAPI:
     )
     app.state = AppState()
     app.state.config = config
+    #: Worker processes serving this address (relay.workers sets it in each of them).
+    app.state.workers = 1
     problems.install(app)
     for router in ROUTERS:
         app.include_router(router)

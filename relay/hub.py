@@ -40,6 +40,8 @@ class LiveTunnel:
     cpu: float | None = None
     memory: float | None = None
     instance_id: str = ""
+    #: One more tunnel of a member that has one on another worker (``agent.spread``).
+    additional: bool = False
 
     @property
     def draining(self) -> bool:

@@ -120,6 +120,10 @@ class StarletteTransport:
         self.ws = None
 
 
+#: Why an additional tunnel of a member is turned away (``agent.spread`` tries again).
+_HELD = "this relay worker already holds a tunnel of the member"
+
+
 @router.websocket(TUNNEL_PATH)
 async def tunnel_endpoint(ws: WebSocket) -> None:
     if SUBPROTOCOL not in ws.scope.get("subprotocols", []):
@@ -155,12 +159,21 @@ async def _serve(ws: WebSocket, transport: StarletteTransport) -> None:
     except TransportClosed:
         return
     except handshake.HandshakeRefused as exc:
-        log.warning("tunnel.refused", client=_peer(ws), reason=exc.reason, code=exc.code.name)
+        if exc.code is ErrorCode.ALREADY_CONNECTED:  # expected while an agent spreads out
+            log.info("tunnel.already_connected", client=_peer(ws), reason=exc.reason)
+        else:
+            log.warning("tunnel.refused", client=_peer(ws), reason=exc.reason, code=exc.code.name)
         await tunnel.close(exc.code, exc.reason)
         return
     except probe.Probe as exc:  # backhaul-agent diagnose: proven, answered, never routed to
         log.info("tunnel.probe", member_id=exc.member_id, client=_peer(ws))
         await probe.serve(tunnel)
+        return
+    if live.additional and hub.live(live.member_id) is not None:
+        # The member's agent opens one tunnel per worker; this one reached a worker that has
+        # one, so the agent tries again rather than replace it. No await since the check.
+        log.info("tunnel.already_connected", member_id=live.member_id, client=_peer(ws))
+        await tunnel.close(ErrorCode.ALREADY_CONNECTED, _HELD)
         return
     transport.accelerate()  # after WELCOME, which the handshake gate watches for
     previous = hub.register(live)
@@ -203,14 +216,18 @@ async def _handshake(ws: WebSocket, tunnel: Tunnel) -> LiveTunnel:
         if not verify_signature(member.signing_public_key, claim.signature, message):
             raise handshake.HandshakeRefused(ErrorCode.UNAUTHORIZED, "bad signature")
         await queries.touch_member(session, member.id, claim.agent_version, claim.hostname)
+    if claim.additional and ws.app.state.hub.live(member.id) is not None:
+        raise handshake.HandshakeRefused(ErrorCode.ALREADY_CONNECTED, _HELD)
     session_id = "ses_" + secrets.token_hex(8)
-    tunnel.conn.send_welcome(
-        {
-            "session_id": session_id,
-            "member_id": member.id,
-            "ping_interval": tunnel.ping_interval,
-        }
-    )
+    welcome: dict[str, Any] = {
+        "session_id": session_id,
+        "member_id": member.id,
+        "ping_interval": tunnel.ping_interval,
+    }
+    workers: int = ws.app.state.workers
+    if workers > 1:
+        welcome["workers"] = workers
+    tunnel.conn.send_welcome(welcome)
     await tunnel.flush()
     if claim.probe:
         raise probe.Probe(member.id, session_id)
@@ -224,6 +241,7 @@ async def _handshake(ws: WebSocket, tunnel: Tunnel) -> LiveTunnel:
         priority=member.priority,
         disabled=member.disabled,
         instance_id=ws.app.state.hub.instance_id,
+        additional=claim.additional,
     )
 
 

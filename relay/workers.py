@@ -216,6 +216,7 @@ def run_worker(
     structlog.contextvars.bind_contextvars(worker=instance_id)
     private = bind(PEER_HOST, 0)[0]
     port = int(private.getsockname()[1])
+    count = config.worker_count
     config = config.model_copy(
         update={
             "instance_id": instance_id,
@@ -223,7 +224,9 @@ def run_worker(
             "workers": 1,
         }
     )
-    server = WorkerServer(server_config(create_app(config), config, files), config, report)
+    app = create_app(config)
+    app.state.workers = count  # told to agents in WELCOME, so each holds a tunnel per worker
+    server = WorkerServer(server_config(app, config, files), config, report)
     server.run(sockets=[*sockets, private])
     if server.failed:
         sys.exit(1)

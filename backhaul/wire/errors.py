@@ -43,6 +43,9 @@ class ErrorCode(IntEnum):
     BAD_REQUEST = 17
     #: The internal API refused the connection's Windows credentials, or the handshake failed.
     UPSTREAM_AUTH_FAILED = 18
+    #: An additional tunnel landed on a relay worker that already holds one of the member's
+    #: tunnels (handshake close 4019); the agent tries again, to reach another worker.
+    ALREADY_CONNECTED = 19
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode:

@@ -38,6 +38,7 @@ DOC_KEYS = {
     "version",
     "reconnects",
     "draining",
+    "tunnels",
 }
 
 

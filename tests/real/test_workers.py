@@ -1,7 +1,8 @@
 """Worker processes on one machine, against the machine's real Redis: ``serve --workers 2``
 spreads fresh connections over both workers, a worker without the agent's tunnel forwards to
 the one that has it, a killed worker is restarted and calls succeed again, and SIGTERM stops
-everything with status 0."""
+everything with status 0. An agent left to its default holds a tunnel to each worker, and no
+request is forwarded."""
 
 from __future__ import annotations
 
@@ -130,9 +131,12 @@ def test_two_workers_share_the_port_forward_restart_and_stop(
         stack.create_admin()
         api = stack.start_api()
         gateway_id, agent_dir = stack.enroll(name="agent", allow=[api])
+        # One tunnel only (not one per worker), so that the other worker has to forward.
+        stack.set_agent_config(agent_dir, tunnel={"per_worker": False})
         stack.start_agent(agent_dir)
         cid = stack.connection(gateway_id, api)
         invoke = f"/v1/connections/{cid}/invoke/hello"
+        assert stack.agent_status(agent_dir)["tunnels"] == 1
 
         # Every worker is a full relay on its own peer URL: probes and metrics answer there.
         tls = stack.tls()
@@ -187,3 +191,63 @@ def test_two_workers_share_the_port_forward_restart_and_stop(
                 os.kill(pid, 0)
         exits = [e for e in events(stack) if e.get("event") == "worker.exited"]
         assert {e["code"] for e in exits if e["pid"] != killed} == {0}
+
+
+def _tunnel_holders(stack: DevStack, member_id: str) -> dict[str, int]:
+    """Per worker, the tunnels of ``member_id`` it accepted (``tunnel.connected``)."""
+    held: dict[str, int] = {}
+    for event in events(stack):
+        if event.get("event") == "tunnel.connected" and event.get("member_id") == member_id:
+            held[event["worker"]] = held.get(event["worker"], 0) + 1
+    return held
+
+
+def test_the_agent_holds_a_tunnel_to_each_worker_and_nothing_is_forwarded(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = FAST_ENV | {
+        "BACKHAUL_RELAY_REDIS_URL": redis_url,
+        "BACKHAUL_RELAY_REGISTRY_TTL_SECONDS": "3",
+    }
+    with DevStack(tmp_path, env=env) as stack:
+        stack.start_relay(extra=["--workers", "2", "--instance-id", "spread"])
+        workers = wait_for(lambda: _all_ready(stack, 2), 30, "two workers ready")
+        stack.create_admin()
+        api = stack.start_api()
+        gateway_id, agent_dir = stack.enroll(name="agent", allow=[api])
+        stack.start_agent(agent_dir)
+        member_id = stack.agent_status(agent_dir)["member_id"]
+        wait_for(lambda: stack.agent_status(agent_dir).get("tunnels") == 2, 30, "two tunnels")
+        assert set(_tunnel_holders(stack, member_id)) == set(workers)
+        cid = stack.connection(gateway_id, api)
+        invoke = f"/v1/connections/{cid}/invoke/hello"
+
+        # Fresh connections land on both workers, and each answers from its own tunnel.
+        responses = fresh_calls(stack, invoke, 60)
+        assert [r.status_code for r in responses] == [200] * 60, [r.text for r in responses][:3]
+        assert not [r for r in responses if "x-backhaul-instance" in r.headers]
+        assert not [e for e in events(stack) if e.get("event") == "forward.sent"]
+        tls = stack.tls()
+        for worker, ready in workers.items():
+            assert invokes_answered(ready["peer_url"], tls) > 0, f"{worker} answered nothing"
+        # The additional tunnel was turned away from the worker that held the first, never
+        # the other way round: no tunnel of the member was replaced.
+        log = stack.log_text("relay")
+        assert "replaced by a newer tunnel" not in log
+        assert stack.agent_status(agent_dir)["reconnects"] == 0
+
+        # A worker killed: the supervisor starts it again and the agent is back on both.
+        victim = sorted(workers)[0]
+        killed = workers[victim]["pid"]
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: _restarted(stack, victim, killed), 30, f"{victim} back")
+        wait_for(lambda: _tunnel_holders(stack, member_id).get(victim, 0) >= 2, 30, "tunnel again")
+        wait_for(lambda: stack.agent_status(agent_dir).get("tunnels") == 2, 30, "two tunnels")
+        responses = fresh_calls(stack, invoke, 40)
+        assert [r.status_code for r in responses] == [200] * 40, [r.text for r in responses][:3]
+        assert not [e for e in events(stack) if e.get("event") == "forward.sent"]
+
+        # SIGTERM on the agent: every tunnel drains and the agent exits 0.
+        assert stack.stop_process("agent", signal.SIGTERM, timeout=30) == 0
+        agent_log = stack.log_text("agent")
+        assert agent_log.count("link.draining") == 2, agent_log[-2000:]

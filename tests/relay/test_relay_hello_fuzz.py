@@ -80,13 +80,27 @@ def one_member(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(relay_tunnel.queries, "touch_member", touch_member)
 
 
-def _run(answer: Any) -> tuple[str, Any]:
+#: The WELCOME payload sent for each LiveTunnel returned (by id).
+WELCOMES: dict[int, dict[str, Any]] = {}
+
+
+def _run(answer: Any, held: bool = False, workers: int = 1) -> tuple[str, Any]:
+    """``held``: this relay (worker) holds a tunnel of the member already."""
     ws = SimpleNamespace(
-        app=SimpleNamespace(state=SimpleNamespace(db=_no_db, hub=SimpleNamespace(instance_id="i")))
+        app=SimpleNamespace(
+            state=SimpleNamespace(
+                db=_no_db,
+                hub=SimpleNamespace(
+                    instance_id="i", live=lambda member_id: object() if held else None
+                ),
+                workers=workers,
+            )
+        )
     )
+    transport = OneShotTransport(answer)
 
     async def go() -> tuple[str, Any]:
-        tunnel = Tunnel(Connection(Role.RELAY), OneShotTransport(answer))
+        tunnel = Tunnel(Connection(Role.RELAY), transport)
         try:
             live = await asyncio.wait_for(relay_tunnel._handshake(ws, tunnel), 5)  # type: ignore[arg-type]
         except handshake.HandshakeRefused as exc:
@@ -95,6 +109,10 @@ def _run(answer: Any) -> tuple[str, Any]:
             return "closed", None
         except relay_tunnel.probe.Probe:
             return "probe", None
+        await tunnel.flush()
+        welcome = f.decode(transport.sent[-1], 1 << 20)
+        assert welcome.type == f.FrameType.WELCOME
+        WELCOMES[id(live)] = json.loads(welcome.payload)
         return "welcome", live
 
     return asyncio.run(go())
@@ -177,3 +195,31 @@ def test_a_signature_for_another_challenge_is_a_bad_signature() -> None:
 
     outcome, exc = _run(replay)
     assert outcome == "refused" and exc.reason == "bad signature"
+
+
+def _hello(additional: bool) -> Any:
+    def answer(relay: dict[str, Any]) -> bytes:
+        payload = handshake.agent_hello(
+            relay, KEY, "mbr_known", "gw_known", "h", additional=additional
+        )
+        return f.encode_json(f.FrameType.HELLO, 0, payload)
+
+    return answer
+
+
+def test_a_relay_with_workers_says_how_many_in_welcome() -> None:
+    outcome, live = _run(_hello(False), workers=3)
+    assert outcome == "welcome" and WELCOMES[id(live)]["workers"] == 3 and not live.additional
+    outcome, live = _run(_hello(False))
+    assert outcome == "welcome" and "workers" not in WELCOMES[id(live)]
+
+
+def test_an_additional_tunnel_is_refused_where_the_member_has_one_and_taken_elsewhere() -> None:
+    outcome, exc = _run(_hello(True), held=True, workers=2)
+    assert outcome == "refused"
+    assert exc.code is relay_tunnel.ErrorCode.ALREADY_CONNECTED
+    outcome, live = _run(_hello(True), held=False, workers=2)
+    assert outcome == "welcome" and live.additional
+    # A main tunnel is welcomed where the member has one: it replaces that one.
+    outcome, live = _run(_hello(False), held=True, workers=2)
+    assert outcome == "welcome" and not live.additional
