@@ -19,6 +19,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from backhaul import handshake
+from backhaul.aio.background import Background
 from backhaul.aio.tunnel import TransportClosed, Tunnel
 from backhaul.keys import verify_signature
 from backhaul.version import SUBPROTOCOL
@@ -120,6 +121,8 @@ class StarletteTransport:
         self.ws = None
 
 
+#: Additional tunnels being retired after a main tunnel took their place (``_retire``).
+_retiring = Background()
 #: Why an additional tunnel of a member is turned away (``agent.spread`` tries again).
 _HELD = "this relay worker already holds a tunnel of the member"
 
@@ -179,7 +182,12 @@ async def _serve(ws: WebSocket, transport: StarletteTransport) -> None:
     previous = hub.register(live)
     metrics.TUNNEL_CONNECTS.inc()
     if previous is not None:
-        await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+        if previous.additional:
+            # The agent's main tunnel came back on a worker that held one of its additional
+            # tunnels: new streams take the main one, those in flight finish on the other.
+            _retiring.spawn(_retire(previous, config.invoke_timeout_max_seconds), "retire")
+        else:
+            await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
     registry: Registry = ws.app.state.registry
     await _quietly(registry.announce(live))
     tunnel.on_goaway = lambda: log.info("tunnel.draining", member_id=live.member_id)
@@ -195,6 +203,16 @@ async def _serve(ws: WebSocket, transport: StarletteTransport) -> None:
         await _quietly(registry.withdraw(live))
         tunnel.log.info("tunnel.disconnected", reason=tunnel.close_reason)
         await transport.close(1000, "")
+
+
+async def _retire(live: LiveTunnel, grace: float) -> None:
+    """GOAWAY, the streams in flight finish (within ``grace``), close: the agent's additional
+    tunnel then tries again and reaches another worker."""
+    tunnel = live.tunnel
+    with contextlib.suppress(TransportClosed):
+        await tunnel.goaway("replaced by the member's main tunnel")
+        await tunnel.drain(grace)
+        await tunnel.close(ErrorCode.NO_ERROR, "replaced by the member's main tunnel")
 
 
 async def _handshake(ws: WebSocket, tunnel: Tunnel) -> LiveTunnel:
