@@ -292,24 +292,18 @@ class Link:
         relays = self.cfg.relays
         index = 0
         while not stop.is_set():
-            self._served = False
             close_code: int | None = None
             url = relays[index % len(relays)]
             self.state.relay = url
             try:
-                await self._connect_and_serve(url, stop)
-            # One name per handler: mypyc gives a name one type for the whole function.
+                closed = await self._attempt(url, stop)
             except LinkRefused as refused:
                 self.state.last_error = str(refused)
                 log.error("link.refused", relay=url, reason=str(refused))
                 raise
-            except TransportClosed as closed:
+            if closed is not None:
                 close_code = closed.code
-                self._failed(url, f"tunnel closed: {closed.reason or 'connection lost'}")
-            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as broken:
-                self._failed(url, _describe(broken))
-            except handshake.HandshakeRefused as turned_down:
-                self._failed(url, f"handshake failed: {turned_down.reason}")
+                self._failed(url, _ended(closed))
             if stop.is_set():
                 break
             if close_code is not None and not should_retry(close_code):
@@ -339,23 +333,18 @@ class Link:
         self.state.relay = url
         delays = backoff(ADDITIONAL_RETRY_SECONDS, tunnel_cfg.backoff_max_seconds)
         while not stop.is_set():
-            self._served = False
             try:
-                await self._connect_and_serve(url, stop)
-            except LinkRefused as refused:  # the primary link reports it and stops the agent
+                closed = await self._attempt(url, stop)
+            except LinkRefused as refused:  # the main link reports it and stops the agent
                 self.state.last_error = str(refused)
                 return
-            except TransportClosed as closed:
+            if closed is not None:
                 if closed.code == CLOSE_CODE_BASE + ErrorCode.ALREADY_CONNECTED:
                     log.debug("link.worker_taken", relay=url)
                 elif not should_retry(closed.code):
                     return
                 else:
-                    self._failed(url, f"tunnel closed: {closed.reason or 'connection lost'}")
-            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as broken:
-                self._failed(url, _describe(broken))
-            except handshake.HandshakeRefused as turned_down:
-                self._failed(url, f"handshake failed: {turned_down.reason}")
+                    self._failed(url, _ended(closed))
             if stop.is_set():
                 break
             if self._served:
@@ -364,6 +353,22 @@ class Link:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(next(delays)):
                     await stop.wait()
+
+    async def _attempt(self, url: str, stop: asyncio.Event) -> TransportClosed | None:
+        """One connection to ``url``, served until it ends. A failure to connect is recorded
+        here; a tunnel that closed is returned, for the caller to judge its close code.
+        LinkRefused (the pin, the relay's refusal) goes to the caller."""
+        self._served = False
+        try:
+            await self._connect_and_serve(url, stop)
+        # One name per handler: mypyc gives a name one type for the whole function.
+        except TransportClosed as closed:
+            return closed
+        except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ssl.SSLError) as broken:
+            self._failed(url, _describe(broken))
+        except handshake.HandshakeRefused as turned_down:
+            self._failed(url, f"handshake failed: {turned_down.reason}")
+        return None
 
     def _failed(self, url: str, reason: str) -> None:
         self.state.last_error = reason
@@ -486,6 +491,10 @@ def _workers(welcome: dict[str, Any]) -> int:
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         return 1
     return min(workers, MAX_WORKERS)
+
+
+def _ended(closed: TransportClosed) -> str:
+    return f"tunnel closed: {closed.reason or 'connection lost'}"
 
 
 def _describe(exc: BaseException) -> str:

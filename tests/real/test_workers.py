@@ -104,6 +104,22 @@ def fresh_calls(stack: DevStack, path: str, count: int) -> list[httpx.Response]:
     return responses
 
 
+def _env(redis_url: str) -> dict[str, str]:
+    return FAST_ENV | {
+        "BACKHAUL_RELAY_REDIS_URL": redis_url,
+        "BACKHAUL_RELAY_REGISTRY_TTL_SECONDS": "3",
+    }
+
+
+def _two_workers(stack: DevStack, instance_id: str) -> dict[str, dict[str, Any]]:
+    """``serve --workers 2`` started, and both workers' ``worker.ready`` events."""
+    stack.start_relay(extra=["--workers", "2", "--instance-id", instance_id])
+    ready: dict[str, dict[str, Any]] = wait_for(
+        lambda: _all_ready(stack, 2), 30, "two workers ready"
+    )
+    return ready
+
+
 def test_workers_need_redis(tmp_path: Path) -> None:
     relay = Path(sys.executable).parent / "backhaul-relay"
     done = subprocess.run(
@@ -120,13 +136,8 @@ def test_workers_need_redis(tmp_path: Path) -> None:
 def test_two_workers_share_the_port_forward_restart_and_stop(
     tmp_path: Path, redis_url: str
 ) -> None:
-    env = FAST_ENV | {
-        "BACKHAUL_RELAY_REDIS_URL": redis_url,
-        "BACKHAUL_RELAY_REGISTRY_TTL_SECONDS": "3",
-    }
-    with DevStack(tmp_path, env=env) as stack:
-        stack.start_relay(extra=["--workers", "2", "--instance-id", "relay"])
-        workers = wait_for(lambda: _all_ready(stack, 2), 30, "two workers ready")
+    with DevStack(tmp_path, env=_env(redis_url)) as stack:
+        workers = _two_workers(stack, "relay")
         assert set(workers) == {"relay-w1", "relay-w2"}
         stack.create_admin()
         api = stack.start_api()
@@ -205,13 +216,8 @@ def _tunnel_holders(stack: DevStack, member_id: str) -> dict[str, int]:
 def test_the_agent_holds_a_tunnel_to_each_worker_and_nothing_is_forwarded(
     tmp_path: Path, redis_url: str
 ) -> None:
-    env = FAST_ENV | {
-        "BACKHAUL_RELAY_REDIS_URL": redis_url,
-        "BACKHAUL_RELAY_REGISTRY_TTL_SECONDS": "3",
-    }
-    with DevStack(tmp_path, env=env) as stack:
-        stack.start_relay(extra=["--workers", "2", "--instance-id", "spread"])
-        workers = wait_for(lambda: _all_ready(stack, 2), 30, "two workers ready")
+    with DevStack(tmp_path, env=_env(redis_url)) as stack:
+        workers = _two_workers(stack, "spread")
         stack.create_admin()
         api = stack.start_api()
         gateway_id, agent_dir = stack.enroll(name="agent", allow=[api])
