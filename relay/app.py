@@ -141,6 +141,7 @@ def create_app(config: RelayConfig) -> FastAPI:
             await rotation.shutdown(app.state)
             await app.state.registry.stop()
             await app.state.hub.close()
+            await tunnel.retiring.cancel()
             await app.state.peers.aclose()
             await egress.close(app.state)
             await audit.drain()

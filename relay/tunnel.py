@@ -121,8 +121,9 @@ class StarletteTransport:
         self.ws = None
 
 
-#: Additional tunnels being retired after a main tunnel took their place (``_retire``).
-_retiring = Background()
+#: Additional tunnels being retired after a main tunnel took their place (``_retire``);
+#: cancelled when the relay stops.
+retiring = Background()
 #: Why an additional tunnel of a member is turned away (``agent.spread`` tries again).
 _HELD = "this relay worker already holds a tunnel of the member"
 
@@ -185,7 +186,7 @@ async def _serve(ws: WebSocket, transport: StarletteTransport) -> None:
         if previous.additional:
             # The agent's main tunnel came back on a worker that held one of its additional
             # tunnels: new streams take the main one, those in flight finish on the other.
-            _retiring.spawn(_retire(previous, config.invoke_timeout_max_seconds), "retire")
+            retiring.spawn(_retire(previous, config.invoke_timeout_max_seconds), "retire")
         else:
             await previous.tunnel.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
     registry: Registry = ws.app.state.registry
