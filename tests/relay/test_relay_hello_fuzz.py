@@ -80,12 +80,14 @@ def one_member(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(relay_tunnel.queries, "touch_member", touch_member)
 
 
-#: The WELCOME payload sent for each LiveTunnel returned (by id).
-WELCOMES: dict[int, dict[str, Any]] = {}
-
-
-def _run(answer: Any, held: bool = False, workers: int = 1) -> tuple[str, Any]:
-    """``held``: this relay (worker) holds a tunnel of the member already."""
+def _run(
+    answer: Any,
+    held: bool = False,
+    workers: int = 1,
+    welcomes: list[dict[str, Any]] | None = None,
+) -> tuple[str, Any]:
+    """``held``: this relay (worker) holds a tunnel of the member already; ``welcomes``
+    receives the WELCOME payload the relay sent, when it sent one."""
     ws = SimpleNamespace(
         app=SimpleNamespace(
             state=SimpleNamespace(
@@ -109,10 +111,11 @@ def _run(answer: Any, held: bool = False, workers: int = 1) -> tuple[str, Any]:
             return "closed", None
         except relay_tunnel.probe.Probe:
             return "probe", None
-        await tunnel.flush()
-        welcome = f.decode(transport.sent[-1], 1 << 20)
-        assert welcome.type == f.FrameType.WELCOME
-        WELCOMES[id(live)] = json.loads(welcome.payload)
+        if welcomes is not None:
+            await tunnel.flush()
+            welcome = f.decode(transport.sent[-1], 1 << 20)
+            assert welcome.type == f.FrameType.WELCOME
+            welcomes.append(json.loads(welcome.payload))
         return "welcome", live
 
     return asyncio.run(go())
@@ -208,10 +211,12 @@ def _hello(additional: bool) -> Any:
 
 
 def test_a_relay_with_workers_says_how_many_in_welcome() -> None:
-    outcome, live = _run(_hello(False), workers=3)
-    assert outcome == "welcome" and WELCOMES[id(live)]["workers"] == 3 and not live.additional
-    outcome, live = _run(_hello(False))
-    assert outcome == "welcome" and "workers" not in WELCOMES[id(live)]
+    welcomes: list[dict[str, Any]] = []
+    outcome, live = _run(_hello(False), workers=3, welcomes=welcomes)
+    assert outcome == "welcome" and welcomes[-1]["workers"] == 3 and not live.additional
+    outcome, live = _run(_hello(False), welcomes=welcomes)
+    assert outcome == "welcome" and "workers" not in welcomes[-1]
+    assert len(welcomes) == 2
 
 
 def test_an_additional_tunnel_is_refused_where_the_member_has_one_and_taken_elsewhere() -> None:
