@@ -2,9 +2,13 @@
 member is killed, and requests lost during a rolling restart; then one relay machine with one
 worker process and with two (``serve --workers 2``, the Redis registry), the agent holding a
 tunnel to each worker or, for comparison, one tunnel that the other worker forwards to.
+The worker setups run twice: as they come, sharing the machine's cores with the agent, the
+sample API and wrk, and with every relay worker held to ``--core-quota`` of a core
+(bench/corecap.py), so that the relay is the bottleneck and each worker stands for one core of
+a relay machine that its relay fills.
 
-    .venv/bin/python bench/cluster.py [--seconds 10] [--rounds 2] [--redis-url URL]
-        [--output bench/CLUSTER-RESULTS.md]
+    .venv/bin/python bench/cluster.py [--seconds 10] [--rounds 2] [--core-quota 0.35]
+        [--redis-url URL] [--output bench/CLUSTER-RESULTS.md]
 
 Everything runs on loopback with real relay and agent processes (``backhaul.devstack``);
 throughput is measured with wrk (``bash bench/setup.sh`` installs it).
@@ -13,6 +17,7 @@ throughput is measured with wrk (``bash bench/setup.sh`` installs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -26,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import corecap
 import httpx
 import psutil
 
@@ -77,13 +83,30 @@ def relay_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def relay_workers(pid: int) -> list[int]:
+    """The relay's worker processes: itself when it serves alone, else its children (the
+    supervisor only watches them)."""
+    children = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    return children or [pid]
+
+
 def one_setup(
-    root: Path, label: str, extra: tuple[str, ...], per_worker: bool, redis: str, seconds: int
+    root: Path,
+    label: str,
+    extra: tuple[str, ...],
+    per_worker: bool,
+    redis: str,
+    seconds: int,
+    quota: float | None,
 ) -> tuple[float, list[float]]:
-    """Requests/s of wrk -c64 through one relay set up as ``extra`` says, and the cores each
-    of the relay's processes used meanwhile (CPU seconds over wall seconds)."""
+    """Requests/s of wrk -c64 through one relay set up as ``extra`` says, each of its workers
+    held to ``quota`` of a core (None: not held), and the cores each of the relay's processes
+    used meanwhile (CPU seconds over wall seconds)."""
     args = [*extra, "--redis-url", redis] if extra else []
-    with DevStack(Path(tempfile.mkdtemp(dir=root)), env=FAST) as stack:
+    with (
+        DevStack(Path(tempfile.mkdtemp(dir=root)), env=FAST) as stack,
+        contextlib.ExitStack() as held,
+    ):
         stack.start_relay(extra=args)
         token = stack.create_admin()
         api = stack.start_api()
@@ -98,8 +121,12 @@ def one_setup(
             time.sleep(0.1)
         cid = stack.connection(gateway, api)
         url = f"{stack.relay_url}/v1/connections/{cid}/invoke/small"
-        wrk(url, token, 2)  # warm up: every worker's caches, the agent's pool
         pid = stack.procs["relay"].pid
+        if quota is not None:
+            cap = held.enter_context(corecap.CoreCap(quota))
+            for worker in relay_workers(pid):
+                cap.hold(worker)
+        wrk(url, token, 2)  # warm up: every worker's caches, the agent's pool
         cpu, wall = relay_cpu(pid), time.monotonic()
         rate = wrk(url, token, seconds)
         after, elapsed = relay_cpu(pid), time.monotonic() - wall
@@ -108,34 +135,50 @@ def one_setup(
     return rate, [c for c in cores if c >= 0.005]
 
 
-def workers_rows(root: Path, redis: str, seconds: int, rounds: int) -> list[tuple[str, str]]:
-    """Each configuration ``rounds`` times, taking turns; the medians, and every round."""
-    rates: dict[str, list[float]] = {label: [] for label, _, _ in WORKER_SETUPS}
-    cores: dict[str, list[list[float]]] = {label: [] for label, _, _ in WORKER_SETUPS}
+def workers_rows(
+    root: Path, redis: str, seconds: int, rounds: int, quota: float | None
+) -> list[tuple[str, str]]:
+    """Each configuration ``rounds`` times, as it comes and (with ``quota``) with its workers
+    held to that much of a core, taking turns; the medians, and every round."""
+    holds: list[float | None] = [None] if quota is None else [None, quota]
+    runs = [(setup, hold) for hold in holds for setup in WORKER_SETUPS]
+    rates: dict[tuple[str, float | None], list[float]] = {}
+    cores: dict[tuple[str, float | None], list[list[float]]] = {}
     for _ in range(rounds):
-        for label, extra, per_worker in WORKER_SETUPS:
-            rate, used = one_setup(root, label, extra, per_worker, redis, seconds)
-            rates[label].append(rate)
-            cores[label].append(used)
+        for (label, extra, per_worker), hold in runs:
+            rate, used = one_setup(root, label, extra, per_worker, redis, seconds, hold)
+            rates.setdefault((label, hold), []).append(rate)
+            cores.setdefault((label, hold), []).append(used)
     rows = []
-    for label, _, _ in WORKER_SETUPS:
-        each = " / ".join(f"{r:,.0f}" for r in rates[label])
-        rows.append(
-            (
-                f"Requests/s, relay with {label} (wrk -c64, 1 KiB; rounds: {each})",
-                f"{statistics.median(rates[label]):,.0f}",
+    for hold in holds:
+        held = "" if hold is None else f", each worker held to {hold:g} of a core"
+        for label, _, _ in WORKER_SETUPS:
+            key = (label, hold)
+            each = " / ".join(f"{r:,.0f}" for r in rates[key])
+            rate = statistics.median(rates[key])
+            rows.append(
+                (
+                    f"Requests/s, relay with {label}{held} (wrk -c64, 1 KiB; rounds: {each})",
+                    f"{rate:,.0f}",
+                )
             )
-        )
-        total = statistics.median(sum(used) for used in cores[label])
-        split = ", ".join(" + ".join(f"{c:.2f}" for c in used) for used in cores[label])
-        rows.append(
-            (f"Cores the relay used, {label} (by process, rounds: {split})", f"{total:.2f}")
-        )
-    one = statistics.median(rates[WORKER_SETUPS[0][0]])
-    spread = statistics.median(rates[WORKER_SETUPS[1][0]])
-    forwarded = statistics.median(rates[WORKER_SETUPS[2][0]])
-    rows.append(("Two workers / one, a tunnel to each", f"{spread / one:.2f}x"))
-    rows.append(("Two workers / one, one tunnel", f"{forwarded / one:.2f}x"))
+            total = statistics.median(sum(used) for used in cores[key])
+            split = ", ".join(" + ".join(f"{c:.2f}" for c in used) for used in cores[key])
+            rows.append(
+                (
+                    f"Cores the relay used, {label}{held} (by process, rounds: {split})",
+                    f"{total:.2f}",
+                )
+            )
+            per_request = statistics.median(
+                sum(used) * 1000 / r for used, r in zip(cores[key], rates[key], strict=True)
+            )
+            rows.append((f"Relay CPU per request, {label}{held} (ms)", f"{per_request:.3f}"))
+        one = statistics.median(rates[(WORKER_SETUPS[0][0], hold)])
+        spread = statistics.median(rates[(WORKER_SETUPS[1][0], hold)])
+        forwarded = statistics.median(rates[(WORKER_SETUPS[2][0], hold)])
+        rows.append((f"Two workers / one, a tunnel to each{held}", f"{spread / one:.2f}x"))
+        rows.append((f"Two workers / one, one tunnel{held}", f"{forwarded / one:.2f}x"))
     return rows
 
 
@@ -143,6 +186,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the worker setups")
+    parser.add_argument(
+        "--core-quota",
+        type=float,
+        default=0.35,
+        help="the share of a core each relay worker is held to in the second set of worker "
+        "setups (0: leave that set out)",
+    )
     parser.add_argument(
         "--redis-url",
         default="redis://127.0.0.1:6379/6",
@@ -231,7 +281,12 @@ def main() -> int:
         except Exception as exc:
             rows.append(("Worker processes", f"not measured: no Redis at {args.redis_url} ({exc})"))
         else:
-            rows += workers_rows(root, args.redis_url, args.seconds, args.rounds)
+            quota: float | None = args.core_quota or None
+            why = corecap.unavailable()
+            if quota is not None and why is not None:
+                rows.append(("Relay workers held to a share of a core", f"not measured: {why}"))
+                quota = None
+            rows += workers_rows(root, args.redis_url, args.seconds, args.rounds, quota)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cpu = next(
@@ -246,7 +301,8 @@ def main() -> int:
         "# Cluster benchmark",
         "",
         "```",
-        f".venv/bin/python bench/cluster.py --seconds {args.seconds} --rounds {args.rounds}",
+        f".venv/bin/python bench/cluster.py --seconds {args.seconds} --rounds {args.rounds}"
+        f" --core-quota {args.core_quota:g}",
         "```",
         "",
         "| Measurement | Result |",

@@ -1473,7 +1473,9 @@ def render(
         "## Other benchmarks",
         "",
         "- `bench/cluster.py` → [CLUSTER-RESULTS.md](CLUSTER-RESULTS.md): one gateway with one"
-        " member and with two, failover time, requests lost in a rolling restart.",
+        " member and with two, failover time, requests lost in a rolling restart; one relay"
+        " with one worker process and with two, as they come and with each worker held to a"
+        " share of a core.",
         "- `bench/scale.py` → [SCALE-RESULTS.md](SCALE-RESULTS.md): 1,000 concurrent streams on"
         " one tunnel, 1,000 idle agent tunnels and the relay's memory, reconnection after a"
         " relay restart.",
