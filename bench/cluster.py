@@ -7,7 +7,7 @@ sample API and wrk, and with every relay worker held to ``--core-quota`` of a co
 (bench/corecap.py), so that the relay is the bottleneck and each worker stands for one core of
 a relay machine that its relay fills.
 
-    .venv/bin/python bench/cluster.py [--seconds 10] [--rounds 2] [--core-quota 0.35]
+    .venv/bin/python bench/cluster.py [--seconds 10] [--rounds 2] [--core-quota 0.5]
         [--redis-url URL] [--output bench/CLUSTER-RESULTS.md]
 
 Everything runs on loopback with real relay and agent processes (``backhaul.devstack``);
@@ -62,11 +62,11 @@ def wrk(url: str, token: str, seconds: int) -> float:
 
 
 #: The relay's worker configurations, in the order each round runs them:
-#: (label, serve arguments, the agent's [tunnel] per_worker).
-WORKER_SETUPS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("1 worker", (), True),
-    ("2 workers, a tunnel to each", ("--workers", "2"), True),
-    ("2 workers, one tunnel (half forwarded)", ("--workers", "2"), False),
+#: (label, workers, the agent's [tunnel] per_worker).
+WORKER_SETUPS: tuple[tuple[str, int, bool], ...] = (
+    ("1 worker", 1, True),
+    ("2 workers, a tunnel to each", 2, True),
+    ("2 workers, one tunnel (half forwarded)", 2, False),
 )
 
 
@@ -93,16 +93,16 @@ def relay_workers(pid: int) -> list[int]:
 def one_setup(
     root: Path,
     label: str,
-    extra: tuple[str, ...],
+    workers: int,
     per_worker: bool,
     redis: str,
     seconds: int,
     quota: float | None,
 ) -> tuple[float, list[float]]:
-    """Requests/s of wrk -c64 through one relay set up as ``extra`` says, each of its workers
+    """Requests/s of wrk -c64 through one relay with ``workers`` worker processes, each
     held to ``quota`` of a core (None: not held), and the cores each of the relay's processes
     used meanwhile (CPU seconds over wall seconds)."""
-    args = [*extra, "--redis-url", redis] if extra else []
+    args = ["--workers", str(workers), "--redis-url", redis] if workers > 1 else []
     with (
         DevStack(Path(tempfile.mkdtemp(dir=root)), env=FAST) as stack,
         contextlib.ExitStack() as held,
@@ -113,7 +113,7 @@ def one_setup(
         gateway, agent_dir = stack.enroll(name="agent", allow=[api])
         stack.set_agent_config(agent_dir, tunnel={"per_worker": per_worker})
         stack.start_agent(agent_dir)
-        want = 2 if extra and per_worker else 1
+        want = workers if per_worker else 1
         deadline = time.monotonic() + 30
         while stack.agent_status(agent_dir).get("tunnels") != want:
             if time.monotonic() > deadline:
@@ -145,8 +145,8 @@ def workers_rows(
     rates: dict[tuple[str, float | None], list[float]] = {}
     cores: dict[tuple[str, float | None], list[list[float]]] = {}
     for _ in range(rounds):
-        for (label, extra, per_worker), hold in runs:
-            rate, used = one_setup(root, label, extra, per_worker, redis, seconds, hold)
+        for (label, workers, per_worker), hold in runs:
+            rate, used = one_setup(root, label, workers, per_worker, redis, seconds, hold)
             rates.setdefault((label, hold), []).append(rate)
             cores.setdefault((label, hold), []).append(used)
     rows = []
@@ -189,7 +189,7 @@ def main() -> int:
     parser.add_argument(
         "--core-quota",
         type=float,
-        default=0.35,
+        default=0.5,
         help="the share of a core each relay worker is held to in the second set of worker "
         "setups (0: leave that set out)",
     )
