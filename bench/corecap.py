@@ -56,6 +56,10 @@ class CoreCap:
         if found is None:
             raise RuntimeError(unavailable())
         self._root, self._version = found
+        if self._version == 2:
+            # A child group has cpu.max only once its parent hands the controller down.
+            with contextlib.suppress(OSError):
+                (self._root / "cgroup.subtree_control").write_text("+cpu")
         self._quota = int(fraction * PERIOD_US)
         self._name = name
         self._groups: list[Path] = []
