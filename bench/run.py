@@ -8,7 +8,7 @@ Paths:
   backhaul  the same through a Backhaul relay and agent (HTTPS to the relay, TLS WebSocket tunnel)
 
 Per path: small-request throughput (wrk, 64 keep-alive connections; three runs per path and
-three transfers each way, the paths taking turns, the median reported), single-client latency
+five transfers each way, the paths taking turns, the median reported), single-client latency
 (p50/p99 of sequential GETs on one keep-alive connection), 256 MiB download and upload speed,
 requests/s at 1, 4, 16 and 64 concurrent clients (also drawn as bench/requests-per-second.png
 when matplotlib is installed: pip install -e '.[bench]'), small-request latency while a 1 GiB
@@ -77,8 +77,10 @@ class Settings:
     fairness_bytes: int = GiB
     fairness_time_limit: float = 120.0
     #: Each path's transfers are measured this many times, the paths taking turns, and the
-    #: median is reported: a single transfer moves ±20 % between runs minutes apart.
-    transfer_rounds: int = 3
+    #: median is reported: a single transfer moves ±20 % between runs minutes apart, and
+    #: within one run of three a path's rounds were up to 1.17x apart (``ssh -R``'s downloads
+    #: at 13:12 on 2026-12-06: 554.8 / 473.1 / 542.3 MiB/s), so five, at about a second each.
+    transfer_rounds: int = 5
     #: The same for the 64-client small requests: one run per path, minutes apart, once put
     #: ``ssh -R`` at 7,275 req/s in the main row and 9,707 in the sweep a minute later.
     wrk_rounds: int = 3
