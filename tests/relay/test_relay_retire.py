@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from backhaul.aio.tunnel import TunnelStream
 from relay import tunnel as relay_tunnel
 from relay.hub import LiveTunnel
-from tests.backhaul.aio.test_tunnel import pattern, read_all, tunnel_pair
+from tests.backhaul.aio.test_tunnel import held_answer, pattern, read_all, tunnel_pair
 
 
 async def test_a_retired_additional_tunnel_finishes_its_stream_then_closes() -> None:
-    started = asyncio.Event()
-    release = asyncio.Event()
-
-    async def handler(stream: TunnelStream) -> None:
-        started.set()
-        await release.wait()
-        await stream.send_response({"status": 200})
-        await stream.write(pattern(100_000))
-        await stream.end()
-
+    handler, started, release = held_answer(100_000)
     goaway_seen = asyncio.Event()
     async with tunnel_pair(handler, agent_kw={"on_goaway": goaway_seen.set}) as pair:
         live = LiveTunnel("mbr_1", "gw_1", "ses_1", "1", "host", pair.relay, additional=True)

@@ -237,6 +237,23 @@ def pattern(size: int, seed: int = 0) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
+def held_answer(size: int) -> tuple[Handler, asyncio.Event, asyncio.Event]:
+    """A handler that sets ``started``, waits for ``release``, then answers 200 with
+    ``pattern(size)``: a stream kept in flight for as long as a test needs. Returns the
+    handler, ``started`` and ``release``."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(stream: TunnelStream) -> None:
+        started.set()
+        await release.wait()
+        await stream.send_response({"status": 200})
+        await stream.write(pattern(size))
+        await stream.end()
+
+    return handler, started, release
+
+
 async def echo_digest(stream: TunnelStream) -> None:
     """Read the request body, answer with its digest and a body of the requested size."""
     assert stream.head is not None
@@ -807,16 +824,7 @@ async def test_keepalive_keeps_a_live_tunnel_and_measures_rtt() -> None:
 
 
 async def test_goaway_and_drain_let_an_inflight_stream_finish() -> None:
-    started = asyncio.Event()
-    release = asyncio.Event()
-
-    async def handler(stream: TunnelStream) -> None:
-        started.set()
-        await release.wait()
-        await stream.send_response({"status": 200})
-        await stream.write(pattern(300_000))
-        await stream.end()
-
+    handler, started, release = held_answer(300_000)
     goaway_seen = asyncio.Event()
     async with tunnel_pair(
         handler,
