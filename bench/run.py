@@ -55,7 +55,15 @@ from backhaul import sampleapi  # noqa: E402
 from backhaul.devstack import command, free_port  # noqa: E402
 
 PATHS = ("direct", "ssh", "backhaul")
-LABELS = {"direct": "direct", "ssh": "ssh -R", "backhaul": "Backhaul"}
+#: Backhaul again, the caller on the relay's plain-HTTP local listener (``local_listen``)
+#: instead of its public TLS one: measured beside the three paths, reported on its own.
+LOCAL = "backhaul-local"
+LABELS = {
+    "direct": "direct",
+    "ssh": "ssh -R",
+    "backhaul": "Backhaul",
+    LOCAL: "Backhaul, local port",
+}
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 SSHD = "/usr/sbin/sshd"
@@ -347,6 +355,8 @@ class Target:
     memory_pids: dict[str, int] = field(default_factory=dict)
     #: The path's own processes (and the backend, added by main), for the CPU budget.
     cpu_pids: dict[str, int] = field(default_factory=dict)
+    #: Backhaul's invoke URL on the relay's local listener, in plain HTTP.
+    local_base: str | None = None
 
     def client(self, **kwargs: Any) -> httpx.Client:
         verify: ssl.SSLContext | bool = True
@@ -923,11 +933,19 @@ def setup_ssh(backend_port: int, procs: Processes, tmp: Path, **_: Any) -> Targe
 
 
 def setup_backhaul(
-    backend_port: int, procs: Processes, tmp: Path, relay_args: tuple[str, ...] = (), **_: Any
+    backend_port: int,
+    procs: Processes,
+    tmp: Path,
+    relay_args: tuple[str, ...] = (),
+    local: bool = False,
+    **_: Any,
 ) -> Target:
+    """The relay and an enrolled agent; with ``local``, the relay also has a local listener
+    (``local_base``). Off by default, so that a tree from before it existed still starts
+    (``bench/pairs.py`` and ``bench/transfer_cpu.py --against``)."""
     relay_bin, agent_bin = command("backhaul-relay"), command("backhaul-agent")
     data, agent_dir = tmp / "relay-data", tmp / "agent"
-    port = free_port()
+    port, local_port = free_port(), free_port()
     relay_url = f"https://127.0.0.1:{port}"
     ca_file = data / "tls" / "relay.crt"
     relay_log = tmp / "relay.log"
@@ -935,7 +953,9 @@ def setup_backhaul(
         "relay",
         [
             *(relay_bin, "serve", "--dev", "--data-dir", str(data)),
-            *("--listen", f"127.0.0.1:{port}", *relay_args),
+            *("--listen", f"127.0.0.1:{port}"),
+            *(("--local-listen", f"127.0.0.1:{local_port}") if local else ()),
+            *relay_args,
         ],
         relay_log,
     )
@@ -1024,12 +1044,26 @@ def setup_backhaul(
             },
         )
         connection = post("/v1/connections", {"connector_id": connector["id"], "credentials": {}})
+    invoke = f"/v1/connections/{connection['id']}/invoke"
     return Target(
         "backhaul",
-        f"{relay_url}/v1/connections/{connection['id']}/invoke",
+        relay_url + invoke,
         headers=auth,
         ca_file=ca_file,
         memory_pids={"relay": relay.pid, "agent": agent.pid},
+        local_base=f"http://127.0.0.1:{local_port}{invoke}" if local else None,
+    )
+
+
+def local_target(backhaul: Target) -> Target:
+    """The Backhaul path with the caller on the relay's local listener: the same relay,
+    agent, tunnel and connection (its processes counted for the CPU budget only)."""
+    assert backhaul.local_base is not None
+    return Target(
+        LOCAL,
+        backhaul.local_base,
+        headers=backhaul.headers,
+        cpu_pids={**backhaul.memory_pids, **backhaul.cpu_pids},
     )
 
 
@@ -1174,6 +1208,60 @@ def tunnel_bytes(results: dict[str, Result | None]) -> list[str]:
 
 
 FAIRNESS_TARGET_MS = 10.0
+
+
+#: The local-port comparison: (key, label, pattern); its ratios are of Backhaul on the local
+#: port to ``ssh -R`` and to Backhaul over HTTPS.
+LOCAL_ROWS = [
+    ("rps", "Small requests/s (wrk, 64 conns)", "{:,.0f}"),
+    ("wrk1_p50", "Latency p50, 1 client, wrk -c1 (ms)", "{:.3f}"),
+    ("wrk1_p99", "Latency p99, 1 client, wrk -c1 (ms)", "{:.3f}"),
+    ("download", "Download {size} (MiB/s)", "{:,.1f}"),
+    ("upload", "Upload {size} (MiB/s)", "{:,.1f}"),
+    ("relay_cpu_per_request", "Relay CPU per small request (ms)", "{:.3f}"),
+    ("wrk_cpu_per_request", "wrk CPU per small request (ms)", "{:.3f}"),
+]
+
+
+def local_port(results: dict[str, Result | None], s: Settings) -> list[str]:
+    """The section on Backhaul with the caller on the relay's local listener."""
+    local, over_tls, ssh = (results.get(path) for path in (LOCAL, "backhaul", "ssh"))
+    if local is None or not local.values or over_tls is None:
+        return []
+    ssh_values = ssh.values if ssh is not None else {}
+    out = [
+        "## Backhaul with the caller on the relay's local port",
+        "",
+        "`ssh -R` hands its caller a plain TCP port on the server's loopback; Backhaul's"
+        " caller above speaks HTTPS to the relay's public listener, a TLS leg that `ssh -R`'s"
+        " path does not have. The relay's `local_listen` (relay/listeners.py) is the"
+        " counterpart of `ssh -R`'s port: plain HTTP on loopback, for a sidecar or a service"
+        " on the relay's machine. The same relay, agent, tunnel (TLS as always) and"
+        " connection, measured in the same rounds as the rows above, the paths taking turns:",
+        "",
+        "| Measurement | ssh -R | Backhaul, HTTPS | Backhaul, local port |"
+        " local port / ssh -R | local port / HTTPS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    size = size_text(s.transfer_bytes)
+    for key, label, pattern in LOCAL_ROWS:
+        h, b, lo = ssh_values.get(key), over_tls.values.get(key), local.values.get(key)
+        out.append(
+            f"| {label.format(size=size)} | {fmt(h, pattern)} | {fmt(b, pattern)} |"
+            f" {fmt(lo, pattern)} | {ratio(lo, h)} | {ratio(lo, b)} |"
+        )
+    runs = [
+        f"{what} " + " / ".join(pattern.format(v) for v in local.runs[key])
+        for key, what, pattern in (
+            ("rps", "requests/s", "{:,.0f}"),
+            ("download", "download MiB/s", "{:,.1f}"),
+            ("upload", "upload MiB/s", "{:,.1f}"),
+        )
+        if local.runs.get(key)
+    ]
+    if runs:
+        out += ["", "Backhaul on the local port, each run in order: " + "; ".join(runs) + "."]
+    return [*out, ""]
 
 
 def size_text(n: int) -> str:
@@ -1368,6 +1456,7 @@ def render(
         out.append("")
     out += cpu_budget(results)
     out += tunnel_bytes(results)
+    out += local_port(results, s)
     out += [
         "## Requests per second against concurrency",
         "",
@@ -1441,9 +1530,10 @@ def render(
         )
     out += ["", "## Run", ""]
     notes = []
-    for path in PATHS:
+    for path in (*PATHS, LOCAL):
         if path not in results:
-            notes.append(f"- {LABELS[path]}: not run (`--only`).")
+            if path != LOCAL:
+                notes.append(f"- {LABELS[path]}: not run (`--only`).")
             continue
         r = results[path]
         if r is None:
@@ -1693,7 +1783,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"=== {LABELS[path]} ===")
             try:
-                target = SETUP[path](backend_port=backend.port, procs=procs, tmp=tmp)
+                target = SETUP[path](backend_port=backend.port, procs=procs, tmp=tmp, local=True)
                 target.cpu_pids["backend"] = backend.pid
                 results[path] = measure(target, settings, procs, tmp)
                 targets[path] = target
@@ -1701,6 +1791,15 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 log(f"{LABELS[path]} failed:\n{traceback.format_exc()}")
                 results[path] = Result(error=" ".join(str(exc).split())[:500] or repr(exc))
+        if "backhaul" in targets:
+            targets[LOCAL] = local_target(targets["backhaul"])
+            try:
+                check_target(targets[LOCAL])
+                results[LOCAL] = Result()
+            except Exception as exc:
+                failed = True
+                del targets[LOCAL]
+                results[LOCAL] = Result(error=" ".join(str(exc).split())[:500] or repr(exc))
         measured = {path: r for path, r in results.items() if r is not None and not r.error}
         log("=== small requests, the paths taking turns ===")
         measure_small_requests(targets, measured, settings)

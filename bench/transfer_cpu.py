@@ -4,7 +4,8 @@
     .venv/bin/python bench/transfer_cpu.py --paths backhaul --against /tmp/before
 
 Starts the same sample API, ``ssh -R`` tunnel and Backhaul relay and agent as ``bench/run.py``
-(its ``setup_ssh`` and ``setup_backhaul``), then moves ``--mib`` MiB down and up with curl
+(its ``setup_ssh`` and ``setup_backhaul``; ``local`` is a Backhaul whose caller uses the relay's
+plain-HTTP local listener, ``--local-listen``), then moves ``--mib`` MiB down and up with curl
 on each path, the paths taking turns for ``--rounds`` rounds. For every transfer it prints
 the rate and the CPU time each process spent per MiB (user + system from /proc, children
 included; curl's from this process's children), which on a machine where all of them share
@@ -75,7 +76,11 @@ def setup(
         if name == "ssh":
             target = bench.setup_ssh(backend_port=backend_port, procs=procs, tmp=tmp)
         else:
-            target = bench.setup_backhaul(backend_port=backend_port, procs=procs, tmp=tmp)
+            target = bench.setup_backhaul(
+                backend_port=backend_port, procs=procs, tmp=tmp, local=name == "local"
+            )
+            if name == "local":
+                target = bench.local_target(target)
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
@@ -89,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--paths", default="ssh,backhaul", help="comma-separated: ssh,backhaul")
+    parser.add_argument(
+        "--paths", default="ssh,backhaul", help="comma-separated: ssh,backhaul,local"
+    )
     parser.add_argument("--against", help="another checkout to run a second Backhaul from")
     args = parser.parse_args(argv)
     n = args.mib * MiB
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(paths) - {"ssh", "backhaul"}
+    unknown = set(paths) - {"ssh", "backhaul", "local"}
     if unknown or not paths:
-        parser.error(f"--paths takes ssh and backhaul, not {', '.join(sorted(unknown))}")
+        parser.error(f"--paths takes ssh, backhaul and local, not {', '.join(sorted(unknown))}")
     procs = bench.Processes()
     tmp = Path(tempfile.mkdtemp(prefix="backhaul-transfer-cpu-"))
     results: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)

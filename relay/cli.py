@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -72,6 +73,10 @@ def serve(
     data_dir: DataDirOpt = None,
     dev: DevOpt = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on")] = None,
+    local_listen: Annotated[
+        str | None,
+        typer.Option(help="loopback HOST:PORT for plain-HTTP callers on this machine"),
+    ] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key")] = None,
     database_url: Annotated[
@@ -90,10 +95,9 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the HTTP API and the agent tunnel over TLS."""
-    import uvicorn
-
     from relay import tls
     from relay.app import create_app
+    from relay.listeners import RelayServer
     from relay.workers import server_config
 
     config = _load(
@@ -101,6 +105,7 @@ def serve(
         data_dir=data_dir,
         dev=dev,
         listen=listen,
+        local_listen=local_listen,
         tls_cert=tls_cert,
         tls_key=tls_key,
         database_url=database_url,
@@ -113,14 +118,29 @@ def serve(
         files = tls.resolve(config)
     except tls.TLSSetupError as exc:
         raise _fail(str(exc)) from exc
+    local = _bind_local(config)
     if config.workers != 1:
-        _serve_workers(config, files)
+        _serve_workers(config, files, local)
         return
-    server = uvicorn.Server(server_config(create_app(config), config, files))
+    server = RelayServer(server_config(create_app(config), config, files), local)
     _announce(config, files)
-    server.run()
+    try:
+        server.run()
+    finally:
+        for sock in local:
+            sock.close()
     if getattr(server, "started", True) is False:
         raise typer.Exit(1)
+
+
+def _bind_local(config: RelayConfig) -> list[socket.socket]:
+    from relay.listeners import bind_local
+
+    try:
+        return bind_local(config)
+    except OSError as exc:
+        what = exc.strerror or exc
+        raise _fail(f"cannot listen on local_listen {config.local_listen}: {what}") from exc
 
 
 def _announce(config: RelayConfig, files: TLSFiles, workers: int = 1) -> None:
@@ -132,35 +152,38 @@ def _announce(config: RelayConfig, files: TLSFiles, workers: int = 1) -> None:
         ca_file=str(files.ca_file) if files.ca_file else None,
         data_dir=str(config.data_dir),
         workers=workers,
+        local_url=config.local_url,
         build=build(),
     )
     typer.echo(
         f"backhaul-relay listening on {url}"
         + (f" with {workers} worker processes" if workers != 1 else "")
-        + (f" (dev CA file: {files.ca_file})" if files.ca_file else ""),
+        + (f" (dev CA file: {files.ca_file})" if files.ca_file else "")
+        + (f", and on {config.local_url} for callers on this machine" if config.local_url else ""),
         err=True,
     )
 
 
-def _serve_workers(config: RelayConfig, files: TLSFiles) -> None:
+def _serve_workers(config: RelayConfig, files: TLSFiles, local: list[socket.socket]) -> None:
     """The supervisor (relay/workers.py): migrate once, bind once, then run the workers."""
     from relay import workers
+    from relay.listeners import bind
 
     try:
         asyncio.run(_migrate(config))
     except Exception as exc:  # the database is down or refuses: say so, as a single relay would
         raise _fail(f"cannot bring the database to the current schema: {exc}") from exc
     try:
-        sockets = workers.bind(config.host, config.port)
+        sockets = bind(config.host, config.port)
     except OSError as exc:
         raise _fail(f"cannot listen on {config.listen}: {exc.strerror or exc}") from exc
     count = config.worker_count
     _announce(config, files, count)
-    supervisor = workers.Supervisor(config, files, sockets, count)
+    supervisor = workers.Supervisor(config, files, sockets, count, local)
     try:
         status = supervisor.run()
     finally:
-        for sock in sockets:
+        for sock in [*sockets, *local]:
             sock.close()
     if status:
         raise _fail(f"the relay did not start: {supervisor.problem}")

@@ -61,6 +61,9 @@ class RelayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     listen: str = "127.0.0.1:8443"
+    #: A second, plain-HTTP listener for callers on the relay's own machine (relay/listeners.py);
+    #: loopback addresses only, so nothing in clear leaves the machine.
+    local_listen: str | None = None
     data_dir: Path = Field(default_factory=default_data_dir)
     dev: bool = False
     tls_cert: Path | None = None
@@ -116,6 +119,24 @@ class RelayConfig(BaseModel):
         split_listen(value)
         return value
 
+    @field_validator("local_listen")
+    @classmethod
+    def _local_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _ = split_listen(value)
+        if host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address") from None
+            if not loopback:
+                raise ValueError(
+                    f"{host} is not a loopback address: the local listener speaks plain HTTP, "
+                    "so it only listens where nothing leaves this machine (127.0.0.1, ::1)"
+                )
+        return value
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _proxy_list(cls, value: Any) -> Any:
@@ -169,6 +190,10 @@ class RelayConfig(BaseModel):
             object.__setattr__(self, "instance_id", f"{socket.gethostname()}-{os.getpid()}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError("redis_url must be a redis:// or rediss:// URL")
+        if self.local_listen is not None and split_listen(self.local_listen) == split_listen(
+            self.listen
+        ):
+            raise ValueError("local_listen must differ from listen")
         if self.invoke_timeout_seconds > self.invoke_timeout_max_seconds:
             raise ValueError("invoke_timeout_seconds exceeds invoke_timeout_max_seconds")
         if self.workers != 1:
@@ -202,6 +227,14 @@ class RelayConfig(BaseModel):
     @property
     def port(self) -> int:
         return split_listen(self.listen)[1]
+
+    @property
+    def local_url(self) -> str | None:
+        """Where callers on this machine reach the plain-HTTP listener, if there is one."""
+        if self.local_listen is None:
+            return None
+        host, port = split_listen(self.local_listen)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def worker_count(self) -> int:

@@ -46,6 +46,7 @@ import uvicorn
 from backhaul.sslobject import direct_records
 from relay import limits
 from relay.config import RelayConfig
+from relay.listeners import RelayServer, bind
 from relay.tls import TLSFiles
 from relay.wsprotocol import TunnelWebSocketProtocol
 
@@ -113,32 +114,6 @@ def restart_delay(failures: int) -> float:
     return float(min(BACKOFF_FIRST_SECONDS * 2 ** max(failures - 1, 0), BACKOFF_MAX_SECONDS))
 
 
-def bind(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
-    """Listening sockets for ``host:port``, one per address the host resolves to, made as
-    asyncio's ``create_server`` makes them (address reuse; IPv6 sockets are v6-only)."""
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
-    try:
-        for family, kind, proto, _, address in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
 # ---------------------------------------------------------------------------- the worker
 
 
@@ -148,11 +123,17 @@ def _stop_quietly(signum: int, _: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-class WorkerServer(uvicorn.Server):
+class WorkerServer(RelayServer):
     """Uvicorn's server, plus the report to the supervisor and the watch on it."""
 
-    def __init__(self, config: uvicorn.Config, relay: RelayConfig, report: Connection) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        relay: RelayConfig,
+        report: Connection,
+        local_sockets: list[socket.socket],
+    ) -> None:
+        super().__init__(config, local_sockets)
         self.relay = relay
         self.report = report
         self.failed = False
@@ -202,10 +183,11 @@ def run_worker(
     config: RelayConfig,
     files: TLSFiles,
     sockets: list[socket.socket],
+    local_sockets: list[socket.socket],
     report: Connection,
 ) -> None:
-    """A worker process's entry point: one relay instance on the inherited public sockets
-    and its own peer listener."""
+    """A worker process's entry point: one relay instance on the inherited public (and
+    local) sockets and its own peer listener."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_quietly)
     from backhaul import logging as backhaul_logging
@@ -226,7 +208,7 @@ def run_worker(
     )
     app = create_app(config)
     app.state.workers = count  # told to agents in WELCOME, so each holds a tunnel per worker
-    server = WorkerServer(server_config(app, config, files), config, report)
+    server = WorkerServer(server_config(app, config, files), config, report, local_sockets)
     server.run(sockets=[*sockets, private])
     if server.failed:
         sys.exit(1)
@@ -253,11 +235,17 @@ class Supervisor:
     """Start ``count`` workers on ``sockets``, keep them running, stop them on a signal."""
 
     def __init__(
-        self, config: RelayConfig, files: TLSFiles, sockets: list[socket.socket], count: int
+        self,
+        config: RelayConfig,
+        files: TLSFiles,
+        sockets: list[socket.socket],
+        count: int,
+        local_sockets: list[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.files = files
         self.sockets = sockets
+        self.local_sockets = local_sockets or []
         #: Why the start failed, when ``run`` returns 1.
         self.problem = ""
         self._context = multiprocessing.get_context("spawn")
@@ -294,7 +282,7 @@ class Supervisor:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=run_worker,
-            args=(slot.index, self.config, self.files, self.sockets, writer),
+            args=(slot.index, self.config, self.files, self.sockets, self.local_sockets, writer),
             name=slot.instance_id,
             # A supervisor that fails with an exception still takes its workers with it.
             daemon=True,

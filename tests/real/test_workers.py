@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from backhaul.devstack import DevStack
+from backhaul.devstack import DevStack, free_port
 from relay.workers import STOP_GRACE_SECONDS
 from tests.e2e.conftest import FAST_ENV
 
@@ -111,9 +111,11 @@ def _env(redis_url: str) -> dict[str, str]:
     }
 
 
-def _two_workers(stack: DevStack, instance_id: str) -> dict[str, dict[str, Any]]:
+def _two_workers(
+    stack: DevStack, instance_id: str, extra: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
     """``serve --workers 2`` started, and both workers' ``worker.ready`` events."""
-    stack.start_relay(extra=["--workers", "2", "--instance-id", instance_id])
+    stack.start_relay(extra=["--workers", "2", "--instance-id", instance_id, *extra])
     ready: dict[str, dict[str, Any]] = wait_for(
         lambda: _all_ready(stack, 2), 30, "two workers ready"
     )
@@ -216,8 +218,9 @@ def _tunnel_holders(stack: DevStack, member_id: str) -> dict[str, int]:
 def test_the_agent_holds_a_tunnel_to_each_worker_and_nothing_is_forwarded(
     tmp_path: Path, redis_url: str
 ) -> None:
+    local = f"127.0.0.1:{free_port()}"
     with DevStack(tmp_path, env=_env(redis_url)) as stack:
-        workers = _two_workers(stack, "spread")
+        workers = _two_workers(stack, "spread", ("--local-listen", local))
         stack.create_admin()
         api = stack.start_api()
         gateway_id, agent_dir = stack.enroll(name="agent", allow=[api])
@@ -234,8 +237,16 @@ def test_the_agent_holds_a_tunnel_to_each_worker_and_nothing_is_forwarded(
         assert not [r for r in responses if "x-backhaul-instance" in r.headers]
         assert not [e for e in events(stack) if e.get("event") == "forward.sent"]
         tls = stack.tls()
+        answered = {w: invokes_answered(ready["peer_url"], tls) for w, ready in workers.items()}
+        for worker, count in answered.items():
+            assert count > 0, f"{worker} answered nothing"
+
+        # The local listener (plain HTTP on loopback) is shared by the workers the same way.
+        auth = {"Authorization": f"Bearer {stack.admin_token}"}
+        plain = [httpx.get(f"http://{local}{invoke}", headers=auth) for _ in range(60)]
+        assert [r.status_code for r in plain] == [200] * 60, [r.text for r in plain][:3]
         for worker, ready in workers.items():
-            assert invokes_answered(ready["peer_url"], tls) > 0, f"{worker} answered nothing"
+            assert invokes_answered(ready["peer_url"], tls) > answered[worker], worker
         # The additional tunnel was turned away from the worker that held the first, never
         # the other way round: no tunnel of the member was replaced.
         log = stack.log_text("relay")

@@ -136,3 +136,39 @@ def test_workers_advertise_their_own_addresses(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="advertise_url cannot be set with workers > 1"):
         load_config(None, flags, environ={})
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("127.0.0.53:8080", "http://127.0.0.53:8080"),
+        ("[::1]:8080", "http://[::1]:8080"),
+        ("localhost:8080", "http://localhost:8080"),
+    ],
+)
+def test_the_local_listener_is_on_loopback(tmp_path: Path, value: str, url: str) -> None:
+    config = load_config(None, {"dev": True, "data_dir": tmp_path, "local_listen": value}, {})
+    assert config.local_listen == value and config.local_url == url
+    assert load_config(None, {"dev": True, "data_dir": tmp_path}, {}).local_url is None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0.0.0.0:8080", "not a loopback address"),
+        ("10.0.3.17:8080", "not a loopback address"),
+        ("[::]:8080", "not a loopback address"),
+        ("relay.example.com:8080", "not an IP address"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("127.0.0.1:8443", "local_listen must differ from listen"),
+    ],
+)
+def test_the_local_listener_refuses_other_addresses(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    env = {"BACKHAUL_RELAY_LOCAL_LISTEN": value}
+    with pytest.raises(ConfigError, match=reason) as caught:
+        load_config(None, {"dev": True, "data_dir": tmp_path}, environ=env)
+    if "differ" not in reason:
+        assert "local_listen (from BACKHAUL_RELAY_LOCAL_LISTEN)" in str(caught.value)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from relay.workers import BACKOFF_MAX_SECONDS, bind, restart_delay, worker_id
+from relay.listeners import bind
+from relay.workers import BACKOFF_MAX_SECONDS, restart_delay, worker_id
 
 
 def test_restart_delay_grows_then_caps() -> None:
