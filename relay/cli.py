@@ -144,8 +144,7 @@ def _bind_local(config: RelayConfig) -> list[socket.socket]:
 
 
 def _announce(config: RelayConfig, files: TLSFiles, workers: int = 1) -> None:
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    url = config.public_url or f"https://{host}:{config.port}"
+    url = config.base_url
     log.info(
         "relay starting",
         url=url,

@@ -55,6 +55,12 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, port
 
 
+def listen_url(scheme: str, listen: str) -> str:
+    """The URL of a ``HOST:PORT`` listen address (an IPv6 host in brackets)."""
+    host, port = split_listen(listen)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 class RelayConfig(BaseModel):
     """Validated relay settings; see config/relay.toml for why each one exists."""
 
@@ -231,10 +237,7 @@ class RelayConfig(BaseModel):
     @property
     def local_url(self) -> str | None:
         """Where callers on this machine reach the plain-HTTP listener, if there is one."""
-        if self.local_listen is None:
-            return None
-        host, port = split_listen(self.local_listen)
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return None if self.local_listen is None else listen_url("http", self.local_listen)
 
     @property
     def worker_count(self) -> int:
@@ -253,10 +256,7 @@ class RelayConfig(BaseModel):
     @property
     def base_url(self) -> str:
         """Where callers reach this relay: ``public_url``, else the listen address."""
-        if self.public_url:
-            return self.public_url
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
+        return self.public_url or listen_url("https", self.listen)
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
